@@ -1,0 +1,1 @@
+"""aar agent runtime: the Claude research loop and its tools, run inside each sandbox."""

@@ -1,0 +1,5 @@
+import sys
+
+from aar_devcluster.cli import main
+
+sys.exit(main())

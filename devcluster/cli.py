@@ -1,0 +1,90 @@
+"""`aar-devcluster`: the local control plane for humans.
+
+aar-devcluster install   build or fetch the binaries into ~/.cache/aar/bin (idempotent)
+aar-devcluster up        start etcd, kube-apiserver, kube-controller-manager in the background
+aar-devcluster status    say whether it runs and where
+aar-devcluster down      stop it, keeping its data for the next `up`
+aar-devcluster destroy   stop it and delete its data
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aar_devcluster.controlplane import ControlPlane, ControlPlaneError
+from aar_devcluster.paths import BinariesMissingError, bin_dir, cluster_dir, install_script
+
+
+def _progress(message: str) -> None:
+    print(f"[aar-devcluster] {message}", file=sys.stderr, flush=True)
+
+
+def how_to_use(control_plane: ControlPlane) -> str:
+    """What a human types to point kubectl and helm at the cluster."""
+    tools = bin_dir()
+    return (
+        f"Point kubectl and helm at it (the project's own binaries, kubectl 1.33 and helm 4):\n"
+        f"  export KUBECONFIG={control_plane.kubeconfig_path}\n"
+        f"  export PATH={tools}:$PATH\n"
+        f"  kubectl get namespaces\n"
+        f"Logs: {control_plane.log_dir}/   Stop: make cluster-down"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aar-devcluster", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"where the cluster keeps data, certificates, logs and kubeconfig "
+        f"(default {cluster_dir()})",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "install",
+        help="install etcd, kube-apiserver, kube-controller-manager, "
+        "kubectl and helm into the cache",
+    )
+    up = commands.add_parser("up", help="start the control plane in the background")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    commands.add_parser("status", help="say whether the control plane runs")
+    commands.add_parser("down", help="stop the control plane, keep its data")
+    commands.add_parser("destroy", help="stop the control plane and delete its data")
+    args = parser.parse_args(argv)
+
+    if args.command == "install":
+        return subprocess.call(["bash", str(install_script())])
+
+    control_plane = ControlPlane(args.state_dir or cluster_dir())
+    try:
+        if args.command == "up":
+            started = time.monotonic()
+            state = control_plane.start(timeout=args.timeout, progress=_progress)
+            _progress(f"Up in {time.monotonic() - started:.1f} s")
+            print(f"Control plane running at {state.server}\n{how_to_use(control_plane)}")
+        elif args.command == "status":
+            if not control_plane.is_running():
+                print(f"Not running (state dir {control_plane.state_dir})")
+                return 1
+            running = control_plane.read_state()
+            assert running is not None
+            print(f"Running at {running.server}, pids {running.pids}\n{how_to_use(control_plane)}")
+        elif args.command == "down":
+            control_plane.stop()
+            print(f"Stopped; data kept in {control_plane.state_dir}")
+        elif args.command == "destroy":
+            control_plane.destroy()
+            print(f"Stopped and deleted {control_plane.state_dir}")
+    except (BinariesMissingError, ControlPlaneError) as error:
+        print(f"aar-devcluster: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""Start and stop a local Kubernetes control plane: etcd, kube-apiserver and
+kube-controller-manager as local processes, with token authentication and RBAC.
+
+There is no kubelet: Pods stay Pending. What the tests need from a cluster is the real API
+server (schemas, admission, RBAC, watches) and the real controllers (garbage collection,
+namespaces, service-account tokens, Deployments to Pods).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aar_devcluster import pki
+from aar_devcluster.paths import binary
+
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+KUBERNETES_SERVICE_IP = "10.0.0.1"
+# Published in the `kubernetes` Endpoints only; used when the machine has no other address.
+FALLBACK_ADVERTISE_ADDRESS = "192.0.2.1"
+PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager")
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be started; the message says which part and why."""
+
+
+@dataclass
+class State:
+    """What a running control plane needs to be found and stopped by another process."""
+
+    etcd_client_port: int
+    etcd_peer_port: int
+    apiserver_port: int
+    token: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def advertise_address() -> str:
+    """A non-loopback IPv4 address of this machine; kube-apiserver refuses a loopback one."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        infos = []
+    for info in infos:
+        address = str(info[4][0])
+        if not address.startswith("127."):
+            return address
+    return FALLBACK_ADVERTISE_ADDRESS
+
+
+def kubeconfig(server: str, ca_pem: bytes, token: str, name: str = "aar-local") -> dict[str, Any]:
+    """A kubeconfig for the admin user (token auth, group system:masters)."""
+    import base64
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": name,
+                "cluster": {
+                    "server": server,
+                    "certificate-authority-data": base64.b64encode(ca_pem).decode(),
+                },
+            }
+        ],
+        "users": [{"name": f"{name}-admin", "user": {"token": token}}],
+        "contexts": [
+            {"name": name, "context": {"cluster": name, "user": f"{name}-admin"}},
+        ],
+        "current-context": name,
+    }
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel kills it when the parent dies, so an
+    interrupted or killed test session leaves no control-plane process behind."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _pid_runs_in(pid: int, state_dir: Path) -> bool:
+    """Whether `pid` is still one of our processes (its command line names our state dir), so a
+    recycled pid is never signalled."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(state_dir).encode() in cmdline
+
+
+class ControlPlane:
+    """A control plane rooted at `state_dir` (data, certificates, logs, kubeconfig).
+
+    `die_with_parent=True` ties the processes' lives to this Python process (tests);
+    `False` leaves them running after it exits (`aar-devcluster up`), to be stopped with
+    `stop()` from any process that knows the state dir.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        bin_dir: Path | None = None,
+        *,
+        die_with_parent: bool = False,
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.bin_dir = bin_dir
+        self.die_with_parent = die_with_parent
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    # --- paths ---------------------------------------------------------------------------------
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "state.json"
+
+    def log_path(self, process: str) -> Path:
+        return self.log_dir / f"{process}.log"
+
+    # --- state ---------------------------------------------------------------------------------
+    def read_state(self) -> State | None:
+        try:
+            return State(**json.loads(self.state_path.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def _write_state(self, state: State) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=2))
+        tmp.replace(self.state_path)
+
+    def running_pids(self) -> dict[str, int]:
+        state = self.read_state()
+        if state is None:
+            return {}
+        return {n: p for n, p in state.pids.items() if _pid_runs_in(p, self.state_dir)}
+
+    def is_running(self) -> bool:
+        return set(self.running_pids()) == set(PROCESS_ORDER)
+
+    # --- start ---------------------------------------------------------------------------------
+    def _ensure_pki(self) -> None:
+        """Certificates and keys are made once per state dir and reused on every start."""
+        self.pki_dir.mkdir(parents=True, exist_ok=True)
+        ca_crt = self.pki_dir / "ca.crt"
+        if ca_crt.exists():
+            return
+        ca = pki.make_ca()
+        serving = pki.make_serving_cert(
+            ca,
+            "kube-apiserver",
+            dns_names=[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
+            ip_addresses=["127.0.0.1", KUBERNETES_SERVICE_IP, advertise_address()],
+        )
+        service_accounts = pki.make_service_account_key()
+        files = {
+            "apiserver.crt": serving.public_pem,
+            "apiserver.key": serving.private_pem,
+            "sa.pub": service_accounts.public_pem,
+            "sa.key": service_accounts.private_pem,
+            "ca.key": ca.private_pem,
+        }
+        for name, data in files.items():
+            path = self.pki_dir / name
+            path.write_bytes(data)
+            path.chmod(0o600)
+        # Written last: its presence marks a complete set.
+        ca_crt.write_bytes(ca.public_pem)
+
+    def _commands(self, state: State) -> dict[str, list[str]]:
+        pki_dir, etcd_url = self.pki_dir, f"http://127.0.0.1:{state.etcd_client_port}"
+        peer_url = f"http://127.0.0.1:{state.etcd_peer_port}"
+        return {
+            "etcd": [
+                str(binary("etcd", self.bin_dir)),
+                "--name=aar",
+                f"--data-dir={self.state_dir / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=aar={peer_url}",
+                "--logger=zap",
+                "--log-level=warn",
+            ],
+            "kube-apiserver": [
+                str(binary("kube-apiserver", self.bin_dir)),
+                f"--etcd-servers={etcd_url}",
+                f"--secure-port={state.apiserver_port}",
+                "--insecure-port=0",
+                "--bind-address=127.0.0.1",
+                f"--advertise-address={advertise_address()}",
+                f"--cert-dir={pki_dir}",
+                f"--tls-cert-file={pki_dir / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
+                f"--token-auth-file={pki_dir / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-key-file={pki_dir / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki_dir / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                "--profiling=false",
+                "--v=0",
+            ],
+            "kube-controller-manager": [
+                str(binary("kube-controller-manager", self.bin_dir)),
+                f"--kubeconfig={self.kubeconfig_path}",
+                f"--service-account-private-key-file={pki_dir / 'sa.key'}",
+                f"--root-ca-file={pki_dir / 'ca.crt'}",
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                # At the default 20 qps, token Secrets for hundreds of ServiceAccounts take minutes.
+                "--kube-api-qps=500",
+                "--kube-api-burst=1000",
+                "--v=0",
+            ],
+        }
+
+    def start(self, timeout: float = 90.0, progress: Callable[[str], None] | None = None) -> State:
+        """Start all three processes and wait until the controllers are working.
+
+        Reuses the data and certificates of an earlier start in the same state dir.
+        Raises ControlPlaneError, with the tail of the failing process's log, on failure.
+        """
+        say = progress or (lambda _message: None)
+        if self.is_running():
+            state = self.read_state()
+            assert state is not None
+            return state
+        self.stop()  # clear a half-stopped earlier start
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        self._ensure_pki()
+        previous = self.read_state()
+        token = previous.token if previous else secrets.token_hex(24)
+        state = State(
+            etcd_client_port=free_port(),
+            etcd_peer_port=free_port(),
+            apiserver_port=free_port(),
+            token=token,
+        )
+        (self.pki_dir / "tokens.csv").write_text(f'{token},admin,admin-uid,"system:masters"\n')
+        self.kubeconfig_path.write_text(
+            yaml.safe_dump(kubeconfig(state.server, (self.pki_dir / "ca.crt").read_bytes(), token))
+        )
+        self.kubeconfig_path.chmod(0o600)
+        commands = self._commands(state)
+        deadline = time.monotonic() + timeout
+        try:
+            for name, wait_ready in (
+                ("etcd", lambda: self._etcd_healthy(state)),
+                ("kube-apiserver", lambda: self._apiserver_ready(state)),
+                ("kube-controller-manager", lambda: self._controllers_working(state)),
+            ):
+                say(f"Starting {name}")
+                self._spawn(name, commands[name], state)
+                self._wait(name, wait_ready, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        say(f"Control plane ready at {state.server}")
+        return state
+
+    def _spawn(self, name: str, command: list[str], state: State) -> None:
+        log = self.log_path(name).open("ab")
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.state_dir,
+                start_new_session=True,  # Ctrl-C in the terminal reaches us, not them
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+        finally:
+            log.close()
+        self._processes[name] = process
+        state.pids[name] = process.pid
+        self._write_state(state)
+
+    def _wait(self, name: str, ready: Callable[[], bool], deadline: float) -> None:
+        process = self._processes[name]
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ControlPlaneError(
+                    f"{name} exited with code {process.returncode} while starting; "
+                    f"last lines of {self.log_path(name)}:\n{self.log_tail(name)}"
+                )
+            if ready():
+                return
+            time.sleep(0.2)
+        raise ControlPlaneError(
+            f"{name} did not become ready in time; "
+            f"last lines of {self.log_path(name)}:\n{self.log_tail(name)}"
+        )
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    # --- readiness -----------------------------------------------------------------------------
+    @staticmethod
+    def _etcd_healthy(state: State) -> bool:
+        url = f"http://127.0.0.1:{state.etcd_client_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(json.load(response).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def api(self, path: str, state: State | None = None) -> Any:
+        """GET `path` from the apiserver as the admin user; the parsed JSON, or the text."""
+        state = state or self.read_state()
+        if state is None:
+            raise ControlPlaneError(f"no control plane state in {self.state_dir}")
+        context = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
+        request = urllib.request.Request(
+            state.server + path, headers={"Authorization": f"Bearer {state.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            body = response.read()
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body.decode()
+
+    def _apiserver_ready(self, state: State) -> bool:
+        try:
+            return bool(self.api("/readyz", state) == "ok")
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+    def _controllers_working(self, state: State) -> bool:
+        """The service-account and token controllers have run: the `default` ServiceAccount of
+        `default` exists with its token Secret (without one, 1.20 refuses every Pod)."""
+        try:
+            secret_list = self.api("/api/v1/namespaces/default/secrets", state)
+        except (OSError, urllib.error.HTTPError):
+            return False
+        return any(
+            s.get("type") == "kubernetes.io/service-account-token"
+            and s["metadata"].get("annotations", {}).get("kubernetes.io/service-account.name")
+            == "default"
+            for s in secret_list.get("items", [])
+        )
+
+    # --- stop ----------------------------------------------------------------------------------
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process of this control plane, newest first; safe to call twice and from a
+        process other than the one that started it. Data and certificates stay."""
+        pids = self.running_pids()
+        for name in reversed(PROCESS_ORDER):
+            pid = pids.get(name)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            end = time.monotonic() + grace
+            while time.monotonic() < end and self._alive(name, pid):
+                time.sleep(0.1)
+            if self._alive(name, pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                while self._alive(name, pid):
+                    time.sleep(0.05)
+        for process in self._processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait()
+        self._processes.clear()
+        state = self.read_state()
+        if state is not None:
+            state.pids = {}
+            self._write_state(state)
+
+    def _alive(self, name: str, pid: int) -> bool:
+        process = self._processes.get(name)
+        if process is not None:
+            return process.poll() is None  # also reaps our own child
+        return _pid_runs_in(pid, self.state_dir) and not _is_zombie(pid)
+
+    def destroy(self) -> None:
+        """Stop and delete the state dir with all its data."""
+        self.stop()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def running(self, **start_options: Any) -> Iterator[State]:
+        state = self.start(**start_options)
+        try:
+            yield state
+        finally:
+            self.stop()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] == "Z"

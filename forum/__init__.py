@@ -1,0 +1,1 @@
+"""aar forum: findings forum, content-addressed artifact store and the human web UI."""

@@ -1,0 +1,1 @@
+"""aar operator: reconciles ResearchRun and AgentSandbox into isolated agent sandboxes."""

@@ -1,0 +1,1 @@
+"""aar scorer: holds hidden labels, scores submissions, leaderboard and review queue."""
