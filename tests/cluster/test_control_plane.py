@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from aar_devcluster.controlplane import ControlPlane
-
-from .conftest import CommandError, Tool
+from aar_devcluster.tools import Tool, ToolError
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
@@ -105,7 +104,7 @@ def test_custom_resource_is_stored_and_read_back(gadget_group: str, kubectl: Too
 def test_apiserver_refuses_object_that_violates_schema(
     gadget_group: str, kubectl: Tool, spec: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(CommandError) as refused:
+    with pytest.raises(ToolError) as refused:
         kubectl.apply(gadget(gadget_group, "bad", spec))
 
     assert "is invalid" in refused.value.stderr
@@ -172,7 +171,7 @@ def test_rbac_denies_a_service_account_without_a_role(kubectl: Tool) -> None:
 
     can_list = kubectl.run("auth", "can-i", "list", "secrets", "--as", user, check=False)
     assert can_list.strip() == "no"
-    with pytest.raises(CommandError) as forbidden:
+    with pytest.raises(ToolError) as forbidden:
         kubectl.run("get", "secrets", "--as", user)
     assert "forbidden" in forbidden.value.stderr
 
