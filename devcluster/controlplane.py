@@ -443,7 +443,7 @@ class ControlPlane:
         process = self._processes.get(name)
         if process is not None:
             return process.poll() is None  # also reaps our own child
-        return _pid_runs_in(pid, self.state_dir) and not _is_zombie(pid)
+        return _pid_runs_in(pid, self.state_dir) and not is_zombie(pid)
 
     def destroy(self) -> None:
         """Stop and delete the state dir with all its data."""
@@ -459,7 +459,8 @@ class ControlPlane:
             self.stop()
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
+    """Whether `pid` has exited and waits for a parent to reap it (it runs no more)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):

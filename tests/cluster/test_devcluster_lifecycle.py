@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from aar_devcluster.controlplane import PROCESS_ORDER, ControlPlane, _is_zombie
+from aar_devcluster.controlplane import PROCESS_ORDER, ControlPlane, is_zombie
 from aar_devcluster.tools import Tool
 
 
 def process_gone(pid: int) -> bool:
-    return not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+    return not Path(f"/proc/{pid}").exists() or is_zombie(pid)
 
 
 def wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
