@@ -126,3 +126,17 @@ def test_interrupted_owner_leaves_no_process(tmp_path: Path, interruption: signa
         owner.kill()
         owner.wait()
         ControlPlane(tmp_path).stop()  # what the owner failed to stop, when this test fails
+
+
+def test_tools_ignore_a_kubectl_on_path(
+    tmp_path: Path, control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    impostor = tmp_path / "kubectl"
+    impostor.write_text("#!/bin/sh\necho impostor\nexit 99\n")
+    impostor.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+
+    kubectl = Tool("kubectl", control_plane.kubeconfig_path)
+
+    assert "v1.33" in kubectl.run("version", "--client")
+    assert "default" in kubectl.run("get", "namespaces", "-o", "name")
