@@ -1,5 +1,7 @@
-"""Start-up time of the local control plane: cold (new state dir: certificates, an empty etcd)
-and warm (the same state dir started again), against the 30 s target for a warm start.
+"""Start-up time of the local control plane once its binaries are built and cached (a warm
+start), against the 30 s target: into a new state dir (certificates made, an empty etcd) and
+again into the same state dir (its data kept). Building the binaries, once per machine, is not
+timed here: `make tools` prints its progress and takes about 4 minutes on 2 cores.
 
     .venv/bin/python bench/controlplane.py [--rounds 3]
 
@@ -32,24 +34,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    cold, warm = [], []
+    fresh, again = [], []
     for round_ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="aar-bench-") as directory:
             plane = ControlPlane(Path(directory), die_with_parent=True)
-            cold.append(timed_start(plane))
-            warm.append(timed_start(plane))
+            fresh.append(timed_start(plane))
+            again.append(timed_start(plane))
             plane.destroy()
-        print(f"round {round_ + 1}: cold start {cold[-1]:.1f} s, warm start {warm[-1]:.1f} s")
+        print(
+            f"round {round_ + 1}: new state dir {fresh[-1]:.1f} s, same state dir {again[-1]:.1f} s"
+        )
     figures = {
-        "cold_start_s_median": round(statistics.median(cold), 2),
-        "warm_start_s_median": round(statistics.median(warm), 2),
-        "warm_start_s_max": round(max(warm), 2),
+        "start_new_state_s_median": round(statistics.median(fresh), 2),
+        "start_same_state_s_median": round(statistics.median(again), 2),
+        "warm_start_s_max": round(max(fresh + again), 2),
         "warm_start_target_s": WARM_START_TARGET_S,
         "rounds": args.rounds,
     }
     print(
-        f"warm start: median {figures['warm_start_s_median']} s, max {figures['warm_start_s_max']}"
-        f" s (target under {WARM_START_TARGET_S:.0f} s)"
+        f"warm start: slowest of {2 * args.rounds} was {figures['warm_start_s_max']} s "
+        f"(target under {WARM_START_TARGET_S:.0f} s)"
     )
     print(json.dumps(figures))
 
