@@ -8,6 +8,7 @@ namespaces, service-account tokens, Deployments to Pods).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -93,8 +94,6 @@ def advertise_address() -> str:
 
 def kubeconfig(server: str, ca_pem: bytes, token: str, name: str = "aar-local") -> dict[str, Any]:
     """A kubeconfig for the admin user (token auth, group system:masters)."""
-    import base64
-
     return {
         "apiVersion": "v1",
         "kind": "Config",
@@ -113,6 +112,15 @@ def kubeconfig(server: str, ca_pem: bytes, token: str, name: str = "aar-local") 
         ],
         "current-context": name,
     }
+
+
+def write_private(path: Path, data: str | bytes) -> None:
+    """Write a file only its owner can read, from the first byte on (keys, tokens)."""
+    content = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "wb") as file:
+        file.write(content)
 
 
 def _die_with_parent() -> None:
@@ -182,7 +190,7 @@ class ControlPlane:
 
     def _write_state(self, state: State) -> None:
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=2))
+        write_private(tmp, json.dumps(asdict(state), indent=2))  # it holds the admin token
         tmp.replace(self.state_path)
 
     def running_pids(self) -> dict[str, int]:
@@ -223,9 +231,7 @@ class ControlPlane:
             "ca.key": ca.private_pem,
         }
         for name, data in files.items():
-            path = self.pki_dir / name
-            path.write_bytes(data)
-            path.chmod(0o600)
+            write_private(self.pki_dir / name, data)
         # Written last: its presence marks a complete set.
         ca_crt.write_bytes(ca.public_pem)
 
@@ -302,11 +308,9 @@ class ControlPlane:
             apiserver_port=free_port(),
             token=token,
         )
-        (self.pki_dir / "tokens.csv").write_text(f'{token},admin,admin-uid,"system:masters"\n')
-        self.kubeconfig_path.write_text(
-            yaml.safe_dump(kubeconfig(state.server, (self.pki_dir / "ca.crt").read_bytes(), token))
-        )
-        self.kubeconfig_path.chmod(0o600)
+        write_private(self.pki_dir / "tokens.csv", f'{token},admin,admin-uid,"system:masters"\n')
+        admin = kubeconfig(state.server, (self.pki_dir / "ca.crt").read_bytes(), token)
+        write_private(self.kubeconfig_path, yaml.safe_dump(admin))
         commands = self._commands(state)
         deadline = time.monotonic() + timeout
         try:

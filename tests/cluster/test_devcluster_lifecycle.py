@@ -49,6 +49,8 @@ def test_up_down_up_keeps_data_and_down_leaves_no_process(tmp_path: Path) -> Non
         assert up.returncode == 0, up.stderr
         assert f"export KUBECONFIG={state_dir / 'kubeconfig'}" in up.stdout
         assert devcluster(state_dir, "status").returncode == 0
+        for secret in ["kubeconfig", "state.json", "pki/tokens.csv", "pki/sa.key", "pki/ca.key"]:
+            assert (state_dir / secret).stat().st_mode & 0o777 == 0o600, secret
         pids = recorded_pids(state_dir)
         assert len(pids) == len(PROCESS_ORDER)
         kubectl = Tool("kubectl", state_dir / "kubeconfig", "default")
