@@ -416,23 +416,21 @@ class ControlPlane:
 
     # --- stop ----------------------------------------------------------------------------------
     def stop(self, grace: float = 10.0) -> None:
-        """Stop every process of this control plane, newest first; safe to call twice and from a
-        process other than the one that started it. Data and certificates stay."""
+        """Stop every process of this control plane; safe to call twice and from a process other
+        than the one that started it. Data and certificates stay.
+
+        All processes are signalled before any is waited for, so a stop that is itself
+        interrupted has still told every process to exit.
+        """
         pids = self.running_pids()
-        for name in reversed(PROCESS_ORDER):
-            pid = pids.get(name)
-            if pid is None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
+        for signal_number in (signal.SIGTERM, signal.SIGKILL):
+            for name in reversed(PROCESS_ORDER):
+                if name in pids and self._alive(name, pids[name]):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pids[name], signal_number)
             end = time.monotonic() + grace
-            while time.monotonic() < end and self._alive(name, pid):
-                time.sleep(0.1)
-            if self._alive(name, pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                while self._alive(name, pid):
-                    time.sleep(0.05)
+            while time.monotonic() < end and any(self._alive(n, p) for n, p in pids.items()):
+                time.sleep(0.05)
         for process in self._processes.values():
             with contextlib.suppress(ProcessLookupError):
                 process.kill()

@@ -67,12 +67,15 @@ def test_up_down_up_keeps_data_and_down_leaves_no_process(tmp_path: Path) -> Non
         assert devcluster(state_dir, "up").returncode == 0
         kept = kubectl.json("get", "configmap", "kept")
         assert kept["data"] == {"answer": "42"}
-    finally:
-        pids = recorded_pids(state_dir) if (state_dir / "state.json").exists() else []
+        pids = recorded_pids(state_dir)
+
         destroy = devcluster(state_dir, "destroy")
-    assert destroy.returncode == 0, destroy.stderr
-    assert not state_dir.exists()
-    assert wait_gone(pids, timeout=0) == []
+
+        assert destroy.returncode == 0, destroy.stderr
+        assert not state_dir.exists()
+        assert wait_gone(pids, timeout=0) == []
+    finally:
+        ControlPlane(state_dir).destroy()  # in-process: what the CLI left, when this test fails
 
 
 def test_up_without_binaries_says_how_to_install(tmp_path: Path) -> None:
@@ -91,10 +94,12 @@ def test_up_without_binaries_says_how_to_install(tmp_path: Path) -> None:
 
 
 OWNER_SCRIPT = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from aar_devcluster.controlplane import ControlPlane
 
+# Ctrl-C raises KeyboardInterrupt even where this test runs with SIGINT ignored (a background job).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 plane = ControlPlane(Path(sys.argv[1]), die_with_parent=True)
 plane.start()
 print("ready", flush=True)
