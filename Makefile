@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## tools: etcd, kube-apiserver, kube-controller-manager, kubectl, helm into ~/.cache/aar/bin
+## tools: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm into ~/.cache/aar/bin
 tools: $(STAMP)
 	$(BIN)/aar-devcluster install
 

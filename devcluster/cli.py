@@ -1,7 +1,7 @@
 """`aar-devcluster`: the local control plane for humans.
 
 aar-devcluster install   build or fetch the binaries into ~/.cache/aar/bin (idempotent)
-aar-devcluster up        start etcd, kube-apiserver, kube-controller-manager in the background
+aar-devcluster up        start the control plane (etcd, kube-*) in the background
 aar-devcluster status    say whether it runs and where
 aar-devcluster down      stop it, keeping its data for the next `up`
 aar-devcluster destroy   stop it and delete its data
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "install",
-        help="install etcd, kube-apiserver, kube-controller-manager, "
+        help="install etcd, kube-apiserver, kube-controller-manager, kube-scheduler, "
         "kubectl and helm into the cache",
     )
     up = commands.add_parser("up", help="start the control plane in the background")

@@ -1,9 +1,10 @@
-"""Start and stop a local Kubernetes control plane: etcd, kube-apiserver and
-kube-controller-manager as local processes, with token authentication and RBAC.
+"""Start and stop a local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager
+and kube-scheduler as local processes, with token authentication and RBAC.
 
-There is no kubelet: Pods stay Pending. What the tests need from a cluster is the real API
-server (schemas, admission, RBAC, watches) and the real controllers (garbage collection,
-namespaces, service-account tokens, Deployments to Pods).
+There is no kubelet and no node: Pods stay Pending, and the scheduler says why in their
+PodScheduled condition. What the tests need from a cluster is the real API server (schemas,
+admission, RBAC, watches), the real controllers (garbage collection, namespaces,
+service-account tokens, Deployments to Pods) and the scheduler's verdicts.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"
 # Link-local, used only on a machine whose sole interface is loopback.
 FALLBACK_ADVERTISE_ADDRESS = "169.254.0.1"
-PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager")
+PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
 
 class ControlPlaneError(RuntimeError):
@@ -54,6 +55,7 @@ class State:
     etcd_peer_port: int
     apiserver_port: int
     token: str
+    scheduler_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -283,6 +285,19 @@ class ControlPlane:
                 "--kube-api-burst=1000",
                 "--v=0",
             ],
+            "kube-scheduler": [
+                str(binary("kube-scheduler", self.bin_dir)),
+                f"--kubeconfig={self.kubeconfig_path}",
+                "--leader-elect=false",
+                "--port=0",
+                # Serves only /healthz to anyone (its default always-allowed path), for readiness.
+                "--bind-address=127.0.0.1",
+                f"--secure-port={state.scheduler_port}",
+                f"--cert-dir={pki_dir / 'scheduler'}",
+                "--kube-api-qps=500",
+                "--kube-api-burst=1000",
+                "--v=0",
+            ],
         }
 
     def start(self, timeout: float = 90.0, progress: Callable[[str], None] | None = None) -> State:
@@ -307,6 +322,7 @@ class ControlPlane:
             etcd_peer_port=free_port(),
             apiserver_port=free_port(),
             token=token,
+            scheduler_port=free_port(),
         )
         write_private(self.pki_dir / "tokens.csv", f'{token},admin,admin-uid,"system:masters"\n')
         admin = kubeconfig(state.server, (self.pki_dir / "ca.crt").read_bytes(), token)
@@ -318,6 +334,7 @@ class ControlPlane:
                 ("etcd", lambda: self._etcd_healthy(state)),
                 ("kube-apiserver", lambda: self._apiserver_ready(state)),
                 ("kube-controller-manager", lambda: self._controllers_working(state)),
+                ("kube-scheduler", lambda: self._scheduler_serving(state)),
             ):
                 say(f"Starting {name}")
                 self._spawn(name, commands[name], state)
@@ -398,6 +415,19 @@ class ControlPlane:
         try:
             return bool(self.api("/readyz", state) == "ok")
         except (OSError, urllib.error.HTTPError):
+            return False
+
+    @staticmethod
+    def _scheduler_serving(state: State) -> bool:
+        # Its self-signed serving certificate is made at start; the check is loopback only.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        url = f"https://127.0.0.1:{state.scheduler_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
+                return bool(response.read() == b"ok")
+        except OSError:
             return False
 
     def _controllers_working(self, state: State) -> bool:

