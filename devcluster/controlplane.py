@@ -24,9 +24,8 @@ import ssl
 import struct
 import subprocess
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,34 +387,22 @@ class ControlPlane:
     # --- readiness -----------------------------------------------------------------------------
     @staticmethod
     def _etcd_healthy(state: State) -> bool:
-        url = f"http://127.0.0.1:{state.etcd_client_port}/health"
+        body = _get(f"http://127.0.0.1:{state.etcd_client_port}/health")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(json.load(response).get("health") == "true")
-        except (OSError, ValueError):
+            return body is not None and json.loads(body).get("health") == "true"
+        except ValueError:
             return False
 
-    def api(self, path: str, state: State | None = None) -> Any:
-        """GET `path` from the apiserver as the admin user; the parsed JSON, or the text."""
-        state = state or self.read_state()
-        if state is None:
-            raise ControlPlaneError(f"no control plane state in {self.state_dir}")
-        context = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
-        request = urllib.request.Request(
-            state.server + path, headers={"Authorization": f"Bearer {state.token}"}
+    def _api_get(self, state: State, path: str) -> bytes | None:
+        """GET `path` from the apiserver as the admin user; None when it does not answer 2xx."""
+        return _get(
+            state.server + path,
+            context=ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt")),
+            headers={"Authorization": f"Bearer {state.token}"},
         )
-        with urllib.request.urlopen(request, timeout=5, context=context) as response:
-            body = response.read()
-        try:
-            return json.loads(body)
-        except ValueError:
-            return body.decode()
 
     def _apiserver_ready(self, state: State) -> bool:
-        try:
-            return bool(self.api("/readyz", state) == "ok")
-        except (OSError, urllib.error.HTTPError):
-            return False
+        return self._api_get(state, "/readyz") == b"ok"
 
     @staticmethod
     def _scheduler_serving(state: State) -> bool:
@@ -423,20 +410,15 @@ class ControlPlane:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        url = f"https://127.0.0.1:{state.scheduler_port}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as response:
-                return bool(response.read() == b"ok")
-        except OSError:
-            return False
+        return _get(f"https://127.0.0.1:{state.scheduler_port}/healthz", context=context) == b"ok"
 
     def _controllers_working(self, state: State) -> bool:
         """The service-account and token controllers have run: the `default` ServiceAccount of
         `default` exists with its token Secret (without one, 1.20 refuses every Pod)."""
-        try:
-            secret_list = self.api("/api/v1/namespaces/default/secrets", state)
-        except (OSError, urllib.error.HTTPError):
+        body = self._api_get(state, "/api/v1/namespaces/default/secrets")
+        if body is None:
             return False
+        secret_list = json.loads(body)
         return any(
             s.get("type") == "kubernetes.io/service-account-token"
             and s["metadata"].get("annotations", {}).get("kubernetes.io/service-account.name")
@@ -475,26 +457,22 @@ class ControlPlane:
         process = self._processes.get(name)
         if process is not None:
             return process.poll() is None  # also reaps our own child
-        return _pid_runs_in(pid, self.state_dir) and not is_zombie(pid)
+        return _pid_runs_in(pid, self.state_dir)  # a zombie's command line is empty
 
     def destroy(self) -> None:
         """Stop and delete the state dir with all its data."""
         self.stop()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def running(self, **start_options: Any) -> Iterator[State]:
-        state = self.start(**start_options)
-        try:
-            yield state
-        finally:
-            self.stop()
 
-
-def is_zombie(pid: int) -> bool:
-    """Whether `pid` has exited and waits for a parent to reap it (it runs no more)."""
+def _get(
+    url: str, *, context: ssl.SSLContext | None = None, headers: dict[str, str] | None = None
+) -> bytes | None:
+    """The body of a GET that answered 2xx within 2 s, or None (not up yet, refused, an error)."""
+    request = urllib.request.Request(url, headers=headers or {})
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return fields[0] == "Z"
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
+            body: bytes = response.read()
+            return body
+    except OSError:  # URLError and HTTPError are OSErrors
+        return None

@@ -12,12 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from aar_devcluster.controlplane import PROCESS_ORDER, ControlPlane, is_zombie
+from aar_devcluster.controlplane import PROCESS_ORDER, ControlPlane
 from aar_devcluster.tools import Tool
 
 
 def process_gone(pid: int) -> bool:
-    return not Path(f"/proc/{pid}").exists() or is_zombie(pid)
+    """Exited: no such pid, or a zombie left for a parent (here, PID 1) to reap."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
