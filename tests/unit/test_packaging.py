@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-COMPONENTS = ["operator", "agent", "trainer", "forum", "scorer", "gateway", "devcluster"]
+COMPONENTS = ["common", "operator", "agent", "trainer", "forum", "scorer", "gateway", "devcluster"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,186 @@
+"""HTTP plumbing shared by the forum, scorer and gateway (aiohttp): authentication with aar
+credentials, errors as JSON that say how to fix them, pydantic request bodies, health and
+Prometheus endpoints, and serving on TCP or a Unix socket until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from aar_common.credentials import CredentialError, CredentialVerifier, Principal, Role
+
+Model = TypeVar("Model", bound=BaseModel)
+
+VERIFIER_KEY = web.AppKey("verifier", CredentialVerifier)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+
+# Error types follow the Anthropic API's error JSON, so every aar service fails the same way.
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+
+
+def error_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "error": {"type": error_type or _STATUS_TYPES.get(status, "api_error"), "message": message},
+    }
+
+
+def fail(
+    status: int,
+    message: str,
+    error_type: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> NoReturn:
+    """Raise an HTTP error whose JSON body says what was wrong and how to fix it."""
+    raise _with_status(status, message, error_type, headers)
+
+
+def _with_status(
+    status: int, message: str, error_type: str | None, headers: dict[str, str] | None
+) -> web.HTTPException:
+    error = web.HTTPException(
+        text=json.dumps(error_body(status, message, error_type)),
+        content_type="application/json",
+        headers=headers,
+    )
+    error.set_status(status)
+    return error
+
+
+def presented_token(request: web.Request) -> str | None:
+    """The credential a client sent: `Authorization: Bearer ...` or `x-api-key` (what the
+    anthropic SDK sends)."""
+    authorization = request.headers.get("Authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def authenticate(request: web.Request, *, admin: bool = False) -> Principal:
+    """The verified principal of a request, or a 401/403 that says why."""
+    token = presented_token(request)
+    if not token:
+        fail(401, "missing credential: send 'Authorization: Bearer <aar credential>'")
+    try:
+        principal = request.app[VERIFIER_KEY].verify(token)
+    except CredentialError as error:
+        fail(401, f"invalid credential: {error}")
+    if admin and principal.role is not Role.ADMIN:
+        fail(403, "this endpoint needs an admin credential (mint one with `aar credential mint`)")
+    return principal
+
+
+async def read_model(request: web.Request, model: type[Model]) -> Model:
+    """Parse and validate a JSON body; a 400 names each field that is wrong."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as error:
+        fail(413, f"{error.text}; send a smaller body")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc']) or 'body'}: {issue['msg']}"
+            for issue in error.errors(include_url=False)
+        )
+        fail(400, f"invalid request body: {problems}")
+
+
+def json_response(
+    payload: BaseModel | dict[str, Any] | list[Any], status: int = 200
+) -> web.Response:
+    if isinstance(payload, BaseModel):
+        return web.Response(
+            text=payload.model_dump_json(), status=status, content_type="application/json"
+        )
+    return web.json_response(payload, status=status)
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY_KEY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # aiohttp's own 404/405/413 answer in plain text; clients of aar expect the JSON shape.
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.content_type == "application/json" or error.status < 400:
+            raise
+        raise _with_status(error.status, error.reason, None, None) from None
+
+
+def make_app(
+    verifier: CredentialVerifier,
+    registry: CollectorRegistry,
+    *,
+    client_max_size: int = 1024**2,
+) -> web.Application:
+    """An application with the verifier, `/healthz` and `/metrics` in place."""
+    app = web.Application(client_max_size=client_max_size, middlewares=[_json_errors])
+    app[VERIFIER_KEY] = verifier
+    app[REGISTRY_KEY] = registry
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def serve(
+    app: web.Application,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 8080,
+    unix_socket: Path | None = None,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight requests and run cleanups."""
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site: web.BaseSite
+    if unix_socket is not None:
+        site = web.UnixSite(runner, str(unix_socket))
+    else:
+        site = web.TCPSite(runner, host, port)
+    await site.start()
+    if ready is not None:
+        ready(site.name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+        await runner.cleanup()

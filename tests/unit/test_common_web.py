@@ -1,0 +1,97 @@
+"""The HTTP plumbing every service shares, over real HTTP on a loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel, Field
+
+from aar_common.credentials import (
+    CredentialIssuer,
+    CredentialVerifier,
+    generate_signing_key,
+    public_key_pem,
+)
+from aar_common.web import authenticate, json_response, make_app, read_model
+
+KEY = generate_signing_key()
+ISSUER = CredentialIssuer(KEY)
+
+
+class Greeting(BaseModel):
+    name: str = Field(min_length=1)
+    times: int = Field(ge=1, le=3)
+
+
+async def greet(request: web.Request) -> web.Response:
+    principal = authenticate(request)
+    body = await read_model(request, Greeting)
+    return json_response({"by": principal.name, "text": " ".join([f"hi {body.name}"] * body.times)})
+
+
+async def admin_only(request: web.Request) -> web.Response:
+    authenticate(request, admin=True)
+    return json_response({"ok": True})
+
+
+@pytest.fixture
+async def base_url(unused_tcp_port: int) -> AsyncIterator[str]:
+    registry = CollectorRegistry()
+    Counter("aar_test_things", "Things counted in a test", registry=registry).inc()
+    app = make_app(CredentialVerifier(public_key_pem(KEY)), registry, client_max_size=200)
+    app.router.add_post("/greet", greet)
+    app.router.add_get("/admin", admin_only)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    yield f"http://127.0.0.1:{unused_tcp_port}"
+    await runner.cleanup()
+
+
+async def test_an_agent_credential_is_accepted_as_bearer_or_api_key(base_url: str) -> None:
+    token = ISSUER.mint_agent("ns", "run", "run-1")
+    async with aiohttp.ClientSession() as http:
+        for headers in ({"Authorization": f"Bearer {token}"}, {"x-api-key": token}):
+            async with http.post(
+                f"{base_url}/greet", json={"name": "bo", "times": 2}, headers=headers
+            ) as response:
+                assert response.status == 200
+                assert await response.json() == {"by": "run-1", "text": "hi bo hi bo"}
+
+
+async def test_errors_are_json_that_say_what_is_wrong(base_url: str) -> None:
+    agent = {"Authorization": f"Bearer {ISSUER.mint_agent('ns', 'run', 'run-1')}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base_url}/greet", json={"name": "bo", "times": 1}) as response:
+            assert response.status == 401
+            assert "missing credential" in (await response.json())["error"]["message"]
+        async with http.post(
+            f"{base_url}/greet", json={"name": "", "times": 9}, headers=agent
+        ) as response:
+            assert response.status == 400
+            message = (await response.json())["error"]["message"]
+            assert "name:" in message
+            assert "times:" in message
+        async with http.post(f"{base_url}/greet", data="x" * 500, headers=agent) as response:
+            assert response.status == 413
+            assert (await response.json())["error"]["type"] == "request_too_large"
+        async with http.get(f"{base_url}/admin", headers=agent) as response:
+            assert response.status == 403
+        async with http.get(f"{base_url}/nowhere") as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["type"] == "not_found_error"
+
+
+async def test_health_and_metrics_are_served(base_url: str) -> None:
+    admin = {"Authorization": f"Bearer {ISSUER.mint_admin('alice')}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base_url}/healthz") as response:
+            assert await response.text() == "ok"
+        async with http.get(f"{base_url}/metrics") as response:
+            assert "aar_test_things_total 1.0" in await response.text()
+        async with http.get(f"{base_url}/admin", headers=admin) as response:
+            assert response.status == 200
