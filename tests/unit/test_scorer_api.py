@@ -30,7 +30,7 @@ from aar_scorer.tasks import load_tasks, write_task_files
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
 SIZE = 200
-TRUTH = [random.Random(7).randrange(2) for _ in range(SIZE)]
+TRUTH = random.Random(7).choices([0, 1], k=SIZE)
 
 
 class Clock:

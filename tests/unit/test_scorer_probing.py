@@ -22,7 +22,7 @@ def flipped(answers: list[int], positions: range | list[int]) -> list[int]:
 
 def test_one_flipped_answer_is_a_near_duplicate() -> None:
     index = ProbeIndex(Probing(min_distance=10))
-    base = [random.Random(1).randrange(2) for _ in range(SIZE)]
+    base = random.Random(1).choices([0, 1], k=SIZE)
     assert index.check(PACKER.pack(base)).reason is None
     index.add(1, PACKER.pack(base), 1)
 
@@ -45,7 +45,7 @@ def test_independent_submissions_are_not_probes() -> None:
 
 def test_a_walk_of_small_steps_is_caught_at_its_configured_length() -> None:
     index = ProbeIndex(Probing(min_distance=10, walk_distance=40, walk_length=4))
-    current = [random.Random(3).randrange(2) for _ in range(SIZE)]
+    current = random.Random(3).choices([0, 1], k=SIZE)
     reasons = []
     for step in range(5):
         verdict = index.check(PACKER.pack(current))

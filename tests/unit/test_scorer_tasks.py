@@ -20,7 +20,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
 
 
 def test_a_task_loads_with_its_split_and_pgr(tmp_path: Path) -> None:
-    labels = [random.Random(1).randrange(2) for _ in range(101)]
+    labels = random.Random(1).choices([0, 1], k=101)
     tasks = load_tasks(write_task_files(tmp_path, [(spec(), labels, SEED)]))
 
     task = tasks["toy"]
