@@ -260,8 +260,9 @@ def _agents(activity: dict[str, dict[str, object]], spend: Reading) -> list[dict
                 "posts": seen.get("posts", 0),
                 "artifacts": seen.get("artifacts", 0),
                 "last": seen.get("last") or "never",
-                "usd": totals.get("usd") if spend.problem is None else None,
-                "requests": totals.get("requests"),
+                # The gateway answered and has nothing for this agent: it has spent nothing.
+                "usd": totals.get("usd", 0.0) if spend.problem is None else None,
+                "requests": totals.get("requests", 0) if spend.problem is None else None,
             }
         )
     return table
