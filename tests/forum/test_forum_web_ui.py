@@ -1,0 +1,241 @@
+"""The web UI in headless Chromium (Debian's `chromium`), with real forum data in it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import ISSUER, Forum
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from aar_forum.ui import csrf_token
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (apt-get install chromium; CI installs it)",
+)
+
+INJECTION = (
+    "<script>window.pwned = 'script'</script>\n\n"
+    "<img src=x onerror=\"window.pwned = 'img'\">\n\n"
+    "[click me](javascript:window.pwned='link') and "
+    "[also me](JAVA\tSCRIPT:window.pwned='tab')\n\n"
+    "![pixel](data:text/html,<script>window.pwned='data'</script>)"
+)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        # Root in a container has no user namespace for Chromium's sandbox.
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+async def services(unused_tcp_port_factory: Any) -> AsyncIterator[str]:
+    """A server answering the scorer's and the gateway's admin reads exactly as
+    docs/interfaces.md specifies them; it checks the UI forwards the viewer's credential."""
+
+    def checked(request: web.Request) -> None:
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        assert token.startswith("aar1.")
+
+    async def spend(request: web.Request) -> web.Response:
+        checked(request)
+        assert request.match_info["run"] == "w2s"
+        totals = {"input_tokens": 1000, "output_tokens": 200, "cache_creation_input_tokens": 0}
+        return web.json_response(
+            {
+                "run": {"usd": 20.75, "requests": 12, **totals},
+                "agents": {
+                    "w2s-1": {"usd": 12.5, "requests": 7, **totals},
+                    "w2s-3": {"usd": 8.25, "requests": 5, **totals},
+                },
+            }
+        )
+
+    async def leaderboard(request: web.Request) -> web.Response:
+        checked(request)
+        assert request.query["run"] == "lab/w2s"
+        return web.json_response(
+            {"entries": [{"agent": "w2s-1", "submission": "s-41", "score": 0.8125}]}
+        )
+
+    async def review(request: web.Request) -> web.Response:
+        checked(request)
+        return web.json_response({"pending": [{"id": "s-41", "agent": "w2s-1"}]})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/spend/{namespace}/{run}", spend)
+    app.router.add_get("/api/v1/leaderboard", leaderboard)
+    app.router.add_get("/api/v1/review", review)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = unused_tcp_port_factory()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def sign_in(page: Page, forum: Forum) -> None:
+    await page.goto(f"{forum.url}/")
+    await expect(page).to_have_url(f"{forum.url}/login?next=/")
+    await page.fill("input[name=credential]", ISSUER.mint_agent("lab", "w2s", "w2s-1"))
+    await page.click("button[type=submit]")
+    await expect(page.locator(".problem")).to_contain_text("needs an admin credential")
+    await page.fill("input[name=credential]", ISSUER.mint_admin("alice"))
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(f"{forum.url}/")
+    await expect(page.locator("header .who")).to_have_text("signed in as admin:alice")
+
+
+async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
+    forum: Forum, browser: Browser
+) -> None:
+    author, colleague = forum.agent("w2s-1"), forum.agent("w2s-2")
+    finding = await forum.post(
+        author,
+        kind="result",
+        title="Confidence loss recovers 0.81 PGR",
+        body="The **auxiliary** loss with `alpha=0.75`.",
+        tags=["loss"],
+    )
+    await forum.post(colleague, title="Reproduced at 0.79", parent=finding["id"])
+    hostile = await forum.post(
+        colleague, kind="insight", title="<b>bold?</b><script>x()</script>", body=INJECTION
+    )
+    await forum.post(forum.agent("x-1", "lab/other"), kind="error", title="Another run's OOM")
+
+    page = await browser.new_page()
+    await sign_in(page, forum)
+    feed = page.locator("#feed")
+    await expect(feed.locator("article")).to_have_count(4)
+    await expect(feed).to_contain_text("Confidence loss recovers 0.81 PGR")
+    await expect(feed).to_contain_text("Another run's OOM")
+    await expect(feed.locator(f"#post-{finding['id']} .body strong")).to_have_text("auxiliary")
+    await expect(page.locator("nav.runs a.run")).to_have_text(["lab/other", "lab/w2s"])
+
+    # The injection attempt: shown as text, nothing of it runs or links anywhere.
+    attack = feed.locator(f"#post-{hostile['id']}")
+    await expect(attack.locator("h3 a")).to_have_text("<b>bold?</b><script>x()</script>")
+    await expect(attack.locator(".body")).to_contain_text(
+        "<script>window.pwned = 'script'</script>"
+    )
+    assert await attack.locator("script, img, b, iframe").count() == 0
+    assert await attack.locator(".body a").count() == 0
+    assert await page.evaluate("window.pwned") is None
+
+    # Filters narrow the feed.
+    await page.goto(f"{forum.url}/?q=reproduced")
+    await expect(page.locator("#feed article h3 a")).to_have_text(["Reproduced at 0.79"])
+    await page.goto(f"{forum.url}/?run=lab/w2s&kind=result")
+    await expect(page.locator("#feed article h3 a")).to_have_text(
+        ["Confidence loss recovers 0.81 PGR"]
+    )
+
+    # A new post appears without a reload.
+    await page.goto(f"{forum.url}/")
+    await expect(page.locator("#live-status")).to_have_text("live updates: connected")
+    await forum.post(author, kind="hypothesis", title="Teacher entropy predicts flips")
+    await expect(page.locator("#live-posts li")).to_contain_text(
+        ["new hypothesis #5: Teacher entropy predicts flips by w2s-1 in lab/w2s"]
+    )
+
+    # The thread, and a human's reply through the form.
+    await page.click(f"#post-{finding['id']} h3 a")
+    await expect(page).to_have_url(f"{forum.url}/posts/{finding['id']}")
+    await expect(page.locator("#replies article h3 a")).to_have_text(["Reproduced at 0.79"])
+    await page.fill("form.compose input[name=title]", "Approved for the writeup")
+    await page.fill("form.compose textarea[name=body]", "Nice *work*.")
+    await page.click("form.compose button[type=submit]")
+    await expect(page.locator("#replies article h3 a")).to_have_text(
+        ["Reproduced at 0.79", "Approved for the writeup"]
+    )
+    await expect(page.locator("#replies article").last.locator(".author")).to_have_text(
+        "admin:alice"
+    )
+    await expect(page.locator("#replies article").last.locator(".body em")).to_have_text("work")
+    async with forum.http.get(
+        f"{forum.url}/api/v1/posts/{finding['id']}", headers=author
+    ) as response:
+        replies = (await response.json())["replies"]
+    assert [reply["author"] for reply in replies] == ["w2s-2", "admin:alice"]
+
+
+async def test_run_page_shows_spend_leaderboard_review_and_agents(
+    start_forum: Any, services: str, browser: Browser
+) -> None:
+    forum: Forum = await start_forum(scorer_url=services, gateway_url=services)
+    await forum.post(forum.agent("w2s-1"), kind="result", title="first")
+    await forum.post(forum.agent("w2s-2"), kind="insight", title="second")
+    page = await browser.new_page()
+    await sign_in(page, forum)
+    await page.goto(f"{forum.url}/runs/lab/w2s")
+    agents = page.locator("#agents tbody tr")
+    await expect(agents.locator("td:first-child")).to_have_text(["w2s-1", "w2s-2", "w2s-3"])
+    await expect(page.locator("#agents tr[data-agent=w2s-1] td")).to_contain_text(
+        ["w2s-1", "1", "0", "", "12.50", "7"]
+    )
+    # An agent with spend but no post yet, and one with posts but no spend recorded.
+    await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(1)).to_have_text("0")
+    await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(4)).to_have_text("0.00")
+    await expect(page.locator("#run-spend")).to_have_text("Run total: 20.75 USD over 12 requests.")
+    await expect(page.locator("#leaderboard td")).to_have_text(["w2s-1", "s-41", "0.8125"])
+    await expect(page.locator("#review td")).to_have_text(["s-41", "w2s-1"])
+
+
+async def test_run_page_says_unavailable_when_services_are_absent_or_down(
+    start_forum: Any, browser: Browser, unused_tcp_port: int
+) -> None:
+    unconfigured: Forum = await start_forum()
+    page = await browser.new_page()
+    await sign_in(page, unconfigured)
+    await page.goto(f"{unconfigured.url}/runs/lab/w2s")
+    await expect(page.locator("#leaderboard .unavailable")).to_have_text(
+        "scorer unavailable: not configured (set AAR_SCORER_URL)"
+    )
+    await expect(page.locator("#agents .unavailable")).to_have_text(
+        "gateway unavailable: not configured (set AAR_GATEWAY_URL)"
+    )
+    down = f"http://127.0.0.1:{unused_tcp_port}"  # nothing listens there
+    broken: Forum = await start_forum(scorer_url=down, gateway_url=down)
+    page = await browser.new_page()  # its own cookie jar: cookies do not tell ports apart
+    await sign_in(page, broken)
+    await page.goto(f"{broken.url}/runs/lab/w2s")
+    await expect(page.locator("#review .unavailable")).to_contain_text("scorer unavailable: ")
+    await expect(page.locator("#agents .unavailable")).to_contain_text("gateway unavailable: ")
+
+
+async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
+    admin = ISSUER.mint_admin("alice")
+    cookies = {"aar_credential": admin}
+    form = {"run": "lab/w2s", "kind": "insight", "title": "forged", "csrf": csrf_token(admin)}
+    async with aiohttp.ClientSession(cookies=cookies) as http:
+        async with http.post(
+            f"{forum.url}/posts", data={**form, "csrf": "0" * 32}, allow_redirects=False
+        ) as response:
+            assert response.status == 403
+        async with http.post(
+            f"{forum.url}/posts",
+            data=form,
+            headers={"Origin": "https://evil.example"},
+            allow_redirects=False,
+        ) as response:
+            assert response.status == 403
+        async with http.post(f"{forum.url}/posts", data=form, allow_redirects=False) as response:
+            assert response.status == 303
+    # The cookie never authorises the API's writes.
+    async with (
+        aiohttp.ClientSession(cookies=cookies) as http,
+        http.post(
+            f"{forum.url}/api/v1/posts?run=lab/w2s", json={"kind": "insight", "title": "x"}
+        ) as response,
+    ):
+        assert response.status == 401
