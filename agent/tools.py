@@ -21,6 +21,7 @@ from aar_agent.shell import run_bash
 from aar_agent.state import RunState
 
 NOTEBOOK_FILE = "notebook.md"
+_NEW_POSTS = 50  # per forum_new call
 
 
 class ToolError(Exception):
@@ -71,7 +72,7 @@ class ForumPostInput(Input):
     title: str
     body: str = Field(description="markdown; for results: method, seeds, mean and spread")
     tags: list[str] = Field(default_factory=list)
-    parent: str | int | None = Field(default=None, description="post id this replies to")
+    parent: int | None = Field(default=None, description="post id this replies to")
     submissions: list[str | int] = Field(default_factory=list, description="scorer ids")
     artifacts: list[str] = Field(default_factory=list, description="artifact digests")
 
@@ -85,7 +86,7 @@ class ForumSearchInput(Input):
 
 
 class ForumReadInput(Input):
-    id: str | int = Field(description="the post id")
+    id: int = Field(description="the post id")
 
 
 class NoInput(Input):
@@ -145,6 +146,15 @@ def truncate(text: str, limit: int, note: str) -> str:
 def _ascii_header(value: str) -> str:
     # HTTP header values are Latin-1 at best; one line of ASCII is safe everywhere.
     return " ".join(value.split()).encode("ascii", "replace").decode("ascii")
+
+
+def _line_value(line: str) -> Any:
+    """A prediction from one line: a JSON value where the line is one (so `1` is a number, as
+    the task's labels may be), else the line's text."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return line.strip()
 
 
 def _render_post(post: dict[str, Any], full: bool = False) -> str:
@@ -404,15 +414,23 @@ class Toolbox:
         return "\n\n".join(parts)
 
     async def _forum_new(self, _: NoInput, __: str) -> str:
-        params = {"limit": "50"}
+        params = {"limit": str(_NEW_POSTS)}
         if self.state.forum_cursor is not None:
             params["since"] = self.state.forum_cursor
         found = await self.forum.request("GET", "/api/v1/posts", params=params)
         posts = [p for p in found.get("posts", []) if str(p.get("id")) != self.state.forum_cursor]
-        if not posts:
+        if posts:
+            self.state.forum_cursor = str(posts[0]["id"])  # newest first
+        # The agent's own posts are not news to it, but the cursor moves past them too.
+        others = [p for p in posts if p.get("author") != self.settings.agent]
+        if not others:
             return "nothing new on the forum"
-        self.state.forum_cursor = str(posts[0]["id"])  # newest first
-        return "\n\n".join(_render_post(p) for p in posts)
+        more = (
+            f"\n\n[only the newest {_NEW_POSTS} are shown; find older ones with forum_search]"
+            if len(posts) >= _NEW_POSTS
+            else ""
+        )
+        return "\n\n".join(_render_post(p) for p in others) + more
 
     # -- scorer
 
@@ -433,7 +451,7 @@ class Toolbox:
         try:
             predictions = json.loads(text)
         except json.JSONDecodeError:
-            predictions = [line.strip() for line in text.splitlines() if line.strip()]
+            predictions = [_line_value(line) for line in text.splitlines() if line.strip()]
         if not isinstance(predictions, list):
             raise ToolError(f"{path} holds JSON that is not a list; write one list of predictions")
         answer = await self.scorer.request(
