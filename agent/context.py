@@ -107,19 +107,28 @@ def trim(
     """
     report = TrimReport()
     result = copy.deepcopy(messages)
-    if conversation_chars(result) <= budget_chars:
+    # Sizes per message, kept current as messages change, so a trim costs one pass and not one
+    # serialisation of the whole conversation per message (json.dumps joins items with ", ").
+    sizes = [len(json.dumps(message)) for message in result]
+
+    def total() -> int:
+        return sum(sizes) + 2 * max(0, len(sizes) - 1) + 2
+
+    if total() <= budget_chars:
         return result, report
     protected_from = max(1, len(result) - keep_recent)
-    for message in result[1:protected_from]:
+    for index in range(1, protected_from):
+        message = result[index]
         for block in message["content"] if isinstance(message["content"], list) else []:
             if _shrink(block):
                 report.outputs_dropped += 1
-        if conversation_chars(result) <= budget_chars:
+        sizes[index] = len(json.dumps(message))
+        if total() <= budget_chars:
             return result, report
     # Drop (assistant, user) pairs right after the first message: the pairing stays valid and
     # the conversation still starts with the user and alternates.
     while (
-        conversation_chars(result) > budget_chars
+        total() > budget_chars
         and len(result) - 2 >= 1 + keep_recent
         and result[1]["role"] == "assistant"
         and result[2]["role"] == "user"
@@ -127,7 +136,9 @@ def trim(
         content = result[1]["content"]
         blocks = content if isinstance(content, list) else []
         del result[1:3]
+        del sizes[1:3]
         report.messages_dropped += 2
         # The note grows the first message, so it is rewritten before the next size check.
         _add_note(result[0], 1, [_call_summary(b) for b in blocks if b.get("type") == "tool_use"])
+        sizes[0] = len(json.dumps(result[0]))
     return result, report

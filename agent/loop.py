@@ -274,7 +274,7 @@ class Agent:
             model=self.settings.model,
             max_tokens=self.settings.max_tokens,
             system=[{"type": "text", "text": self.system, "cache_control": {"type": "ephemeral"}}],
-            tools=self.toolbox.definitions(),  # type: ignore[arg-type]
+            tools=self.toolbox.definitions,  # type: ignore[arg-type]
             messages=_with_cache_breakpoint(self.state.messages),  # type: ignore[arg-type]
         ) as stream:
             reply = await stream.get_final_message()
@@ -289,9 +289,7 @@ class Agent:
 
     def _request_chars(self, messages: list[dict[str, Any]]) -> int:
         return (
-            len(self.system)
-            + len(json.dumps(self.toolbox.definitions()))
-            + len(json.dumps(messages))
+            len(self.system) + len(json.dumps(self.toolbox.definitions)) + len(json.dumps(messages))
         )
 
     def _count_usage(self, usage: anthropic.types.Usage) -> None:

@@ -271,9 +271,8 @@ class Toolbox:
                 Tool("artifact_list", "List the run's artifacts.", ArtifactListInput, self._list),
             ]
         }
-
-    def definitions(self) -> list[dict[str, Any]]:
-        return [tool.definition() for tool in self.tools.values()]
+        # Built once: the loop sends them, and measures them, on every step.
+        self.definitions = [tool.definition() for tool in self.tools.values()]
 
     async def call(self, name: str, raw_input: Any, call_id: str) -> tuple[str, bool]:
         """Run one tool call; returns (text for the model, whether it is an error)."""
