@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from aar_agent.loop import INTERRUPTED
 from aar_agent.state import StateStore
 from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem
@@ -58,15 +60,23 @@ def messages_of(workspace: Path) -> list[dict[str, Any]]:
 
 
 async def test_sigkill_mid_tool_call_resumes_with_the_call_marked_interrupted(
-    stub: AnthropicStub, sandbox_env: dict[str, str]
+    stub: AnthropicStub, sandbox_env: dict[str, str], unused_tcp_port: int
 ) -> None:
     workspace = Path(sandbox_env["AAR_WORKSPACE"])
     stub.script(
         Reply.tool("write_file", {"path": "plan.md", "content": "1. baseline"}),
         Reply.tool("bash", {"command": "echo run >> runs.log; touch started; sleep 120"}),
     )
-    first = await start_agent(sandbox_env)
+    first = await start_agent({**sandbox_env, "AAR_METRICS_PORT": str(unused_tcp_port)})
     await wait_for(workspace / "started", first)
+    # Prometheus sees the first step, counted once its tool call ended, while the second runs.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as response,
+    ):
+        metrics = await response.text()
+    assert "aar_agent_steps_total 1.0" in metrics
+    assert 'aar_agent_tool_calls_total{outcome="ok",tool="write_file"} 1.0' in metrics
     first.kill()
     await first.wait()
     # The state on disk has the call the process died in, still unanswered.
