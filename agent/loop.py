@@ -39,6 +39,10 @@ INTERRUPTED = (
     "The sandbox restarted (a crash or a pod restart) while this call was running; it may or "
     "may not have taken effect. Check (for example with bash) before repeating it."
 )
+ASK_IF_FINISHED = (
+    "You ended your turn without calling a tool. Nobody will answer here. If your research is "
+    "finished, end your turn again without a tool call and your run ends; otherwise carry on."
+)
 CUT_OFF = (
     "Your answer was cut off at max_tokens before this call was complete, so it was not run. "
     "Make smaller steps (for example write a long file in several parts)."
@@ -223,13 +227,17 @@ class Agent:
         self.state.step += 1
         self._count_usage(reply.usage)
         content = [_block(b) for b in reply.content]
+        asked_if_finished = self.state.messages[-1]["content"] == ASK_IF_FINISHED
         self._append({"role": "assistant", "content": content})
         calls = [b for b in content if b["type"] == "tool_use"]
         if not calls:
             if reply.stop_reason == "max_tokens":
                 self._append({"role": "user", "content": "Continue."})
-            else:
+            elif asked_if_finished:
                 self.state.finished = Finished.DONE
+            else:
+                # One turn ended without a tool call must not end days of work by accident.
+                self._append({"role": "user", "content": ASK_IF_FINISHED})
         self.store.save(self.state)
         results = []
         for call in calls:

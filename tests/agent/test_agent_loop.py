@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from aar_agent.config import Settings
-from aar_agent.loop import Agent, FatalError, Outcome
+from aar_agent.loop import ASK_IF_FINISHED, Agent, FatalError, Outcome
 from aar_agent.state import Finished, StateStore
 from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem
 
@@ -55,7 +55,7 @@ async def test_tools_run_and_their_results_flow_back_over_streams(
 
     assert outcome is Outcome.DONE
     requests = stub.requests
-    assert len(requests) == 9
+    assert len(requests) == 10  # the last asks whether the model is finished; it is
     assert all(r["body"]["stream"] is True for r in requests)
     assert all(r["body"]["model"] == "claude-opus-4-6" for r in requests)
     # Each result answers the call before it, with what the tool actually did.
@@ -79,10 +79,10 @@ async def test_tools_run_and_their_results_flow_back_over_streams(
     state = StateStore(settings.state_dir).load()
     assert state is not None
     assert state.finished is Finished.DONE
-    assert state.step == 9
+    assert state.step == 10
     assert state.usage.output_tokens == stub.usage_reported["output_tokens"]
     registry = agent.metrics.registry
-    assert registry.get_sample_value("aar_agent_steps_total") == 9
+    assert registry.get_sample_value("aar_agent_steps_total") == 10
     assert (
         registry.get_sample_value("aar_agent_tool_calls_total", {"tool": "bash", "outcome": "ok"})
         == 3
@@ -91,6 +91,23 @@ async def test_tools_run_and_their_results_flow_back_over_streams(
         registry.get_sample_value("aar_agent_tokens_total", {"kind": "output"})
         == stub.usage_reported["output_tokens"]
     )
+
+
+async def test_one_turn_without_a_tool_call_asks_before_ending_the_run(
+    stub: AnthropicStub, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    stub.script(
+        Reply.text("The sweep is running; I will wait for it."),
+        Reply.tool("bash", {"command": "touch carried-on"}),
+        Reply.text("All done."),
+        Reply.text("Yes, finished."),
+    )
+    _, outcome = await run_agent(settings)
+    assert outcome is Outcome.DONE
+    assert len(stub.requests) == 4
+    assert stub.requests[1]["body"]["messages"][-1]["content"][0]["text"] == ASK_IF_FINISHED
+    assert (settings.workspace / "carried-on").exists()
 
 
 async def test_a_bad_tool_call_is_answered_with_an_error_the_model_can_act_on(
@@ -135,14 +152,14 @@ async def test_long_runs_are_trimmed_and_every_request_stays_valid(
     # The stand-in refuses any request whose tool_use/tool_result pairs do not match, so every
     # step reaching it, and the run ending on its own terms, is the validity check.
     assert outcome is Outcome.DONE
-    assert len(stub.requests) == steps + 1
+    assert len(stub.requests) == steps + 2  # and the question whether it is finished
     for request in stub.requests:
         assert conversation_problem(request["body"]["messages"]) is None
     assert agent.metrics.registry.get_sample_value("aar_agent_context_trims_total")
     largest = max(r["body"]["messages"] and len(json.dumps(r["body"])) for r in stub.requests)
     # Without trimming the last request would carry all 30 outputs (over 180k characters).
     assert largest < 4 * (settings.context_tokens - settings.max_tokens)
-    last = stub.requests[-1]["body"]["messages"]
+    last = stub.requests[steps]["body"]["messages"]  # the one answering the last output
     assert "[Context note] steps=" in json.dumps(last[0])
     # The newest output is whole; what was dropped from the context is kept in the transcript.
     assert "step 29 " + "x" * 6000 in json.dumps(last[-1])
@@ -178,7 +195,7 @@ async def test_an_overloaded_api_is_retried_after_a_back_off(
     )
     agent, outcome = await run_agent(make_settings())
     assert outcome is Outcome.DONE
-    assert "after" in result_text(stub.requests[-1])
+    assert "after" in result_text(stub.requests[-2])
     assert (
         agent.metrics.registry.get_sample_value("aar_agent_api_errors_total", {"status": "529"})
         == 1
@@ -202,7 +219,7 @@ async def test_an_ended_run_does_not_start_again(
     await run_agent(settings)
     _, outcome = await run_agent(settings)
     assert outcome is Outcome.DONE
-    assert len(stub.requests) == 1
+    assert len(stub.requests) == 2  # the answer, and the question whether it is finished
 
 
 def test_workspace_paths_come_from_the_environment(tmp_path: Path) -> None:

@@ -171,9 +171,9 @@ async def test_each_step_logs_one_json_line_with_tokens_tools_and_duration(
     code, logs = await finish(await start_agent(sandbox_env))
     assert code == 0
     steps = [line for line in logs if line["message"] == "Step"]
-    assert len(steps) == 2
+    assert len(steps) == 3  # the last answers whether it is finished
     assert steps[0]["tools"] == ["bash"]
-    assert steps[1]["tools"] == []
+    assert steps[1]["tools"] == steps[2]["tools"] == []
     assert sum(s["output_tokens"] for s in steps) == stub.usage_reported["output_tokens"]
     assert all(s["input_tokens"] > 0 and s["duration_s"] >= 0 for s in steps)
 
