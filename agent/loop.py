@@ -315,19 +315,20 @@ class Agent:
         totals.cache_read_input_tokens += counts["cache_read"]
         totals.cache_creation_input_tokens += counts["cache_creation"]
 
-    def _fit_context(self, target: float = TRIM_TO, force: bool = False) -> None:
-        """Trim the conversation when the next request would come near the context window (or,
-        with `force`, whenever it is above `target`)."""
+    def _fit_context(self) -> None:
+        """Trim the conversation when the next request would come near the context window."""
         per_char = self.state.tokens_per_char or DEFAULT_TOKENS_PER_CHAR
         window = self.settings.context_tokens - self.settings.max_tokens
         estimate = self._request_chars(self.state.messages) * per_char
-        if estimate <= window * TRIM_AT and not force:
-            return
-        fixed = self._request_chars([])
-        budget = max(0, int(window * target / per_char) - fixed)
-        trimmed, report = trim(self.state.messages, budget)
+        if estimate > window * TRIM_AT:
+            self._trim_to(int(window * TRIM_TO / per_char) - self._request_chars([]))
+
+    def _trim_to(self, budget_chars: int) -> bool:
+        """Trim the conversation to `budget_chars` where it can; whether anything was dropped."""
+        before = conversation_chars(self.state.messages)
+        trimmed, report = trim(self.state.messages, max(0, budget_chars))
         if not report.trimmed:
-            return
+            return False
         self.state.messages[:] = trimmed
         self.store.save(self.state)
         self.metrics.trims.inc()
@@ -335,20 +336,19 @@ class Agent:
             logging.INFO,
             "Trimmed the context",
             step=self.state.step,
-            estimated_tokens=round(estimate),
+            chars_before=before,
+            chars_now=conversation_chars(trimmed),
             outputs_dropped=report.outputs_dropped,
             messages_dropped=report.messages_dropped,
-            chars_now=conversation_chars(trimmed),
         )
+        return True
 
     def _shrink_after_refusal(self, message: str) -> None:
-        """A 400 or 413 on a conversation the agent built: too long is fixed by trimming harder;
-        anything else is a bug no retry fixes."""
-        if "too long" not in message and "too large" not in message and "too many" not in message:
+        """A 400 or 413 on a conversation the agent built: too long means the estimate was off,
+        so halve what is there (again on each refusal); anything else is a bug no retry fixes."""
+        if not any(words in message for words in ("too long", "too large", "too many")):
             raise FatalError(f"the API refused the conversation: {message}")
-        before = len(json.dumps(self.state.messages))
-        self._fit_context(target=TRIM_TO / 2, force=True)
-        if len(json.dumps(self.state.messages)) >= before:
+        if not self._trim_to(conversation_chars(self.state.messages) // 2):
             raise FatalError(
                 f"the API refused the conversation and nothing is left to trim: {message}"
             )

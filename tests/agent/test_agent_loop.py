@@ -4,10 +4,11 @@ gateway's answers (errors, a bad credential) end or pause the loop as they shoul
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -200,6 +201,56 @@ async def test_an_overloaded_api_is_retried_after_a_back_off(
         agent.metrics.registry.get_sample_value("aar_agent_api_errors_total", {"status": "529"})
         == 1
     )
+
+
+async def test_a_prompt_too_long_refusal_trims_harder_and_carries_on(
+    stub: AnthropicStub, make_settings: Callable[..., Settings]
+) -> None:
+    # The estimate says it fits (a 200k window), but the API counts otherwise: trim and retry.
+    big = "echo $(head -c 30000 /dev/zero | tr '\\0' y)"
+    stub.script(
+        *(Reply.tool("bash", {"command": big}) for _ in range(8)),
+        Reply.failure(400, "invalid_request_error", "prompt is too long: 201000 tokens > 200000"),
+        Reply.tool("bash", {"command": "echo still here"}),
+        Reply.text("Finished."),
+        Reply.text("Finished."),
+    )
+    agent, outcome = await run_agent(make_settings())
+    assert outcome is Outcome.DONE
+    refused, retried = stub.requests[8]["body"], stub.requests[9]["body"]
+    assert retried["messages"] != refused["messages"]
+    assert len(json.dumps(retried["messages"])) < len(json.dumps(refused["messages"])) / 2
+    assert conversation_problem(retried["messages"]) is None
+    assert "still here" in result_text(stub.requests[10])
+    assert agent.metrics.registry.get_sample_value("aar_agent_context_trims_total") == 1
+
+
+class WatchedEvent(asyncio.Event):
+    """The agent's stop event, telling the test when the loop starts waiting on it."""
+
+    def __init__(self, waiting: asyncio.Event) -> None:
+        super().__init__()
+        self.waiting = waiting
+
+    async def wait(self) -> Literal[True]:
+        self.waiting.set()
+        return await super().wait()
+
+
+async def test_sigterm_during_a_back_off_stops_without_waiting_it_out(
+    stub: AnthropicStub, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub.script(*(Reply.failure(529, "overloaded_error", "Overloaded") for _ in range(3)))
+    agent = Agent(make_settings())
+    backing_off = asyncio.Event()
+    monkeypatch.setattr(agent, "_stop", WatchedEvent(backing_off))
+    running = asyncio.create_task(agent.run())
+    # The SDK's two retries fail, then the loop's own back-off (2 s, then longer) begins.
+    await backing_off.wait()
+    agent.request_stop()
+    assert await running is Outcome.STOPPED
+    await agent.close()
+    assert len(stub.requests) == 3
 
 
 async def test_a_refused_credential_ends_the_run_with_the_reason(
