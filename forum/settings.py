@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV
+from aar_forum.kube import KubeAccess
 
 GIB = 1024**3
 
@@ -17,6 +18,7 @@ class Settings(BaseModel):
     public_key_file: Path = Field(description="PEM public key that verifies aar credentials")
     scorer_url: str | None = Field(default=None, description="the scorer, for the web UI")
     gateway_url: str | None = Field(default=None, description="the gateway, for the web UI")
+    kube: KubeAccess | None = Field(default=None, description="for the agents' sandbox states")
     max_artifact_bytes: int = Field(default=2 * GIB, ge=1)
     max_post_bytes: int = Field(default=256 * 1024, ge=1024)
     writes_per_minute: float = Field(default=60, ge=0, description="per agent; 0 is unlimited")
@@ -34,6 +36,7 @@ class Settings(BaseModel):
             "public_key_file": env.get(PUBLIC_KEY_FILE_ENV),
             "scorer_url": env.get("AAR_SCORER_URL") or None,
             "gateway_url": env.get("AAR_GATEWAY_URL") or None,
+            "kube": KubeAccess.from_env(env),
         }
         for field in (
             "max_artifact_bytes",

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from aar_common.credentials import CredentialError, Principal, Role
 from aar_common.web import VERIFIER_KEY
 from aar_forum.api import post_filter
+from aar_forum.kube import agent_states
 from aar_forum.models import Kind, PostIn
 from aar_forum.render import markdown
 from aar_forum.state import COOKIE, forum
@@ -200,32 +202,23 @@ async def run_page(request: web.Request) -> web.Response:
     run = f"{namespace}/{name}"
     settings = state.settings
     assert state.http is not None
-    scorer = settings.scorer_url
-    leaderboard, review, spend, activity = await asyncio.gather(
+    http, token = state.http, viewer.token
+
+    def scorer(path: str) -> Awaitable[Reading]:
+        return get_json(http, settings.scorer_url, "scorer", "AAR_SCORER_URL", path, token)
+
+    leaderboard, review, spend, sandboxes, activity = await asyncio.gather(
+        scorer(f"/api/v1/leaderboard?run={quote(run)}"),
+        scorer(f"/api/v1/review?run={quote(run)}"),
         get_json(
-            state.http,
-            scorer,
-            "scorer",
-            "AAR_SCORER_URL",
-            f"/api/v1/leaderboard?run={run}",
-            viewer.token,
-        ),
-        get_json(
-            state.http,
-            scorer,
-            "scorer",
-            "AAR_SCORER_URL",
-            f"/api/v1/review?run={run}",
-            viewer.token,
-        ),
-        get_json(
-            state.http,
+            http,
             settings.gateway_url,
             "gateway",
             "AAR_GATEWAY_URL",
-            f"/api/v1/spend/{namespace}/{name}",
-            viewer.token,
+            f"/api/v1/spend/{quote(namespace)}/{quote(name)}",
+            token,
         ),
+        agent_states(http, settings.kube, namespace, name),
         state.store.call(state.store.activity, run),
     )
     return _page(
@@ -235,7 +228,8 @@ async def run_page(request: web.Request) -> web.Response:
         leaderboard=_table(leaderboard),
         review=_table(review),
         spend=spend,
-        agents=_agents(activity, spend),
+        sandboxes=sandboxes,
+        agents=_agents(activity, spend, sandboxes),
     )
 
 
@@ -244,12 +238,15 @@ def _table(reading: Reading) -> dict[str, Any]:
     return {"problem": reading.problem, "columns": columns, "rows": table}
 
 
-def _agents(activity: dict[str, dict[str, object]], spend: Reading) -> list[dict[str, Any]]:
-    """One row per agent seen by the forum or the gateway."""
+def _agents(
+    activity: dict[str, dict[str, object]], spend: Reading, sandboxes: Reading
+) -> list[dict[str, Any]]:
+    """One row per agent known to Kubernetes, the forum or the gateway."""
     spent: dict[str, Any] = {}
     if spend.problem is None and isinstance(spend.data, dict):
         spent = spend.data.get("agents") or {}
-    names = sorted(set(activity) | set(spent))
+    states: dict[str, str] = sandboxes.data if sandboxes.problem is None else {}
+    names = sorted(set(activity) | set(spent) | set(states))
     table = []
     for name in names:
         seen = activity.get(name, {})
@@ -257,6 +254,7 @@ def _agents(activity: dict[str, dict[str, object]], spend: Reading) -> list[dict
         table.append(
             {
                 "agent": name,
+                "sandbox": states.get(name, "no pod") if sandboxes.problem is None else None,
                 "posts": seen.get("posts", 0),
                 "artifacts": seen.get("artifacts", 0),
                 "last": seen.get("last") or "never",

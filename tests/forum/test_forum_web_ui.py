@@ -181,11 +181,11 @@ async def test_run_page_shows_spend_leaderboard_review_and_agents(
     agents = page.locator("#agents tbody tr")
     await expect(agents.locator("td:first-child")).to_have_text(["w2s-1", "w2s-2", "w2s-3"])
     await expect(page.locator("#agents tr[data-agent=w2s-1] td")).to_contain_text(
-        ["w2s-1", "1", "0", "", "12.50", "7"]
+        ["w2s-1", "unavailable", "1", "0", "", "12.50", "7"]
     )
     # An agent with spend but no post yet, and one with posts but no spend recorded.
-    await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(1)).to_have_text("0")
-    await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(4)).to_have_text("0.00")
+    await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(2)).to_have_text("0")
+    await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(5)).to_have_text("0.00")
     await expect(page.locator("#run-spend")).to_have_text("Run total: 20.75 USD over 12 requests.")
     await expect(page.locator("#leaderboard td")).to_have_text(["w2s-1", "s-41", "0.8125"])
     await expect(page.locator("#review td")).to_have_text(["s-41", "w2s-1"])
@@ -201,8 +201,11 @@ async def test_run_page_says_unavailable_when_services_are_absent_or_down(
     await expect(page.locator("#leaderboard .unavailable")).to_have_text(
         "scorer unavailable: not configured (set AAR_SCORER_URL)"
     )
-    await expect(page.locator("#agents .unavailable")).to_have_text(
+    await expect(page.locator("#spend-unavailable")).to_have_text(
         "gateway unavailable: not configured (set AAR_GATEWAY_URL)"
+    )
+    await expect(page.locator("#sandboxes-unavailable")).to_have_text(
+        "sandbox states unavailable: the forum is not running in a cluster"
     )
     down = f"http://127.0.0.1:{unused_tcp_port}"  # nothing listens there
     broken: Forum = await start_forum(scorer_url=down, gateway_url=down)
@@ -210,7 +213,7 @@ async def test_run_page_says_unavailable_when_services_are_absent_or_down(
     await sign_in(page, broken)
     await page.goto(f"{broken.url}/runs/lab/w2s")
     await expect(page.locator("#review .unavailable")).to_contain_text("scorer unavailable: ")
-    await expect(page.locator("#agents .unavailable")).to_contain_text("gateway unavailable: ")
+    await expect(page.locator("#spend-unavailable")).to_contain_text("gateway unavailable: ")
 
 
 async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
