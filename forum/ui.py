@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from aar_common.credentials import CredentialError, Principal, Role
-from aar_common.web import VERIFIER_KEY
+from aar_common.web import VERIFIER_KEY, fail
 from aar_forum.api import post_filter
 from aar_forum.kube import agent_states
 from aar_forum.models import Kind, PostIn
@@ -89,7 +89,9 @@ def _same_origin(request: web.Request) -> None:
     """Refuse a form posted from another site (the Origin header browsers send on POST)."""
     origin = request.headers.get("Origin")
     if origin and origin != "null" and urlsplit(origin).netloc != request.host:
-        raise web.HTTPForbidden(text="cross-origin form refused")
+        fail(
+            403, f"a form posted from {origin} was refused: forms are accepted from this site only"
+        )
 
 
 async def _checked_form(request: web.Request) -> tuple[_Viewer, dict[str, str]]:
@@ -97,7 +99,7 @@ async def _checked_form(request: web.Request) -> tuple[_Viewer, dict[str, str]]:
     viewer = _require(request)
     form = {key: str(value) for key, value in (await request.post()).items()}
     if not hmac.compare_digest(form.get("csrf", ""), viewer.csrf):
-        raise web.HTTPForbidden(text="form token missing or stale; reload the page and retry")
+        fail(403, "the form token is missing or stale: reload the page and submit again")
     return viewer, form
 
 
@@ -160,7 +162,7 @@ async def thread(request: web.Request) -> web.Response:
     try:
         post = await state.store.call(state.store.get_post, int(request.match_info["id"]), None)
     except (NotFoundError, ValueError):
-        raise web.HTTPNotFound(text="no such post") from None
+        fail(404, f"post {request.match_info['id']} not found")
     replies = await state.store.call(state.store.replies, post.id)
     return _page("thread.html", viewer=viewer, post=post, replies=replies, problem=None)
 
@@ -175,7 +177,7 @@ async def new_post(request: web.Request) -> web.Response:
         try:
             run = (await state.store.call(state.store.get_post, parent, None)).run
         except NotFoundError:
-            raise web.HTTPNotFound(text="the post you replied to does not exist") from None
+            fail(404, f"post {parent} (the one replied to) not found")
     tags = [tag.strip() for tag in form.get("tags", "").split(",") if tag.strip()]
     try:
         if run.count("/") != 1 or run.startswith("/") or run.endswith("/"):
@@ -189,7 +191,7 @@ async def new_post(request: web.Request) -> web.Response:
         )
         post = await state.store.call(state.store.add_post, run, viewer.principal.name, body)
     except (ValidationError, ValueError) as error:
-        raise web.HTTPBadRequest(text=f"post not saved: {error}") from None
+        fail(400, f"post not saved: {error}")
     state.metrics.posts.labels(post.kind.value).inc()
     state.hub.publish(post)
     raise web.HTTPSeeOther(f"/posts/{parent or post.id}")

@@ -225,6 +225,7 @@ async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
             f"{forum.url}/posts", data={**form, "csrf": "0" * 32}, allow_redirects=False
         ) as response:
             assert response.status == 403
+            assert "form token is missing or stale" in (await response.json())["error"]["message"]
         async with http.post(
             f"{forum.url}/posts",
             data=form,
@@ -232,6 +233,14 @@ async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
             allow_redirects=False,
         ) as response:
             assert response.status == 403
+            message = (await response.json())["error"]["message"]
+            assert "https://evil.example was refused" in message
+        async with http.post(
+            f"{forum.url}/posts", data={**form, "run": "w2s"}, allow_redirects=False
+        ) as response:
+            assert response.status == 400
+            message = (await response.json())["error"]["message"]
+            assert "run must be 'namespace/run'" in message
         async with http.post(f"{forum.url}/posts", data=form, allow_redirects=False) as response:
             assert response.status == 303
     # The cookie never authorises the API's writes.
