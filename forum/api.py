@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import PurePosixPath
 
@@ -181,7 +182,10 @@ async def upload_artifact(request: web.Request) -> web.Response:
     description = request.headers.get("X-Aar-Description", "")
     if len(description) > 2000:
         fail(400, "X-Aar-Description must be at most 2000 characters")
-    filename = PurePosixPath(request.headers.get("X-Aar-Filename", "")).name[:255]
+    # Only the last path part, in characters that are safe in a Content-Disposition header.
+    filename = re.sub(
+        r"[^A-Za-z0-9._+-]", "_", PurePosixPath(request.headers.get("X-Aar-Filename", "")).name
+    )[:255]
     parent = request.headers.get("X-Aar-Parent") or None
     if parent is not None:
         parent = _digest(parent)
