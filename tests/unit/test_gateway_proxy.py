@@ -6,7 +6,9 @@ through the same path."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -509,3 +511,67 @@ async def test_admin_endpoints_need_an_admin_and_a_well_formed_budget(gateway: G
         200,
         {"run": "ns/w2s", "usd": "0.100000000", "agents": {"w2s-1": "0.050000000"}},
     )
+
+
+async def _serve_process(directory: Path, upstream: str, port: int) -> asyncio.subprocess.Process:
+    """`aar-gateway` as its own process, configured the way the chart configures it."""
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "aar-gateway"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env={
+            **os.environ,
+            "AAR_GATEWAY_UPSTREAM": upstream,
+            "AAR_ANTHROPIC_API_KEY_FILE": str(directory / "api-key"),
+            "AAR_CREDENTIAL_PUBLIC_KEY_FILE": str(directory / "public-key.pem"),
+            "AAR_DATA_DIR": str(directory / "data"),
+        },
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            if process.returncode is not None:
+                assert process.stderr is not None
+                raise AssertionError((await process.stderr.read()).decode())
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    if response.status == 200:
+                        return process
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+    process.kill()
+    raise AssertionError("aar-gateway did not answer /healthz")
+
+
+async def test_a_killed_gateway_process_restarts_with_every_answered_request_billed(
+    tmp_path: Path, stub: tuple[AnthropicStub, str]
+) -> None:
+    write_keys(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    instance = Gateway(stub[0], stub[1], tmp_path, url=f"http://127.0.0.1:{port}")
+    stub[0].responder = lambda _: Reply.text("ok", usage=USAGE)
+    process = await _serve_process(tmp_path, stub[1], port)
+    try:
+        await instance.budget(0.05)
+        async with instance.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+            async with client.messages.stream(model=MODEL, max_tokens=10, messages=HI) as stream:
+                await stream.get_final_message()
+            await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+        process.kill()  # SIGKILL: no cleanup, no flush; whatever was answered must be on disk
+        await process.wait()
+        process = await _serve_process(tmp_path, stub[1], port)
+        spend = await instance.spend()
+        assert spend["run"]["requests"] == 3
+        assert Decimal(spend["run"]["usd"]) == 3 * dollars(USAGE)
+        async with instance.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+            with pytest.raises(anthropic.APIStatusError) as refused:  # $0.0555 of $0.05 spent
+                await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+        assert refused.value.status_code == 402
+    finally:
+        process.terminate()
+        await process.wait()
