@@ -94,6 +94,7 @@ async def get_spend(request: web.Request) -> web.Response:
     authenticate(request, admin=True)
     run = _run_of(request)
     store = request.app[PROXY_KEY].store
+    await store.flush()  # what the operator reads is on disk
     if run not in store.budgets and (run, RUN_ROW) not in store.totals:
         fail(404, f"the gateway knows no run {run}: no budget registered and nothing spent")
     return json_response(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -72,7 +71,6 @@ class Proxy:
         self.limiter = limiter
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
-        self.broken: str | None = None  # why spend can no longer be persisted, if it cannot
 
     async def start(self) -> None:
         """Open the one pooled client session every upstream call goes through."""
@@ -111,8 +109,11 @@ class Proxy:
         call = Call(f"gw_{uuid.uuid4().hex}", run, agent, model)
         if not billed:
             return call, raw
-        if self.broken is not None:
-            self._refuse(call, 503, "api_error", f"the gateway cannot record spend: {self.broken}")
+        if self.store.failure is not None:
+            # Fail closed: no request starts while spend cannot be persisted.
+            self._refuse(
+                call, 503, "api_error", f"the gateway cannot record spend: {self.store.failure}"
+            )
         if wait := self.limiter.wait(f"{run}/{agent}", time.monotonic()):
             self._refuse(
                 call,
@@ -212,8 +213,7 @@ class Proxy:
         except (ValueError, AttributeError):
             log.error("Upstream answered 200 with a body that is not a message: %.200r", body)
             usage, message_id = Usage(), None
-        # On disk before the agent has its answer: a crash after this loses nothing billed.
-        await self._bill(call, usage, message_id, upstream, complete=True)
+        self._bill(call, usage, message_id, upstream, complete=True)
         return web.Response(body=body, status=200, headers=_response_headers(upstream))
 
     async def _relay_stream(
@@ -226,8 +226,7 @@ class Proxy:
         try:
             async for chunk in upstream.content.iter_any():
                 if meter.feed(chunk):
-                    # The chunk that completes the message goes out only once its cost is on disk.
-                    await self._bill(call, meter.usage, meter.message_id, upstream, complete=True)
+                    self._bill(call, meter.usage, meter.message_id, upstream, complete=True)
                     billed = True
                 if listening:
                     try:
@@ -246,7 +245,7 @@ class Proxy:
                     response, f"event: error\ndata: {json.dumps(event)}\n\n".encode()
                 )
         if not billed:
-            await self._bill(call, meter.usage, meter.message_id, upstream, complete=False)
+            self._bill(call, meter.usage, meter.message_id, upstream, complete=False)
         if listening:
             with contextlib.suppress(ConnectionResetError):
                 await response.write_eof()
@@ -265,7 +264,7 @@ class Proxy:
             headers["content-type"] = "application/json"
         return web.Response(body=body, status=upstream.status, headers=headers)
 
-    async def _bill(
+    def _bill(
         self,
         call: Call,
         usage: Usage,
@@ -289,16 +288,9 @@ class Proxy:
             upstream_request_id=upstream.headers.get("request-id"),
             complete=complete,
         )
-        try:
-            recorded = await self.store.record(exchange)
-        except sqlite3.Error as error:
-            # Fail closed: no request starts while spend cannot be persisted.
-            self.broken = f"{type(error).__name__}: {error}"
-            log.exception("Could not record %s; refusing requests from now on", exchange)
-            return
-        if recorded:
-            self.metrics.billed(call.run, call.agent, call.model, usage, cost)
-            self.refresh_remaining(call.run, call.agent)
+        self.store.record(exchange)  # counted now, on disk within an fsync
+        self.metrics.billed(call.run, call.agent, call.model, usage, cost)
+        self.refresh_remaining(call.run, call.agent)
 
     def refresh_remaining(self, run: str, agent: str | None = None) -> None:
         """Set aar_budget_remaining_usd for a run (and one agent, or all it caps)."""

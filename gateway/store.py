@@ -4,11 +4,18 @@ running totals per agent and per run, written in the same transaction as the led
 The ledger is keyed by the gateway's request id, one per upstream exchange, and a row is inserted
 at most once: recording the same exchange again changes nothing, so no path can bill it twice.
 Totals are also kept in memory (loaded at start), so budget checks never wait for the disk.
+
+Why a billed request's row is written just after its answer goes out rather than before: the
+money is spent when the upstream answers, not when the agent reads the answer, so holding the
+answer back for the fsync (milliseconds on most disks) would add latency to every request and
+shorten no window in which a crash can lose spend: that window runs from the upstream's answer to
+the commit either way. A graceful stop (SIGTERM) writes everything pending before it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -63,6 +70,8 @@ CREATE TABLE IF NOT EXISTS totals (
 );
 """
 
+log = logging.getLogger(__name__)
+
 RUN_ROW = ""
 T = TypeVar("T")
 
@@ -76,13 +85,13 @@ class Totals:
     cache_read_input_tokens: int = 0
     requests: int = 0
 
-    def add(self, usage: Usage, cost_nano: int) -> None:
-        self.cost_nano += cost_nano
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
-        self.cache_creation_input_tokens += usage.cache_creation_input_tokens
-        self.cache_read_input_tokens += usage.cache_read_input_tokens
-        self.requests += 1
+    def add(self, usage: Usage, cost_nano: int, sign: int = 1) -> None:
+        self.cost_nano += sign * cost_nano
+        self.input_tokens += sign * usage.input_tokens
+        self.output_tokens += sign * usage.output_tokens
+        self.cache_creation_input_tokens += sign * usage.cache_creation_input_tokens
+        self.cache_read_input_tokens += sign * usage.cache_read_input_tokens
+        self.requests += sign
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,7 @@ class Store:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aar-gateway-db")
         self.budgets: dict[str, Budget] = {}
         self.totals: dict[tuple[str, str], Totals] = {}
+        self.failure: str | None = None  # why the last write failed: spend is not being kept
         self._load()
 
     def _load(self) -> None:
@@ -151,17 +161,37 @@ class Store:
         await self._write(self._write_budget, run, budget)
         self.budgets[run] = budget
 
-    async def record(self, exchange: Exchange) -> bool:
-        """Add an exchange to the ledger and the totals, atomically; False if it was already
-        recorded (then nothing changes)."""
-        if not await self._write(self._write_exchange, exchange):
-            return False
-        # In memory only once it is on disk: what a check sees has survived a crash.
+    def record(self, exchange: Exchange) -> asyncio.Future[bool]:
+        """Count an exchange now, and write it to the ledger and the totals in the background.
+
+        Counted first, so every budget check sees the spend at once; the write follows within an
+        fsync, in order, off the request's path. The future resolves False if the ledger already
+        had the exchange: the count is then taken back, so memory agrees with the disk.
+        """
+        self._count(exchange, 1)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._writer, self._write_exchange, exchange)
+        future.add_done_callback(partial(self._written, exchange))
+        return future
+
+    async def flush(self) -> None:
+        """Wait until every write begun so far is on disk (the writer keeps their order)."""
+        await self._write(_nothing)
+
+    def _count(self, exchange: Exchange, sign: int) -> None:
         for agent in (exchange.agent, RUN_ROW):
             self.totals.setdefault((exchange.run, agent), Totals()).add(
-                exchange.usage, exchange.cost_nano
+                exchange.usage, exchange.cost_nano, sign
             )
-        return True
+
+    def _written(self, exchange: Exchange, future: asyncio.Future[bool]) -> None:
+        if future.cancelled():
+            return
+        if (error := future.exception()) is not None:
+            self.failure = f"{type(error).__name__}: {error}"
+            log.error("Could not record %s: %s", exchange, self.failure)
+        elif not future.result():
+            self._count(exchange, -1)
 
     async def _write(self, write: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -240,6 +270,10 @@ class Store:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def _nothing() -> None:
+    return None
 
 
 class _Transaction:

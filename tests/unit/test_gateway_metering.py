@@ -187,6 +187,7 @@ async def test_an_exchange_is_recorded_once_and_totals_reload_equal_to_the_ledge
     for exchange in exchanges:
         assert await store.record(exchange)
     assert not await store.record(exchanges[0])  # the same exchange again changes nothing
+    assert store.spent("ns/r").requests == 4
     store.close()
 
     reopened = Store(tmp_path / "gateway.sqlite3")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -545,7 +546,7 @@ async def _serve_process(directory: Path, upstream: str, port: int) -> asyncio.s
     raise AssertionError("aar-gateway did not answer /healthz")
 
 
-async def test_a_killed_gateway_process_restarts_with_every_answered_request_billed(
+async def test_a_killed_gateway_process_restarts_with_the_spend_it_reported(
     tmp_path: Path, stub: tuple[AnthropicStub, str]
 ) -> None:
     write_keys(tmp_path)
@@ -561,10 +562,12 @@ async def test_a_killed_gateway_process_restarts_with_every_answered_request_bil
             async with client.messages.stream(model=MODEL, max_tokens=10, messages=HI) as stream:
                 await stream.get_final_message()
             await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
-        process.kill()  # SIGKILL: no cleanup, no flush; whatever was answered must be on disk
+        before = await instance.spend()  # answered from what is on disk
+        process.kill()  # SIGKILL: no cleanup, nothing flushed on the way out
         await process.wait()
         process = await _serve_process(tmp_path, stub[1], port)
         spend = await instance.spend()
+        assert spend == before
         assert spend["run"]["requests"] == 3
         assert Decimal(spend["run"]["usd"]) == 3 * dollars(USAGE)
         async with instance.client() as client:
@@ -575,3 +578,19 @@ async def test_a_killed_gateway_process_restarts_with_every_answered_request_bil
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_when_spend_cannot_be_written_the_gateway_refuses_further_requests(
+    gateway: Gateway,
+) -> None:
+    async with gateway.client() as client:
+        await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+        with sqlite3.connect(gateway.directory / "data" / "gateway.sqlite3") as db:
+            db.execute("DROP TABLE ledger")  # the volume lost the ledger under the gateway
+        await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+        await gateway.spend()  # waits for the failed write
+        with pytest.raises(anthropic.InternalServerError) as refused:
+            await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+    assert refused.value.status_code == 503
+    assert "cannot record spend: OperationalError: no such table: ledger" in str(refused.value)
+    assert len(gateway.stub.requests) == 2
