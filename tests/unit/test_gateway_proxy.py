@@ -9,6 +9,7 @@ import asyncio
 import os
 import socket
 import sqlite3
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from typing import Any
 import aiohttp
 import anthropic
 import pytest
+import yaml
 from aiohttp import web
 
 from aar_common.anthropic_stub import USAGE_FIELDS, AnthropicStub, Reply, start
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
+from aar_devcluster.paths import BinariesMissingError, binary
 from aar_gateway.app import Settings, build_app
 
 KEY = generate_signing_key()
@@ -514,21 +517,24 @@ async def test_admin_endpoints_need_an_admin_and_a_well_formed_budget(gateway: G
     )
 
 
-async def _serve_process(directory: Path, upstream: str, port: int) -> asyncio.subprocess.Process:
-    """`aar-gateway` as its own process, configured the way the chart configures it."""
+def process_env(directory: Path, upstream: str) -> dict[str, str]:
+    return {
+        "AAR_GATEWAY_UPSTREAM": upstream,
+        "AAR_ANTHROPIC_API_KEY_FILE": str(directory / "api-key"),
+        "AAR_CREDENTIAL_PUBLIC_KEY_FILE": str(directory / "public-key.pem"),
+        "AAR_DATA_DIR": str(directory / "data"),
+    }
+
+
+async def serve_process(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
+    """`aar-gateway` as its own process, configured by environment as in its container."""
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "aar-gateway"),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
-        env={
-            **os.environ,
-            "AAR_GATEWAY_UPSTREAM": upstream,
-            "AAR_ANTHROPIC_API_KEY_FILE": str(directory / "api-key"),
-            "AAR_CREDENTIAL_PUBLIC_KEY_FILE": str(directory / "public-key.pem"),
-            "AAR_DATA_DIR": str(directory / "data"),
-        },
+        env={**os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
     )
     async with aiohttp.ClientSession() as http:
@@ -546,15 +552,20 @@ async def _serve_process(directory: Path, upstream: str, port: int) -> asyncio.s
     raise AssertionError("aar-gateway did not answer /healthz")
 
 
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port: int = probe.getsockname()[1]
+        return port
+
+
 async def test_a_killed_gateway_process_restarts_with_the_spend_it_reported(
     tmp_path: Path, stub: tuple[AnthropicStub, str]
 ) -> None:
     write_keys(tmp_path)
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
+    port = free_port()
     instance = Gateway(stub[0], stub[1], tmp_path, url=f"http://127.0.0.1:{port}")
     stub[0].responder = lambda _: Reply.text("ok", usage=USAGE)
-    process = await _serve_process(tmp_path, stub[1], port)
+    process = await serve_process(process_env(tmp_path, stub[1]), port)
     try:
         await instance.budget(0.05)
         async with instance.client() as client:
@@ -565,7 +576,7 @@ async def test_a_killed_gateway_process_restarts_with_the_spend_it_reported(
         before = await instance.spend()  # answered from what is on disk
         process.kill()  # SIGKILL: no cleanup, nothing flushed on the way out
         await process.wait()
-        process = await _serve_process(tmp_path, stub[1], port)
+        process = await serve_process(process_env(tmp_path, stub[1]), port)
         spend = await instance.spend()
         assert spend == before
         assert spend["run"]["requests"] == 3
@@ -594,3 +605,101 @@ async def test_when_spend_cannot_be_written_the_gateway_refuses_further_requests
     assert refused.value.status_code == 503
     assert "cannot record spend: OperationalError: no such table: ledger" in str(refused.value)
     assert len(gateway.stub.requests) == 2
+
+
+# The chart: what it renders is what the gateway reads.
+
+CHART_VALUES = """
+gateway:
+  enabled: true
+  apiKey: {existingSecret: anthropic-api-key, key: key}
+  agentRequestsPerMinute: 30
+  prices:
+    version: ours-2026-03-01
+    models:
+      claude-custom-1: {input: 4.5, output: 22.5, cache_write: 5.625, cache_read: 0.45}
+"""
+
+
+def helm_template(repo_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        helm = binary("helm")
+    except BinariesMissingError as missing:
+        pytest.skip(str(missing))
+    return subprocess.run(
+        [str(helm), "template", "aar", str(repo_root / "charts" / "aar"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_the_chart_leaves_the_gateway_out_unless_enabled_and_then_needs_the_key_secret(
+    repo_root: Path,
+) -> None:
+    default = helm_template(repo_root)
+    assert default.returncode == 0, default.stderr
+    assert "aar-gateway" not in default.stdout
+    keyless = helm_template(repo_root, "--set", "gateway.enabled=true")
+    assert keyless.returncode != 0
+    assert "gateway.apiKey.existingSecret: name the Secret" in keyless.stderr
+    unknown = helm_template(repo_root, "--set", "gateway.apikey.existingSecret=x")
+    assert "additional properties 'apikey' not allowed" in unknown.stderr
+
+
+async def test_the_gateway_serves_as_the_chart_configures_it(
+    repo_root: Path, tmp_path: Path, stub: tuple[AnthropicStub, str]
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(CHART_VALUES + f"  upstream: {stub[1]}\n")
+    rendered = helm_template(repo_root, "-f", str(values))
+    assert rendered.returncode == 0, rendered.stderr
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(rendered.stdout)}
+    assert set(objects) == {
+        ("Deployment", "aar-gateway"),
+        ("Service", "aar-gateway"),
+        ("PersistentVolumeClaim", "aar-gateway-data"),
+        ("ConfigMap", "aar-gateway-prices"),
+    }
+    assert objects[("Service", "aar-gateway")]["spec"]["ports"][0]["port"] == 8080
+    pod = objects[("Deployment", "aar-gateway")]["spec"]["template"]["spec"]
+    # The real key's Secret is mounted by the gateway's pod and nothing else in the chart.
+    assert rendered.stdout.count("anthropic-api-key") == 1
+    (container,) = pod["containers"]
+    # Lay out, under tmp_path, the files the pod's volumes would hold at their mount paths.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    root = tmp_path / "pod"
+    for mount in container["volumeMounts"]:
+        folder = root / mount["mountPath"].lstrip("/")
+        folder.mkdir(parents=True)
+        volume = volumes[mount["name"]]
+        if "secret" in volume:
+            assert volume["secret"]["secretName"] == "anthropic-api-key"
+            assert volume["secret"]["items"] == [{"key": "key", "path": "api-key"}]
+            (folder / "api-key").write_text(REAL_KEY)
+        elif volume.get("configMap", {}).get("name") == "aar-credential-public-key":
+            (folder / "public-key.pem").write_bytes(public_key_pem(KEY))
+        elif "configMap" in volume:
+            for name, text in objects[("ConfigMap", volume["configMap"]["name"])]["data"].items():
+                (folder / name).write_text(text)
+    env = {
+        item["name"]: str(root / item["value"].lstrip("/"))
+        if item["value"].startswith("/")
+        else item["value"]
+        for item in container["env"]
+    }
+    port = free_port()
+    process = await serve_process(env, port)
+    try:
+        instance = Gateway(stub[0], stub[1], tmp_path, url=f"http://127.0.0.1:{port}")
+        await instance.budget(1.0)
+        stub[0].script(Reply.text("ok", usage={"input_tokens": 1000, "output_tokens": 100}))
+        async with instance.client() as client:
+            # Priced only by the chart's table: 1000 * 4.5 + 100 * 22.5 micro-dollars.
+            await client.messages.create(model="claude-custom-1", max_tokens=10, messages=HI)
+        assert (await instance.spend())["run"]["usd"] == "0.006750000"
+        assert stub[0].requests[0]["headers"]["x-api-key"] == REAL_KEY
+    finally:
+        process.terminate()
+        await process.wait()
+    assert (root / "var/lib/aar/gateway.sqlite3").exists()  # the ledger is on the volume
