@@ -6,6 +6,7 @@ through the same path."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sqlite3
@@ -703,3 +704,75 @@ async def test_the_gateway_serves_as_the_chart_configures_it(
         process.terminate()
         await process.wait()
     assert (root / "var/lib/aar/gateway.sqlite3").exists()  # the ledger is on the volume
+
+
+async def test_requests_in_flight_when_the_budget_runs_out_are_billed_and_bound_the_overshoot(
+    gateway: Gateway,
+) -> None:
+    await gateway.budget(0.02)  # each request costs $0.013875: two would reach it
+    all_in, release = asyncio.Event(), asyncio.Event()
+
+    async def held(_: dict[str, Any]) -> Reply:
+        if len(gateway.stub.requests) == 4:
+            all_in.set()
+        await release.wait()
+        return Reply.text("ok", usage=USAGE)
+
+    gateway.stub.responder = held
+    async with gateway.client() as client:
+        calls = [
+            asyncio.create_task(client.messages.create(model=MODEL, max_tokens=10, messages=HI))
+            for _ in range(4)
+        ]
+        await all_in.wait()  # all four admitted while nothing was spent
+        release.set()
+        await asyncio.gather(*calls)
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+    assert refused.value.status_code == 402
+    spend = await gateway.spend()
+    # Overshoot: what was in flight, every request of it billed; nothing started after.
+    assert spend["run"]["requests"] == 4
+    assert Decimal(spend["run"]["usd"]) == 4 * dollars(USAGE)
+
+
+async def test_a_stream_that_breaks_off_upstream_ends_with_an_error_event_and_bills_its_input(
+    tmp_path: Path,
+) -> None:
+    async def breaking(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        start = {
+            "type": "message_start",
+            "message": {"id": "msg_b", "usage": {"input_tokens": 5000, "output_tokens": 1}},
+        }
+        await response.write(f"event: message_start\ndata: {json.dumps(start)}\n\n".encode())
+        assert request.transport is not None
+        request.transport.abort()  # the upstream connection drops mid-answer
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/messages", breaking)
+    runner = web.AppRunner(upstream)
+    await runner.setup()
+    listener = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, listener).start()
+    write_keys(tmp_path)
+    instance = Gateway(AnthropicStub(), f"http://127.0.0.1:{listener.getsockname()[1]}", tmp_path)
+    await instance.start()
+    try:
+        await instance.budget(1.0)
+        async with instance.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as broken:
+                async with client.messages.stream(
+                    model=MODEL, max_tokens=10, messages=HI
+                ) as stream:
+                    await stream.get_final_message()
+        assert "the upstream stream broke off" in str(broken.value)
+        spend = await instance.spend()
+        assert spend["run"]["input_tokens"] == 5000
+        assert spend["run"]["output_tokens"] == 1
+        assert Decimal(spend["run"]["usd"]) == Decimal("0.025025")  # 5000*5 + 1*25 µ$
+    finally:
+        await instance.stop()
+        await runner.cleanup()
