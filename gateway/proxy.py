@@ -5,19 +5,23 @@ Retries: the gateway never retries upstream itself. A failed exchange (timeout, 
 back to the agent with the upstream's retry hints, and the agent's SDK decides; each upstream
 exchange that consumed tokens gets its own ledger row, recorded once. An exchange the agent
 stopped listening to (it timed out, or its connection dropped) is still read to the end and
-billed, because the upstream bills it; the retry that follows is a new exchange, billed as the
-upstream bills it too. So the ledger matches the upstream's bill: nothing is counted twice and
+billed, because the upstream bills it. A retry that sends the same `Idempotency-Key` as an
+answered request gets that answer again, from the ledger, with no new exchange and no new bill;
+one of a request still in flight waits for it. Without a key a retry is a new exchange, billed as
+the upstream bills it. So the ledger matches the upstream's bill: nothing is counted twice and
 nothing paid for is left out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import aiohttp
@@ -29,7 +33,7 @@ from aar_gateway.limits import RateLimiter, budget_refusal, retry_after
 from aar_gateway.meter import StreamMeter
 from aar_gateway.metrics import Metrics
 from aar_gateway.pricing import PriceTable, PricingError, Usage
-from aar_gateway.store import RUN_ROW, Exchange, Store
+from aar_gateway.store import RUN_ROW, Exchange, Replay, Store
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ class Call:
     run: str
     agent: str
     model: str
+    replay_key: str | None = None  # run/agent/Idempotency-Key, when the agent sent one
+    digest: str | None = None  # the body's sha256, to tell a retry from a reused key
 
 
 class Proxy:
@@ -71,6 +77,7 @@ class Proxy:
         self.limiter = limiter
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._in_flight: dict[str, asyncio.Event] = {}  # replay keys of requests under way
 
     async def start(self) -> None:
         """Open the one pooled client session every upstream call goes through."""
@@ -87,15 +94,47 @@ class Proxy:
     # Handlers
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        call, raw = await self._admit(request, billed=True)
-        return await self._forward(request, call, "/v1/messages", raw)
+        call, raw = await self._identify(request)
+        key = request.headers.get("idempotency-key")
+        if not key:
+            self._admit(call)
+            return await self._forward(request, call, "/v1/messages", raw)
+        if len(key) > 255:
+            fail(400, "Idempotency-Key: at most 255 characters (a UUID is plenty)")
+        # A retry of an answered request gets that answer again, without a new exchange or a new
+        # bill (even once the budget is spent: it is paid for); one of a request still in flight
+        # waits for it. The key is the agent's own: another agent's same key is another request.
+        digest = hashlib.sha256(raw).hexdigest()
+        scope = f"{call.run}/{call.agent}/{key}"
+        call = replace(call, replay_key=scope, digest=digest)
+        while (pending := self._in_flight.get(scope)) is not None:
+            await pending.wait()
+        if (answer := await self.store.replay(scope)) is not None:
+            if answer.digest != digest:
+                fail(
+                    400,
+                    f"Idempotency-Key {key!r} was used for a different request body; "
+                    "use a new key for each new request",
+                )
+            self.metrics.requests.labels(call.run, call.agent, call.model, "200").inc()
+            return web.Response(
+                body=answer.body,
+                headers={"content-type": answer.content_type, "x-aar-replayed": "true"},
+            )
+        self._in_flight[scope] = asyncio.Event()
+        try:
+            self._admit(call)
+            return await self._forward(request, call, "/v1/messages", raw)
+        finally:
+            self._in_flight.pop(scope).set()
 
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
         # Counting is free upstream: authenticated and forwarded, neither budgeted nor billed.
-        call, raw = await self._admit(request, billed=False)
+        call, raw = await self._identify(request)
         return await self._forward(request, call, "/v1/messages/count_tokens", raw)
 
-    async def _admit(self, request: web.Request, *, billed: bool) -> tuple[Call, bytes]:
+    async def _identify(self, request: web.Request) -> tuple[Call, bytes]:
+        """Who asks (an agent) and for which model."""
         principal = authenticate(request)
         if principal.role is not Role.AGENT:
             fail(
@@ -106,9 +145,11 @@ class Proxy:
         run, agent = principal.run_key, principal.agent
         raw = await request.read()
         model = _model_of(raw)
-        call = Call(f"gw_{uuid.uuid4().hex}", run, agent, model)
-        if not billed:
-            return call, raw
+        return Call(f"gw_{uuid.uuid4().hex}", run, agent, model), raw
+
+    def _admit(self, call: Call) -> None:
+        """Refuse, before anything is spent, a request that may not start now."""
+        run, agent = call.run, call.agent
         if self.store.failure is not None:
             # Fail closed: no request starts while spend cannot be persisted.
             self._refuse(
@@ -124,12 +165,11 @@ class Proxy:
                 {"retry-after": retry_after(wait)},
             )
         try:
-            self.prices.price(model)
+            self.prices.price(call.model)
         except PricingError as error:
             self._refuse(call, 400, "invalid_request_error", str(error))
         if refusal := budget_refusal(self.store, run, agent):
             self._refuse(call, refusal.status, refusal.error_type, refusal.message)
-        return call, raw
 
     def _refuse(
         self,
@@ -213,7 +253,7 @@ class Proxy:
         except (ValueError, AttributeError):
             log.error("Upstream answered 200 with a body that is not a message: %.200r", body)
             usage, message_id = Usage(), None
-        self._bill(call, usage, message_id, upstream, complete=True)
+        self._bill(call, usage, message_id, upstream, complete=True, answer=body)
         return web.Response(body=body, status=200, headers=_response_headers(upstream))
 
     async def _relay_stream(
@@ -222,12 +262,13 @@ class Proxy:
         response = web.StreamResponse(status=200, headers=_response_headers(upstream))
         await response.prepare(request)
         meter = StreamMeter()
-        listening, billed = True, False
+        listening = True
+        kept: list[bytes] = []  # the whole stream, to answer a retry with the same key
         try:
             async for chunk in upstream.content.iter_any():
-                if meter.feed(chunk):
-                    self._bill(call, meter.usage, meter.message_id, upstream, complete=True)
-                    billed = True
+                meter.feed(chunk)
+                if call.replay_key is not None:
+                    kept.append(chunk)
                 if listening:
                     try:
                         await response.write(chunk)
@@ -244,8 +285,15 @@ class Proxy:
                 await _write_quietly(
                     response, f"event: error\ndata: {json.dumps(event)}\n\n".encode()
                 )
-        if not billed:
-            self._bill(call, meter.usage, meter.message_id, upstream, complete=False)
+        # Only a complete stream is kept for replay: a retry of a broken one asks again.
+        self._bill(
+            call,
+            meter.usage,
+            meter.message_id,
+            upstream,
+            complete=meter.stopped,
+            answer=b"".join(kept) if meter.stopped and meter.error is None else None,
+        )
         if listening:
             with contextlib.suppress(ConnectionResetError):
                 await response.write_eof()
@@ -272,9 +320,13 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
         *,
         complete: bool,
+        answer: bytes | None = None,
     ) -> None:
         if not usage.billable:
             return
+        replay = None
+        if call.replay_key is not None and call.digest is not None and answer is not None:
+            replay = Replay(call.replay_key, call.digest, upstream.content_type, answer)
         cost = self.prices.cost_nano(call.model, usage)
         exchange = Exchange(
             request_id=call.request_id,
@@ -287,6 +339,7 @@ class Proxy:
             message_id=message_id,
             upstream_request_id=upstream.headers.get("request-id"),
             complete=complete,
+            replay=replay,
         )
         self.store.record(exchange)  # counted now, on disk within an fsync
         self.metrics.billed(call.run, call.agent, call.model, usage, cost)

@@ -56,6 +56,16 @@ CREATE TABLE IF NOT EXISTS ledger (
     complete INTEGER NOT NULL,     -- 0: the stream ended before message_stop
     created_at REAL NOT NULL
 );
+-- Answers kept for a retry that sends the same Idempotency-Key (run/agent/key), a day long.
+CREATE TABLE IF NOT EXISTS replays (
+    key TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL REFERENCES ledger(request_id),
+    digest TEXT NOT NULL,          -- sha256 of the request body
+    content_type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replays_created_at ON replays (created_at);
 -- agent '' is the run's own row: the sum over its agents, kept so a check reads one row.
 CREATE TABLE IF NOT EXISTS totals (
     run TEXT NOT NULL,
@@ -73,6 +83,7 @@ CREATE TABLE IF NOT EXISTS totals (
 log = logging.getLogger(__name__)
 
 RUN_ROW = ""
+REPLAY_SECONDS = 24 * 3600  # how long a retry with the same Idempotency-Key gets the same answer
 T = TypeVar("T")
 
 
@@ -103,6 +114,16 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """An answer kept for a retry with the same Idempotency-Key."""
+
+    key: str
+    digest: str
+    content_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
 class Exchange:
     """One upstream exchange that consumed tokens, as it goes into the ledger."""
 
@@ -116,6 +137,7 @@ class Exchange:
     message_id: str | None = None
     upstream_request_id: str | None = None
     complete: bool = True
+    replay: Replay | None = None
 
 
 class Store:
@@ -173,6 +195,17 @@ class Store:
         future = loop.run_in_executor(self._writer, self._write_exchange, exchange)
         future.add_done_callback(partial(self._written, exchange))
         return future
+
+    async def replay(self, key: str) -> Replay | None:
+        """The answer kept under `key`, once every write begun before is on disk."""
+        return await self._write(self._read_replay, key)
+
+    def _read_replay(self, key: str) -> Replay | None:
+        row = self._db.execute(
+            "SELECT digest, content_type, body FROM replays WHERE key = ? AND created_at > ?",
+            (key, time.time() - REPLAY_SECONDS),
+        ).fetchone()
+        return None if row is None else Replay(key, row[0], row[1], bytes(row[2]))
 
     async def flush(self) -> None:
         """Wait until every write begun so far is on disk (the writer keeps their order)."""
@@ -239,6 +272,24 @@ class Store:
             ).rowcount
             if not inserted:
                 return False
+            if (replay := exchange.replay) is not None:
+                now = time.time()
+                self._db.execute(
+                    "DELETE FROM replays WHERE created_at < ?", (now - REPLAY_SECONDS,)
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO replays "
+                    "(key, request_id, digest, content_type, body, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        replay.key,
+                        exchange.request_id,
+                        replay.digest,
+                        replay.content_type,
+                        replay.body,
+                        now,
+                    ),
+                )
             for agent in (exchange.agent, RUN_ROW):
                 self._db.execute(
                     "INSERT INTO totals (run, agent, cost_nano, input_tokens, output_tokens, "

@@ -776,3 +776,61 @@ async def test_a_stream_that_breaks_off_upstream_ends_with_an_error_event_and_bi
     finally:
         await instance.stop()
         await runner.cleanup()
+
+
+async def test_a_retry_with_the_same_idempotency_key_is_answered_again_and_not_billed(
+    gateway: Gateway,
+) -> None:
+    await gateway.budget(0.02)
+    gateway.stub.script(
+        Reply.text("first answer", usage=USAGE), Reply.text("a streamed answer", usage=USAGE)
+    )
+    async with gateway.client() as client:
+        once = {"extra_headers": {"Idempotency-Key": "turn-1"}}
+        first = await client.messages.create(model=MODEL, max_tokens=10, messages=HI, **once)
+        again = await client.messages.create(model=MODEL, max_tokens=10, messages=HI, **once)
+        assert again.id == first.id
+        twice = {"extra_headers": {"Idempotency-Key": "turn-2"}}
+        streamed = []
+        for _ in range(2):  # the second after the budget is spent: the replay is paid for already
+            async with client.messages.stream(
+                model=MODEL, max_tokens=10, messages=HI, **twice
+            ) as stream:
+                streamed.append(await stream.get_final_message())
+        assert streamed[0].id == streamed[1].id
+        assert streamed[1].content[0].text == "a streamed answer"  # type: ignore[union-attr]
+        with pytest.raises(anthropic.BadRequestError) as reused:
+            await client.messages.create(model=MODEL, max_tokens=99, messages=HI, **once)
+        with pytest.raises(anthropic.APIStatusError) as spent:
+            await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+    assert "was used for a different request body" in str(reused.value)
+    assert spent.value.status_code == 402
+    assert len(gateway.stub.requests) == 2
+    assert (await gateway.spend())["run"]["requests"] == 2
+
+
+@pytest.mark.parametrize("key", [None, "turn-7"])
+async def test_an_sdk_retry_after_its_timeout_is_billed_once_with_a_key_and_as_paid_without(
+    gateway: Gateway, key: str | None
+) -> None:
+    # The first attempt outlives the SDK's timeout; the upstream generates it all the same.
+    gateway.stub.responder = lambda _: Reply.text("slow but sure", usage=USAGE, delay=1.0)
+    headers = {"Idempotency-Key": key} if key else {}
+    async with gateway.client(max_retries=1, timeout=0.4) as client:
+        if key:  # the retry waits for the attempt in flight and gets its answer
+            message = await client.messages.create(
+                model=MODEL, max_tokens=10, messages=HI, extra_headers=headers
+            )
+            assert message.content[0].text == "slow but sure"  # type: ignore[union-attr]
+        else:  # each attempt is its own exchange upstream, and each is billed
+            with pytest.raises(anthropic.APITimeoutError):
+                await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+    upstream_exchanges = 1 if key else 2
+    for _ in range(300):  # the abandoned exchanges finish upstream, and are metered
+        spend = await gateway.spend()
+        if spend["run"]["requests"] >= upstream_exchanges:
+            break
+        await asyncio.sleep(0.02)
+    assert len(gateway.stub.requests) == gateway.stub.messages_answered == upstream_exchanges
+    assert spend["run"]["requests"] == upstream_exchanges
+    assert Decimal(spend["run"]["usd"]) == upstream_exchanges * dollars(USAGE)
