@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import PurePosixPath
 
@@ -181,7 +182,10 @@ async def upload_artifact(request: web.Request) -> web.Response:
     description = request.headers.get("X-Aar-Description", "")
     if len(description) > 2000:
         fail(400, "X-Aar-Description must be at most 2000 characters")
-    filename = PurePosixPath(request.headers.get("X-Aar-Filename", "")).name[:255]
+    # Only the last path part, in characters that are safe in a Content-Disposition header.
+    filename = re.sub(
+        r"[^A-Za-z0-9._+-]", "_", PurePosixPath(request.headers.get("X-Aar-Filename", "")).name
+    )[:255]
     parent = request.headers.get("X-Aar-Parent") or None
     if parent is not None:
         parent = _digest(parent)
@@ -219,16 +223,16 @@ async def upload_artifact(request: web.Request) -> web.Response:
     return json_response(artifact, status=201 if created else 200)
 
 
-async def _find_artifact(request: web.Request, *, reading: bool = True) -> Artifact:
+async def _find_artifact(request: web.Request, *, deleting: bool = False) -> Artifact:
     state = forum(request)
     # The web UI's artifact links are plain GETs: they may use its cookie.
-    principal = viewer(request, allow_cookie=reading)
+    principal = viewer(request, allow_cookie=not deleting)
     state.limit(principal, "read")
     digest = _digest(request.match_info["digest"])
+    # An admin deletes from one named run: the same bytes may belong to several.
+    run = view_run(request, principal, write=deleting)
     try:
-        return await state.store.call(
-            state.store.get_artifact, digest, view_run(request, principal)
-        )
+        return await state.store.call(state.store.get_artifact, digest, run)
     except NotFoundError as error:
         fail(404, str(error))
 
@@ -274,7 +278,7 @@ async def delete_artifact(request: web.Request) -> web.Response:
     state = forum(request)
     principal = viewer(request)
     state.limit(principal, "write")
-    artifact = await _find_artifact(request, reading=False)
+    artifact = await _find_artifact(request, deleting=True)
     if principal.role is not Role.ADMIN and artifact.author != principal.name:
         fail(
             403,

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from aar_common.credentials import Principal, Role
+from aar_common.credentials import CredentialError, Principal, Role
 from aar_common.web import VERIFIER_KEY, authenticate, fail, presented_token
 from aar_forum.blobs import BlobStore
 from aar_forum.ratelimit import RateLimiter
@@ -100,7 +100,7 @@ def viewer(request: web.Request, *, allow_cookie: bool = False) -> Principal:
     if allow_cookie and presented_token(request) is None and (token := request.cookies.get(COOKIE)):
         try:
             principal = request.app[VERIFIER_KEY].verify(token)
-        except Exception:
+        except CredentialError:
             fail(401, "the web UI's stored credential is invalid; log in again at /login")
         return principal
     return authenticate(request)

@@ -210,9 +210,13 @@ class Store:
         """Posts matching every filter, newest first."""
         clauses: list[str] = []
         params: list[object] = []
-        source = "posts"
+        source, order = "posts", "posts.id"
         if where.q:
-            source = "posts JOIN posts_fts ON posts_fts.rowid = posts.id"
+            # The FTS index drives, newest match first (FTS5 walks rowids in descending order
+            # itself), and the scan stops at `limit`. Left to itself the planner may instead
+            # walk a run's posts and run one full-text query per post.
+            source = "posts_fts CROSS JOIN posts ON posts.id = posts_fts.rowid"
+            order = "posts_fts.rowid"
             clauses.append("posts_fts MATCH ?")
             params.append(fts_query(where.q))
         if where.run is not None:
@@ -239,7 +243,7 @@ class Store:
         sql = f"SELECT posts.* FROM {source}"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY posts.id DESC LIMIT ?"
+        sql += f" ORDER BY {order} DESC LIMIT ?"
         params.append(where.limit)
         return [_post(row) for row in self.connection.execute(sql, params).fetchall()]
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import jinja2
 from aiohttp import web
 from pydantic import ValidationError
 
 from aar_common.credentials import CredentialError, Principal, Role
-from aar_common.web import VERIFIER_KEY
+from aar_common.web import VERIFIER_KEY, fail
 from aar_forum.api import post_filter
+from aar_forum.kube import agent_states
 from aar_forum.models import Kind, PostIn
 from aar_forum.render import markdown
 from aar_forum.state import COOKIE, forum
@@ -87,7 +89,9 @@ def _same_origin(request: web.Request) -> None:
     """Refuse a form posted from another site (the Origin header browsers send on POST)."""
     origin = request.headers.get("Origin")
     if origin and origin != "null" and urlsplit(origin).netloc != request.host:
-        raise web.HTTPForbidden(text="cross-origin form refused")
+        fail(
+            403, f"a form posted from {origin} was refused: forms are accepted from this site only"
+        )
 
 
 async def _checked_form(request: web.Request) -> tuple[_Viewer, dict[str, str]]:
@@ -95,7 +99,7 @@ async def _checked_form(request: web.Request) -> tuple[_Viewer, dict[str, str]]:
     viewer = _require(request)
     form = {key: str(value) for key, value in (await request.post()).items()}
     if not hmac.compare_digest(form.get("csrf", ""), viewer.csrf):
-        raise web.HTTPForbidden(text="form token missing or stale; reload the page and retry")
+        fail(403, "the form token is missing or stale: reload the page and submit again")
     return viewer, form
 
 
@@ -158,7 +162,7 @@ async def thread(request: web.Request) -> web.Response:
     try:
         post = await state.store.call(state.store.get_post, int(request.match_info["id"]), None)
     except (NotFoundError, ValueError):
-        raise web.HTTPNotFound(text="no such post") from None
+        fail(404, f"post {request.match_info['id']} not found")
     replies = await state.store.call(state.store.replies, post.id)
     return _page("thread.html", viewer=viewer, post=post, replies=replies, problem=None)
 
@@ -173,7 +177,7 @@ async def new_post(request: web.Request) -> web.Response:
         try:
             run = (await state.store.call(state.store.get_post, parent, None)).run
         except NotFoundError:
-            raise web.HTTPNotFound(text="the post you replied to does not exist") from None
+            fail(404, f"post {parent} (the one replied to) not found")
     tags = [tag.strip() for tag in form.get("tags", "").split(",") if tag.strip()]
     try:
         if run.count("/") != 1 or run.startswith("/") or run.endswith("/"):
@@ -187,7 +191,7 @@ async def new_post(request: web.Request) -> web.Response:
         )
         post = await state.store.call(state.store.add_post, run, viewer.principal.name, body)
     except (ValidationError, ValueError) as error:
-        raise web.HTTPBadRequest(text=f"post not saved: {error}") from None
+        fail(400, f"post not saved: {error}")
     state.metrics.posts.labels(post.kind.value).inc()
     state.hub.publish(post)
     raise web.HTTPSeeOther(f"/posts/{parent or post.id}")
@@ -200,32 +204,23 @@ async def run_page(request: web.Request) -> web.Response:
     run = f"{namespace}/{name}"
     settings = state.settings
     assert state.http is not None
-    scorer = settings.scorer_url
-    leaderboard, review, spend, activity = await asyncio.gather(
+    http, token = state.http, viewer.token
+
+    def scorer(path: str) -> Awaitable[Reading]:
+        return get_json(http, settings.scorer_url, "scorer", "AAR_SCORER_URL", path, token)
+
+    leaderboard, review, spend, sandboxes, activity = await asyncio.gather(
+        scorer(f"/api/v1/leaderboard?run={quote(run)}"),
+        scorer(f"/api/v1/review?run={quote(run)}"),
         get_json(
-            state.http,
-            scorer,
-            "scorer",
-            "AAR_SCORER_URL",
-            f"/api/v1/leaderboard?run={run}",
-            viewer.token,
-        ),
-        get_json(
-            state.http,
-            scorer,
-            "scorer",
-            "AAR_SCORER_URL",
-            f"/api/v1/review?run={run}",
-            viewer.token,
-        ),
-        get_json(
-            state.http,
+            http,
             settings.gateway_url,
             "gateway",
             "AAR_GATEWAY_URL",
-            f"/api/v1/spend/{namespace}/{name}",
-            viewer.token,
+            f"/api/v1/spend/{quote(namespace)}/{quote(name)}",
+            token,
         ),
+        agent_states(http, settings.kube, namespace, name),
         state.store.call(state.store.activity, run),
     )
     return _page(
@@ -235,7 +230,8 @@ async def run_page(request: web.Request) -> web.Response:
         leaderboard=_table(leaderboard),
         review=_table(review),
         spend=spend,
-        agents=_agents(activity, spend),
+        sandboxes=sandboxes,
+        agents=_agents(activity, spend, sandboxes),
     )
 
 
@@ -244,12 +240,15 @@ def _table(reading: Reading) -> dict[str, Any]:
     return {"problem": reading.problem, "columns": columns, "rows": table}
 
 
-def _agents(activity: dict[str, dict[str, object]], spend: Reading) -> list[dict[str, Any]]:
-    """One row per agent seen by the forum or the gateway."""
+def _agents(
+    activity: dict[str, dict[str, object]], spend: Reading, sandboxes: Reading
+) -> list[dict[str, Any]]:
+    """One row per agent known to Kubernetes, the forum or the gateway."""
     spent: dict[str, Any] = {}
     if spend.problem is None and isinstance(spend.data, dict):
         spent = spend.data.get("agents") or {}
-    names = sorted(set(activity) | set(spent))
+    states: dict[str, str] = sandboxes.data if sandboxes.problem is None else {}
+    names = sorted(set(activity) | set(spent) | set(states))
     table = []
     for name in names:
         seen = activity.get(name, {})
@@ -257,6 +256,7 @@ def _agents(activity: dict[str, dict[str, object]], spend: Reading) -> list[dict
         table.append(
             {
                 "agent": name,
+                "sandbox": states.get(name, "no pod") if sandboxes.problem is None else None,
                 "posts": seen.get("posts", 0),
                 "artifacts": seen.get("artifacts", 0),
                 "last": seen.get("last") or "never",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -68,13 +69,16 @@ def rows(data: Any) -> tuple[list[str], list[dict[str, str]]]:
         for key in item:
             if key not in columns:
                 columns.append(key)
-        table.append({key: _text(value) for key, value in item.items()})
+        table.append({key: _text(key, value) for key, value in item.items()})
     return columns, table
 
 
-def _text(value: Any) -> str:
+def _text(key: str, value: Any) -> str:
+    if key.endswith("_at") and isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, str):
-        return value
+        # A digest is recognisable by its start; the rest only widens the table.
+        return value[:19] + "…" if value.startswith("sha256:") else value
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     return json.dumps(value, separators=(",", ":"))

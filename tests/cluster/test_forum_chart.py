@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+import yaml
+from aiohttp import web
 
+from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
+from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool, ToolError
+from aar_forum.app import build_app
+from aar_forum.kube import KubeAccess
+from aar_forum.settings import Settings
 
 
 def test_helm_install_creates_the_forum_deployment_service_and_volume(
@@ -57,3 +69,83 @@ def test_the_forum_can_be_left_out(helm: Tool, repo_root: Path) -> None:
         "template", "aar", str(repo_root / "charts" / "aar"), "--set", "forum.enabled=false"
     )
     assert "aar-forum" not in rendered
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+async def test_the_web_ui_shows_each_agents_pod_state_with_the_charts_rbac(
+    helm: Tool,
+    kubectl: Tool,
+    namespace: str,
+    repo_root: Path,
+    control_plane: ControlPlane,
+    tmp_path: Path,
+    unused_tcp_port: int,
+) -> None:
+    helm.run("install", "aar", str(repo_root / "charts" / "aar"))
+    # The forum's own ServiceAccount token (1.20's token controller writes it into a Secret).
+    secret = wait_for(
+        lambda: kubectl.json("get", "serviceaccount", "aar-forum").get("secrets"),
+        "the aar-forum ServiceAccount's token",
+    )[0]["name"]
+    data = kubectl.json("get", "secret", secret)["data"]
+    (tmp_path / "token").write_bytes(base64.b64decode(data["token"]))
+    (tmp_path / "ca.crt").write_bytes(base64.b64decode(data["ca.crt"]))
+    config = yaml.safe_load(control_plane.kubeconfig_path.read_text())
+    server = config["clusters"][0]["cluster"]["server"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "w2s-1",
+            "labels": {"aar.dev/run": "w2s", "aar.dev/agent": "w2s-1"},
+        },
+        "spec": {"containers": [{"name": "agent", "image": "aar-agent:test"}]},
+    }
+    # Pods are refused until the namespace's default ServiceAccount has its token.
+    wait_for(lambda: _applied(kubectl, pod), "the agent's Pod to be accepted")
+    wait_for(
+        lambda: "Unschedulable" in str(kubectl.json("get", "pod", "w2s-1").get("status")),
+        "the scheduler to find no node for the Pod",
+    )
+
+    key = generate_signing_key()
+    (tmp_path / "public-key.pem").write_bytes(public_key_pem(key))
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        public_key_file=tmp_path / "public-key.pem",
+        kube=KubeAccess(server, tmp_path / "token", tmp_path / "ca.crt"),
+    )
+    runner = web.AppRunner(build_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    admin = CredentialIssuer(key).mint_admin("alice")
+    try:
+        async with aiohttp.ClientSession(cookies={"aar_credential": admin}) as http:
+            async with http.get(f"http://127.0.0.1:{unused_tcp_port}/runs/{namespace}/w2s") as r:
+                page = await r.text()
+            async with http.get(f"http://127.0.0.1:{unused_tcp_port}/runs/{namespace}/none") as r:
+                empty = await r.text()
+    finally:
+        await runner.cleanup()
+    assert "sandbox states unavailable" not in page
+    row = page[page.index('data-agent="w2s-1"') :].split("</tr>")[0]
+    assert '<td class="sandbox">Pending: Unschedulable' in row
+    assert "No agent has" in empty
+
+
+def _applied(kubectl: Tool, manifest: dict[str, Any]) -> bool:
+    try:
+        kubectl.apply(manifest)
+    except ToolError as error:
+        if "No API token found" in error.stderr or "serviceaccount" in error.stderr:
+            return False
+        raise
+    return True

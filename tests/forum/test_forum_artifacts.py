@@ -33,7 +33,7 @@ async def test_upload_download_and_metadata(forum: Forum) -> None:
         forum,
         forum.agent("w2s-1"),
         content,
-        **{"X-Aar-Description": "student checkpoint, epoch 2", "X-Aar-Filename": "../ckpt.pt"},
+        **{"X-Aar-Description": "student checkpoint, epoch 2", "X-Aar-Filename": "../ckpt 2.pt"},
     )
     assert status == 201
     assert meta["digest"] == digest
@@ -41,11 +41,12 @@ async def test_upload_download_and_metadata(forum: Forum) -> None:
     assert meta["author"] == "w2s-1"
     assert meta["run"] == "lab/w2s"
     assert meta["description"] == "student checkpoint, epoch 2"
-    assert meta["filename"] == "ckpt.pt"  # a path is reduced to its last part
+    assert meta["filename"] == "ckpt_2.pt"  # the last part of a path, in safe characters
     reader = forum.agent("w2s-2")
     async with forum.http.get(f"{forum.url}/api/v1/artifacts/{digest}", headers=reader) as r:
         assert r.status == 200
         assert r.headers["Content-Length"] == str(len(content))
+        assert r.headers["Content-Disposition"] == 'attachment; filename="ckpt_2.pt"'
         assert await r.read() == content
     async with forum.http.get(f"{forum.url}/api/v1/artifacts/{digest}/meta", headers=reader) as r:
         assert await r.json() == meta

@@ -26,7 +26,8 @@ class Process:
             PUBLIC_KEY_FILE_ENV: str(public_key_file),
         }
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "aar_forum.app", "--host", "127.0.0.1", "--port", str(port)],
+            # The console script, as the image runs it.
+            [Path(sys.executable).parent / "aar-forum", "--host", "127.0.0.1", "--port", str(port)],
             env=env,
             stdout=subprocess.PIPE,
             text=True,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,7 +14,11 @@ from aiohttp import web
 from conftest import ISSUER, Forum
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from aar_common.credentials import CredentialVerifier
 from aar_forum.ui import csrf_token
+from aar_scorer.service import build_app as build_scorer
+from aar_scorer.store import Store as ScorerStore
+from aar_scorer.tasks import load_tasks, write_task_files
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -39,16 +45,59 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-async def services(unused_tcp_port_factory: Any) -> AsyncIterator[str]:
-    """A server answering the scorer's and the gateway's admin reads exactly as
-    docs/interfaces.md specifies them; it checks the UI forwards the viewer's credential."""
+async def scorer(
+    tmp_path: Path, public_key_file: Path, unused_tcp_port_factory: Any
+) -> AsyncIterator[str]:
+    """The real scorer, with a small task, the run registered and one submission scored."""
+    truth = random.Random(5).choices([0, 1], k=100)
+    task = {
+        "name": "toy",
+        "labels": [0, 1],
+        "baselines": {"weak": 0.5, "ceiling": 1.0},
+        "quota": {"per_agent": 5, "per_run": 10, "window_seconds": 3600},
+        "feedback": {"step": 0.05},
+        "probing": {"min_distance": 5, "walk_distance": 5, "walk_length": 10},
+    }
+    tasks = load_tasks(
+        write_task_files(tmp_path / "tasks", [(task, truth, "forum-web-ui-test-seed")])
+    )
+    store = ScorerStore(tmp_path / "scorer" / "scorer.db")
+    runner = web.AppRunner(
+        build_scorer(tasks, store, CredentialVerifier.from_file(public_key_file))
+    )
+    await runner.setup()
+    port = unused_tcp_port_factory()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    admin = {"Authorization": f"Bearer {ISSUER.mint_admin('operator')}"}
+    agent = {"Authorization": f"Bearer {ISSUER.mint_agent('lab', 'w2s', 'w2s-1')}"}
+    predictions = [t if i < 90 else 1 - t for i, t in enumerate(truth)]  # 90% right
+    async with aiohttp.ClientSession() as http:
+        async with http.put(
+            f"{url}/api/v1/runs/lab/w2s",
+            json={"task": "toy", "review_required": True},
+            headers=admin,
+        ) as response:
+            assert response.status == 200, await response.text()
+        async with http.post(
+            f"{url}/api/v1/submissions",
+            json={"task": "toy", "predictions": predictions, "method": "confidence loss"},
+            headers=agent,
+        ) as response:
+            assert (await response.json())["status"] == "accepted"
+    yield url
+    await runner.cleanup()
+    store.close()
 
-    def checked(request: web.Request) -> None:
-        token = request.headers["Authorization"].removeprefix("Bearer ")
-        assert token.startswith("aar1.")
+
+@pytest.fixture
+async def gateway(unused_tcp_port_factory: Any) -> AsyncIterator[str]:
+    """Spend as the gateway answers it (docs/interfaces.md, `GET /api/v1/spend/...`); it
+    checks the UI forwards the signed-in human's credential."""
 
     async def spend(request: web.Request) -> web.Response:
-        checked(request)
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        assert token.startswith("aar1.")
         assert request.match_info["run"] == "w2s"
         totals = {"input_tokens": 1000, "output_tokens": 200, "cache_creation_input_tokens": 0}
         return web.json_response(
@@ -61,21 +110,8 @@ async def services(unused_tcp_port_factory: Any) -> AsyncIterator[str]:
             }
         )
 
-    async def leaderboard(request: web.Request) -> web.Response:
-        checked(request)
-        assert request.query["run"] == "lab/w2s"
-        return web.json_response(
-            {"entries": [{"agent": "w2s-1", "submission": "s-41", "score": 0.8125}]}
-        )
-
-    async def review(request: web.Request) -> web.Response:
-        checked(request)
-        return web.json_response({"pending": [{"id": "s-41", "agent": "w2s-1"}]})
-
     app = web.Application()
     app.router.add_get("/api/v1/spend/{namespace}/{run}", spend)
-    app.router.add_get("/api/v1/leaderboard", leaderboard)
-    app.router.add_get("/api/v1/review", review)
     runner = web.AppRunner(app)
     await runner.setup()
     port = unused_tcp_port_factory()
@@ -170,9 +206,9 @@ async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
 
 
 async def test_run_page_shows_spend_leaderboard_review_and_agents(
-    start_forum: Any, services: str, browser: Browser
+    start_forum: Any, scorer: str, gateway: str, browser: Browser
 ) -> None:
-    forum: Forum = await start_forum(scorer_url=services, gateway_url=services)
+    forum: Forum = await start_forum(scorer_url=scorer, gateway_url=gateway)
     await forum.post(forum.agent("w2s-1"), kind="result", title="first")
     await forum.post(forum.agent("w2s-2"), kind="insight", title="second")
     page = await browser.new_page()
@@ -181,14 +217,19 @@ async def test_run_page_shows_spend_leaderboard_review_and_agents(
     agents = page.locator("#agents tbody tr")
     await expect(agents.locator("td:first-child")).to_have_text(["w2s-1", "w2s-2", "w2s-3"])
     await expect(page.locator("#agents tr[data-agent=w2s-1] td")).to_contain_text(
-        ["w2s-1", "1", "0", "", "12.50", "7"]
+        ["w2s-1", "unavailable", "1", "0", "", "12.50", "7"]
     )
     # An agent with spend but no post yet, and one with posts but no spend recorded.
-    await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(1)).to_have_text("0")
-    await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(4)).to_have_text("0.00")
+    await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(2)).to_have_text("0")
+    await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(5)).to_have_text("0.00")
     await expect(page.locator("#run-spend")).to_have_text("Run total: 20.75 USD over 12 requests.")
-    await expect(page.locator("#leaderboard td")).to_have_text(["w2s-1", "s-41", "0.8125"])
-    await expect(page.locator("#review td")).to_have_text(["s-41", "w2s-1"])
+    # The scorer's own answers: the scored submission, awaiting a human's review.
+    board = page.locator("#leaderboard")
+    await expect(board.locator("tbody tr")).to_have_count(1)
+    await expect(board.locator("tbody tr")).to_contain_text("confidence loss")
+    await expect(board.locator("tbody tr")).to_contain_text("w2s-1")
+    await expect(page.locator("#review tbody tr")).to_have_count(1)
+    await expect(page.locator("#review tbody tr")).to_contain_text("confidence loss")
 
 
 async def test_run_page_says_unavailable_when_services_are_absent_or_down(
@@ -201,8 +242,11 @@ async def test_run_page_says_unavailable_when_services_are_absent_or_down(
     await expect(page.locator("#leaderboard .unavailable")).to_have_text(
         "scorer unavailable: not configured (set AAR_SCORER_URL)"
     )
-    await expect(page.locator("#agents .unavailable")).to_have_text(
+    await expect(page.locator("#spend-unavailable")).to_have_text(
         "gateway unavailable: not configured (set AAR_GATEWAY_URL)"
+    )
+    await expect(page.locator("#sandboxes-unavailable")).to_have_text(
+        "sandbox states unavailable: the forum is not running in a cluster"
     )
     down = f"http://127.0.0.1:{unused_tcp_port}"  # nothing listens there
     broken: Forum = await start_forum(scorer_url=down, gateway_url=down)
@@ -210,7 +254,7 @@ async def test_run_page_says_unavailable_when_services_are_absent_or_down(
     await sign_in(page, broken)
     await page.goto(f"{broken.url}/runs/lab/w2s")
     await expect(page.locator("#review .unavailable")).to_contain_text("scorer unavailable: ")
-    await expect(page.locator("#agents .unavailable")).to_contain_text("gateway unavailable: ")
+    await expect(page.locator("#spend-unavailable")).to_contain_text("gateway unavailable: ")
 
 
 async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
@@ -222,6 +266,7 @@ async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
             f"{forum.url}/posts", data={**form, "csrf": "0" * 32}, allow_redirects=False
         ) as response:
             assert response.status == 403
+            assert "form token is missing or stale" in (await response.json())["error"]["message"]
         async with http.post(
             f"{forum.url}/posts",
             data=form,
@@ -229,6 +274,14 @@ async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
             allow_redirects=False,
         ) as response:
             assert response.status == 403
+            message = (await response.json())["error"]["message"]
+            assert "https://evil.example was refused" in message
+        async with http.post(
+            f"{forum.url}/posts", data={**form, "run": "w2s"}, allow_redirects=False
+        ) as response:
+            assert response.status == 400
+            message = (await response.json())["error"]["message"]
+            assert "run must be 'namespace/run'" in message
         async with http.post(f"{forum.url}/posts", data=form, allow_redirects=False) as response:
             assert response.status == 303
     # The cookie never authorises the API's writes.
