@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -278,12 +279,21 @@ class Agent:
         return True
 
     async def _ask(self) -> anthropic.types.Message:
+        request: dict[str, Any] = {
+            "model": self.settings.model,
+            "max_tokens": self.settings.max_tokens,
+            "system": [
+                {"type": "text", "text": self.system, "cache_control": {"type": "ephemeral"}}
+            ],
+            "tools": self.toolbox.definitions,
+            "messages": _with_cache_breakpoint(self.state.messages),
+        }
+        # Named after the request itself: asking the same again (an SDK retry, or a restart that
+        # lost the answer) gets the gateway's kept answer, unbilled; anything else is new.
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+        key = f"{self.settings.agent}-{self.state.step + 1}-{digest[:32]}"
         async with self.client.messages.stream(
-            model=self.settings.model,
-            max_tokens=self.settings.max_tokens,
-            system=[{"type": "text", "text": self.system, "cache_control": {"type": "ephemeral"}}],
-            tools=self.toolbox.definitions,  # type: ignore[arg-type]
-            messages=_with_cache_breakpoint(self.state.messages),  # type: ignore[arg-type]
+            **request, extra_headers={"Idempotency-Key": key}
         ) as stream:
             reply = await stream.get_final_message()
         # Calibrate characters to tokens on what was actually counted, for the next trim.

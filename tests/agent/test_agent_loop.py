@@ -59,6 +59,10 @@ async def test_tools_run_and_their_results_flow_back_over_streams(
     assert len(requests) == 10  # the last asks whether the model is finished; it is
     assert all(r["body"]["stream"] is True for r in requests)
     assert all(r["body"]["model"] == "claude-opus-4-6" for r in requests)
+    # Each step's request carries its own Idempotency-Key, for the gateway to replay a retry.
+    keys = [r["headers"]["Idempotency-Key"] for r in requests]
+    assert keys[0].startswith("w2s-chat-0-1-")
+    assert len(set(keys)) == len(keys)
     # Each result answers the call before it, with what the tool actually did.
     assert result_text(requests[1]) == "[exit code 0]"
     assert result_text(requests[2]) == f"{settings.workspace / 'exp'}\nhello\n\n[exit code 0]"

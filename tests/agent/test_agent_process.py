@@ -8,41 +8,15 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from agent_env import AGENT_COMMAND, finish, start_agent, wait_for
 
 from aar_agent.loop import INTERRUPTED
 from aar_agent.state import StateStore
 from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem
-
-AGENT = str(Path(sys.executable).parent / "aar-agent")
-
-
-async def start_agent(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        AGENT,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-
-
-async def wait_for(path: Path, process: asyncio.subprocess.Process) -> None:
-    """Until `path` exists; fails at once if the agent exited first (nothing to wait for)."""
-    while not await asyncio.to_thread(path.exists):
-        assert process.returncode is None, f"aar-agent exited {process.returncode} early"
-        await asyncio.sleep(0.05)
-
-
-async def finish(process: asyncio.subprocess.Process) -> tuple[int, list[dict[str, Any]]]:
-    """Wait for the agent to exit; its exit status and log lines (each must be JSON)."""
-    assert process.stdout is not None
-    output = await process.stdout.read()
-    code = await process.wait()
-    return code, [json.loads(line) for line in output.decode().splitlines()]
 
 
 def sent(request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -181,7 +155,7 @@ async def test_each_step_logs_one_json_line_with_tokens_tools_and_duration(
 async def test_a_missing_variable_exits_1_naming_it(sandbox_env: dict[str, str]) -> None:
     env = {k: v for k, v in sandbox_env.items() if k != "AAR_AGENT"}
     process = await asyncio.create_subprocess_exec(
-        AGENT,
+        AGENT_COMMAND,
         env={k: v for k, v in {**os.environ, **env}.items() if k != "AAR_AGENT"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
