@@ -161,6 +161,9 @@ class Agent:
         # Keep the same object: the toolbox holds a reference to it.
         for name in RunState.model_fields:
             setattr(self.state, name, getattr(loaded, name))
+        if self.state.finished is Finished.DONE:
+            log(logging.INFO, "The run had already finished", step=self.state.step)
+            return False
         budget_already_spent = self.state.finished is Finished.BUDGET_EXHAUSTED
         if budget_already_spent:
             self.state.finished = None  # the budget may have been raised: ask once more

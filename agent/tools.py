@@ -5,6 +5,7 @@ result whose message tells the model what to do instead."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from aar_agent.config import Settings
 from aar_agent.services import ServiceClient, ServiceError
 from aar_agent.shell import run_bash
 from aar_agent.state import RunState
+from aar_agent.telemetry import log
 
 NOTEBOOK_FILE = "notebook.md"
 _NEW_POSTS = 50  # per forum_new call
@@ -291,8 +293,11 @@ class Toolbox:
             text = await tool.handler(arguments, call_id)
         except (ToolError, ServiceError) as error:
             return str(error), True
-        except OSError as error:
-            return f"{name} failed: {error}", True
+        except Exception as error:
+            # A tool's own bug (or an odd file: binary, unreadable) must not end days of work;
+            # the model reads what happened, and the log keeps the stack for people.
+            log(logging.ERROR, "Tool failed", tool=name, exc_info=True)
+            return f"{name} failed: {type(error).__name__}: {error}", True
         return self._limit(text, call_id), False
 
     def _limit(self, text: str, call_id: str) -> str:

@@ -131,6 +131,13 @@ async def test_file_tools_read_write_and_edit_and_say_how_to_fix_a_bad_call(
     text, is_error = await tools.call("read_file", {"path": "nowhere.txt"}, "5")
     assert is_error
     assert "is not a file" in text
+    # An unexpected failure inside a tool comes back as an error result, not a crash.
+    (settings.workspace / "model.bin").write_bytes(b"\xff\xfe\x00weights")
+    text, is_error = await tools.call(
+        "edit_file", {"path": "model.bin", "old_text": "a", "new_text": "b"}, "6"
+    )
+    assert is_error
+    assert text.startswith("edit_file failed: UnicodeDecodeError")
 
 
 async def test_the_notebook_keeps_entries_in_order_and_finds_them(settings: Settings) -> None:
