@@ -295,6 +295,7 @@ class Agent:
         # lost the answer) gets the gateway's kept answer, unbilled; anything else is new.
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         key = f"{self.settings.agent}-{self.state.step + 1}-{digest[:32]}"
+        # Streamed: long answers would outlast a plain request's timeout (the SDK refuses those).
         async with self.client.messages.stream(
             **request, extra_headers={"Idempotency-Key": key}
         ) as stream:

@@ -304,7 +304,8 @@ class Toolbox:
         if len(text) <= self.settings.output_chars:
             return text
         saved = self._output_file(call_id)
-        if not saved.exists():
+        if not saved.exists():  # bash has written it already; other tools have not
+            saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(text)
         note = f"the full output is in {saved}; read parts of it with read_file or grep"
         return truncate(text, self.settings.output_chars, note)

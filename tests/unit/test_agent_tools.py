@@ -103,6 +103,11 @@ async def test_long_output_is_cut_in_the_middle_and_kept_whole_in_a_file(
     assert text.endswith("19999\n20000\n\n[exit code 0]")
     assert f"characters omitted; the full output is in {full}" in text
     assert full.read_text().splitlines() == [str(n) for n in range(1, 20001)]
+    # Any tool's long result is cut the same way.
+    (settings.workspace / "wide.txt").write_text("w" * 50 + "\n" * 100 + "z" * 3000)
+    text, _ = await tools.call("read_file", {"path": "wide.txt"}, "toolu_read")
+    assert "characters omitted; the full output is in" in text
+    assert (settings.state_dir / "outputs" / "toolu_read.log").read_text().endswith("z" * 3000)
     # Short outputs leave no file behind.
     await tools.call("bash", {"command": "echo short"}, "toolu_short")
     assert not (settings.state_dir / "outputs" / "toolu_short.log").exists()
