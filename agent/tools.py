@@ -150,6 +150,22 @@ def _ascii_header(value: str) -> str:
     return " ".join(value.split()).encode("ascii", "replace").decode("ascii")
 
 
+def read_predictions(path: Path) -> list[Any]:
+    """Predictions from a file: a JSON list, or one prediction per line."""
+    if not path.is_file():
+        raise ToolError(f"{path} does not exist; write your predictions there first")
+    text = path.read_text()
+    try:
+        predictions = json.loads(text)
+    except json.JSONDecodeError:
+        predictions = [_line_value(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(predictions, list):
+        raise ToolError(f"{path} holds JSON that is not a list; write one list of predictions")
+    if not predictions:
+        raise ToolError(f"{path} holds no predictions")
+    return predictions
+
+
 def _line_value(line: str) -> Any:
     """A prediction from one line: a JSON value where the line is one (so `1` is a number, as
     the task's labels may be), else the line's text."""
@@ -449,16 +465,7 @@ class Toolbox:
         return self.settings.task
 
     async def _scorer_submit(self, arguments: ScorerSubmitInput, _: str) -> str:
-        path = self._path(arguments.predictions_path)
-        if not path.is_file():
-            raise ToolError(f"{path} does not exist; write your predictions there first")
-        text = path.read_text()
-        try:
-            predictions = json.loads(text)
-        except json.JSONDecodeError:
-            predictions = [_line_value(line) for line in text.splitlines() if line.strip()]
-        if not isinstance(predictions, list):
-            raise ToolError(f"{path} holds JSON that is not a list; write one list of predictions")
+        predictions = read_predictions(self._path(arguments.predictions_path))
         answer = await self.scorer.request(
             "POST",
             "/api/v1/submissions",

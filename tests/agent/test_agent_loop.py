@@ -98,6 +98,29 @@ async def test_tools_run_and_their_results_flow_back_over_streams(
     )
 
 
+async def test_several_calls_in_one_turn_run_in_order_and_are_answered_together(
+    stub: AnthropicStub, make_settings: Callable[..., Settings]
+) -> None:
+    stub.script(
+        Reply(
+            content=[
+                {"type": "text", "text": "Three things at once."},
+                {"type": "tool_use", "name": "write_file", "input": {"path": "a", "content": "1"}},
+                {"type": "tool_use", "name": "bash", "input": {"command": "cat a; echo 2 >> a"}},
+                {"type": "tool_use", "name": "read_file", "input": {"path": "a"}},
+            ]
+        ),
+        Reply.text("Done."),
+        Reply.text("Finished."),
+    )
+    _, outcome = await run_agent(make_settings())
+    assert outcome is Outcome.DONE
+    calls = [b for b in stub.requests[1]["body"]["messages"][-2]["content"] if "id" in b]
+    answers = tool_results(stub.requests[1])
+    assert [a["tool_use_id"] for a in answers] == [c["id"] for c in calls]
+    assert [a["content"] for a in answers][1:] == ["1\n[exit code 0]", "     1\t12"]
+
+
 async def test_one_turn_without_a_tool_call_asks_before_ending_the_run(
     stub: AnthropicStub, make_settings: Callable[..., Settings]
 ) -> None:

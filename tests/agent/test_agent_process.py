@@ -138,6 +138,33 @@ async def test_sigterm_finishes_the_running_step_saves_and_exits(
     assert "next step" in json.dumps(stub.requests[2]["body"]["messages"][-1])
 
 
+async def test_sigterm_while_the_model_answers_still_runs_that_answers_calls(
+    stub: AnthropicStub, sandbox_env: dict[str, str]
+) -> None:
+    workspace = Path(sandbox_env["AAR_WORKSPACE"])
+    asked, signalled = asyncio.Event(), asyncio.Event()
+
+    async def answer_after_the_signal(_: dict[str, Any]) -> Reply:
+        asked.set()
+        await signalled.wait()
+        return Reply.tool("bash", {"command": "echo saved > result.txt"})
+
+    stub.responder = answer_after_the_signal
+    process = await start_agent(sandbox_env)
+    await asyncio.wait_for(asked.wait(), 120)
+    process.send_signal(signal.SIGTERM)
+    # Nothing tells when the process has handled the signal, but it is handled either way: a
+    # signal that arrives once the answer is in would stop the loop just the same.
+    signalled.set()
+    code, logs = await finish(process)
+
+    assert code == 0
+    assert logs[-1]["outcome"] == "stopped"
+    assert (workspace / "result.txt").read_text() == "saved\n"
+    assert len(stub.requests) == 1
+    assert messages_of(workspace)[-1]["content"][0]["content"] == "[exit code 0]"
+
+
 async def test_each_step_logs_one_json_line_with_tokens_tools_and_duration(
     stub: AnthropicStub, sandbox_env: dict[str, str]
 ) -> None:

@@ -15,7 +15,7 @@ from aar_agent.config import Settings
 from aar_agent.prompt import system_prompt
 from aar_agent.services import ServiceClient
 from aar_agent.state import RunState
-from aar_agent.tools import Toolbox
+from aar_agent.tools import Toolbox, ToolError, read_predictions
 
 
 @pytest.fixture
@@ -156,6 +156,32 @@ async def test_the_notebook_keeps_entries_in_order_and_finds_them(settings: Sett
     text, _ = await tools.call("notebook_read", {"query": "SEED 0"}, "q")
     assert "entry 0" in text
     assert "entry 1" not in text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('["A", "B"]', ["A", "B"]),
+        ("[1, 0, 1]", [1, 0, 1]),
+        ("1\n0\n1\n", [1, 0, 1]),  # numbers stay numbers, as integer labels need
+        ("yes\nno\n\n", ["yes", "no"]),
+    ],
+)
+def test_predictions_are_read_as_a_json_list_or_one_a_line(
+    tmp_path: Path, text: str, expected: list[object]
+) -> None:
+    path = tmp_path / "predictions"
+    path.write_text(text)
+    assert read_predictions(path) == expected
+
+
+def test_a_predictions_file_that_is_no_list_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "predictions.json"
+    path.write_text('{"predictions": [1, 0]}')
+    with pytest.raises(ToolError, match="is not a list; write one list of predictions"):
+        read_predictions(path)
+    with pytest.raises(ToolError, match="write your predictions there first"):
+        read_predictions(tmp_path / "missing.json")
 
 
 async def test_services_the_sandbox_was_not_given_are_named(settings: Settings) -> None:
