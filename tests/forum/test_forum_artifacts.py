@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from conftest import Forum
+from forum_harness import Forum
 
 
 async def upload(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Forum
+from forum_harness import Forum
 from sse import connected
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV
