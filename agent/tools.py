@@ -340,12 +340,17 @@ class Toolbox:
         if not cwd.is_dir():
             cwd = self.settings.workspace
         output_file = self._output_file(call_id)
+        # The sandbox's root filesystem is read-only: caches (pip, Hugging Face, torch) and
+        # temporary files go to the workspace, which also keeps them across restarts.
+        temporary = self.settings.workspace / ".tmp"
+        temporary.mkdir(exist_ok=True)
+        env = {**os.environ, "HOME": str(self.settings.workspace), "TMPDIR": str(temporary)}
         result = await run_bash(
             arguments.command,
             cwd,
             arguments.timeout or self.settings.bash_timeout,
             output_file,
-            env={**os.environ, "HOME": str(self.settings.workspace)},
+            env,
         )
         self.state.cwd = result.cwd
         status = (

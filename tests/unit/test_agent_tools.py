@@ -5,8 +5,10 @@ edits; the system prompt carries the task, direction and rules."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,11 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def wait_until_gone(pid: int) -> None:
+    while alive(pid):
+        time.sleep(0.01)
+
+
 async def test_the_working_directory_carries_over_between_calls_and_restarts(
     settings: Settings,
 ) -> None:
@@ -57,8 +64,12 @@ async def test_the_working_directory_carries_over_between_calls_and_restarts(
         "[exit code 0]",
         False,
     )
-    text, _ = await tools.call("bash", {"command": "pwd"}, "t2")
-    assert text == f"{settings.workspace / 'a' / 'b'}\n\n[exit code 0]"
+    text, _ = await tools.call("bash", {"command": "pwd; echo $HOME; mktemp"}, "t2")
+    lines = text.splitlines()
+    assert lines[0] == str(settings.workspace / "a" / "b")
+    # Home and temporary files are on the workspace: the sandbox's root is read-only.
+    assert lines[1] == str(settings.workspace)
+    assert lines[2].startswith(f"{settings.workspace / '.tmp'}/")
     # A new process reads the directory back from the saved state.
     restarted = toolbox(settings, RunState.model_validate_json(tools.state.model_dump_json()))
     text, _ = await restarted.call("bash", {"command": "pwd; cd .. && exit 4"}, "t3")
@@ -70,6 +81,7 @@ async def test_the_working_directory_carries_over_between_calls_and_restarts(
     assert text.startswith(f"{settings.workspace}\n")
 
 
+@pytest.mark.timeout(60)
 async def test_a_command_past_its_timeout_is_killed_with_its_children(settings: Settings) -> None:
     tools = toolbox(settings)
     text, is_error = await tools.call(
@@ -77,8 +89,10 @@ async def test_a_command_past_its_timeout_is_killed_with_its_children(settings: 
     )
     assert not is_error
     assert "[killed after 1 s timeout" in text
+    # SIGKILL is delivered, not awaited: wait for both to be gone (a hang here fails the test
+    # at its time limit, which is what a command that outlived its timeout would do).
     for name in ("shell", "child"):
-        assert not alive(int((settings.workspace / name).read_text()))
+        await asyncio.to_thread(wait_until_gone, int((settings.workspace / name).read_text()))
 
 
 async def test_a_job_left_in_the_background_does_not_hold_the_call(settings: Settings) -> None:
