@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,19 @@ async def test_each_step_logs_one_json_line_with_tokens_tools_and_duration(
     assert steps[1]["tools"] == steps[2]["tools"] == []
     assert sum(s["output_tokens"] for s in steps) == stub.usage_reported["output_tokens"]
     assert all(s["input_tokens"] > 0 and s["duration_s"] >= 0 for s in steps)
+
+
+async def test_a_metrics_port_in_use_is_reported_and_the_run_goes_on(
+    stub: AnthropicStub, sandbox_env: dict[str, str]
+) -> None:
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        port = taken.getsockname()[1]
+        stub.script(Reply.text("Done."), Reply.text("Finished."))
+        code, logs = await finish(await start_agent({**sandbox_env, "AAR_METRICS_PORT": str(port)}))
+    assert code == 0
+    assert logs[0]["level"] == "warning"
+    assert f"Could not serve /metrics on port {port}" in logs[0]["message"]
+    assert logs[-1]["outcome"] == "done"
 
 
 async def test_a_missing_variable_exits_1_naming_it(sandbox_env: dict[str, str]) -> None:
