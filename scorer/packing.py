@@ -64,8 +64,3 @@ class Packer:
         for position in positions:
             plane |= 1 << position
         return sum(plane << (j * size) for j in range(len(self.labels)))
-
-
-def hamming(a: int, b: int) -> int:
-    """How many answers differ between two packed submissions of the same task."""
-    return (a ^ b).bit_count() // 2

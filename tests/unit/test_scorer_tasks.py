@@ -9,8 +9,15 @@ from typing import Any
 
 import pytest
 
-from aar_scorer.packing import Packer, hamming
-from aar_scorer.tasks import TaskConfigError, load_tasks, split_positions, write_task_files
+from aar_scorer.packing import Packer
+from aar_scorer.probing import ProbeIndex
+from aar_scorer.tasks import (
+    Probing,
+    TaskConfigError,
+    load_tasks,
+    split_positions,
+    write_task_files,
+)
 
 SEED = "an-unguessable-split-seed"
 
@@ -111,7 +118,9 @@ def test_hamming_on_packed_answers_counts_differing_answers() -> None:
         a = [rng.choice(packer.labels) for _ in range(257)]
         b = [rng.choice(packer.labels) if rng.random() < 0.1 else x for x in a]
         expected = sum(x != y for x, y in zip(a, b, strict=True))
-        assert hamming(packer.pack(a), packer.pack(b)) == expected
+        index = ProbeIndex(Probing())
+        index.add(1, packer.pack(a), 1)
+        assert index.check(packer.pack(b)).distance == expected
 
 
 def test_json_types_are_kept_apart() -> None:
