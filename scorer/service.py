@@ -157,6 +157,9 @@ class Scorer:
     def _count(self, state: RunState, run: str, window: int, agent: str) -> int:
         key = (window, agent)
         if key not in state.counts:
+            if any(counted != window for counted, _ in state.counts):
+                # A new window: the old one's counts are done with.
+                state.counts = {k: v for k, v in state.counts.items() if k[0] == window}
             start = float(window)
             sql = "SELECT COUNT(*) FROM submissions WHERE run = ? AND created_at >= ?"
             parameters: tuple[Any, ...] = (run, start)
