@@ -3,6 +3,7 @@ so that scoring and Hamming distances by bit operations agree with plain countin
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,11 @@ def test_json_types_are_kept_apart() -> None:
     assert packer.pack([1, "2"]) != packer.pack(["2", 1])
     with pytest.raises(ValueError, match='answer 0 is "1", which is not one of'):
         packer.pack(["1", "2"])
+
+
+@pytest.mark.parametrize("bad", [2, -1, 300, "1"])
+def test_an_answer_that_is_no_label_is_named_by_position(bad: int | str) -> None:
+    packer = Packer([3, 0, 1])
+    assert packer.indices([0, 1, 3]) == bytes([1, 2, 0])
+    with pytest.raises(ValueError, match=f"answer 2 is {json.dumps(bad)}, which is not one of"):
+        packer.pack([0, 1, bad, 3])
