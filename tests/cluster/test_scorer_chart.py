@@ -5,13 +5,12 @@ Every check is a request made as that ServiceAccount (impersonation), not a read
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helm_chart import Chart
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool, ToolError
@@ -27,31 +26,25 @@ TASK = {
 
 
 @pytest.fixture
-def installed(
-    helm: Tool, kubectl: Tool, control_plane: ControlPlane, repo_root: Path
-) -> Iterator[dict[str, Any]]:
+def installed(chart: Chart, control_plane: ControlPlane) -> dict[str, Any]:
     """The chart installed as shipped, in a scorer namespace of this test's own."""
-    scorer_namespace = f"aar-scorer-{secrets.token_hex(3)}"
+    scorer_namespace = chart.scorer_namespace
     release = "aar-test"
-    values = ["--set", f"scorer.namespace={scorer_namespace}", "--set-json",
-              f"scorer.tasks=[{json.dumps(TASK)}]"]  # fmt: skip
-    chart = str(repo_root / "charts" / "aar")
-    manifests = list(yaml.safe_load_all(helm.run("template", release, chart, *values)))
-    helm.run("install", release, chart, *values)
+    values = ["--set-json", f"scorer.tasks=[{json.dumps(TASK)}]"]
+    manifests = list(yaml.safe_load_all(chart.template(*values, release=release)))
+    chart.install(*values, release=release)
     # The labels Secret: created by whoever holds the labels, never by the chart.
     admin = Tool("kubectl", control_plane.kubeconfig_path, scorer_namespace)
     admin.run(
         "create", "secret", "generic", "aar-scorer-labels",
         "--from-literal=w2s-toy.json={}", "--from-literal=decoy=not-for-anyone",
     )  # fmt: skip
-    yield {
+    return {
         "namespace": scorer_namespace,
         "manifests": [m for m in manifests if m],
         "release": release,
         "admin": admin,
     }
-    helm.run("uninstall", release, "--wait=false")
-    admin.run("delete", "namespace", scorer_namespace, "--wait=false")
 
 
 def operator_service_account(manifests: list[dict[str, Any]], fallback: str) -> str:
