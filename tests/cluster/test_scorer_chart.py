@@ -151,8 +151,8 @@ def test_the_rendered_tasks_file_is_what_the_scorer_loads(
     ],
 )
 def test_the_chart_refuses_scorer_values_it_does_not_know(
-    helm: Tool, repo_root: Path, flag: str, value: str, message: str
+    chart: Chart, flag: str, value: str, message: str
 ) -> None:
     with pytest.raises(ToolError) as refused:
-        helm.run("template", "t", str(repo_root / "charts" / "aar"), flag, value)
+        chart.template(flag, value)
     assert message in refused.value.stderr
