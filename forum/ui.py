@@ -209,7 +209,7 @@ async def run_page(request: web.Request) -> web.Response:
     def scorer(path: str) -> Awaitable[Reading]:
         return get_json(http, settings.scorer_url, "scorer", "AAR_SCORER_URL", path, token)
 
-    leaderboard, review, spend, sandboxes, activity = await asyncio.gather(
+    leaderboard, review, spend, sandboxes, activity, artifacts = await asyncio.gather(
         scorer(f"/api/v1/leaderboard?run={quote(run)}"),
         scorer(f"/api/v1/review?run={quote(run)}"),
         get_json(
@@ -222,6 +222,7 @@ async def run_page(request: web.Request) -> web.Response:
         ),
         agent_states(http, settings.kube, namespace, name),
         state.store.call(state.store.activity, run),
+        state.store.call(state.store.list_artifacts, run, None, 50),
     )
     return _page(
         "run.html",
@@ -232,6 +233,7 @@ async def run_page(request: web.Request) -> web.Response:
         spend=spend,
         sandboxes=sandboxes,
         agents=_agents(activity, spend, sandboxes),
+        artifacts=artifacts,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 from collections.abc import AsyncIterator
@@ -204,12 +205,27 @@ async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
         replies = (await response.json())["replies"]
     assert [reply["author"] for reply in replies] == ["w2s-2", "admin:alice"]
 
+    await page.click("header button[type=submit]")
+    await expect(page).to_have_url(f"{forum.url}/login")
+    await page.goto(f"{forum.url}/")
+    await expect(page).to_have_url(f"{forum.url}/login?next=/")
+
 
 async def test_run_page_shows_spend_leaderboard_review_and_agents(
     start_forum: Any, scorer: str, gateway: str, browser: Browser
 ) -> None:
     forum: Forum = await start_forum(scorer_url=scorer, gateway_url=gateway)
     await forum.post(forum.agent("w2s-1"), kind="result", title="first")
+    async with forum.http.post(
+        f"{forum.url}/api/v1/artifacts",
+        data=b"def loss(): ...",
+        headers={
+            **forum.agent("w2s-2"),
+            "X-Aar-Filename": "loss.py",
+            "X-Aar-Description": "<i>the</i> loss",
+        },
+    ) as response:
+        artifact = await response.json()
     await forum.post(forum.agent("w2s-2"), kind="insight", title="second")
     page = await browser.new_page()
     await sign_in(page, forum)
@@ -223,6 +239,18 @@ async def test_run_page_shows_spend_leaderboard_review_and_agents(
     await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(2)).to_have_text("0")
     await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(5)).to_have_text("0.00")
     await expect(page.locator("#run-spend")).to_have_text("Run total: 20.75 USD over 12 requests.")
+    shared = page.locator("#artifacts tbody tr")
+    await expect(shared.locator("td")).to_contain_text(
+        [artifact["digest"][:19], "loss.py", "15", "w2s-2", "<i>the</i> loss"]
+    )
+    # The link downloads the bytes with the UI's cookie.
+    async with page.expect_download() as downloading:
+        await shared.locator("a").click()
+    download = await downloading.value
+    assert download.suggested_filename == "loss.py"
+    saved = await download.path()
+    assert await asyncio.to_thread(Path(saved).read_bytes) == b"def loss(): ..."
+
     # The scorer's own answers: the scored submission, awaiting a human's review.
     board = page.locator("#leaderboard")
     await expect(board.locator("tbody tr")).to_have_count(1)
