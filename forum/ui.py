@@ -81,7 +81,7 @@ def _signed_in(request: web.Request) -> _Viewer | None:
 def _require(request: web.Request) -> _Viewer:
     viewer = _signed_in(request)
     if viewer is None:
-        raise web.HTTPSeeOther(f"/login?next={request.path_qs}")
+        raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='/')}")
     return viewer
 
 
@@ -108,8 +108,9 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 def _local(path: str) -> str:
-    # Only paths on this site: `next` must not send a fresh login to another host.
-    return path if path.startswith("/") and not path.startswith("//") else "/"
+    # Only paths on this site: `next` must not send a fresh login to another host (and
+    # browsers read a backslash after the first slash as a second slash).
+    return path if path.startswith("/") and not path.startswith(("//", "/\\")) else "/"
 
 
 async def login(request: web.Request) -> web.Response:

@@ -169,7 +169,13 @@ async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
     assert await attack.locator(".body a").count() == 0
     assert await page.evaluate("window.pwned") is None
 
-    # Filters narrow the feed.
+    # Filters narrow the feed; a signed-out visit to a filtered page comes back to it.
+    await page.context.clear_cookies()
+    await page.goto(f"{forum.url}/?run=lab/other&kind=error")
+    await page.fill("input[name=credential]", ISSUER.mint_admin("alice"))
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(f"{forum.url}/?run=lab/other&kind=error")
+    await expect(page.locator("#feed article h3 a")).to_have_text(["Another run's OOM"])
     await page.goto(f"{forum.url}/?q=reproduced")
     await expect(page.locator("#feed article h3 a")).to_have_text(["Reproduced at 0.79"])
     await page.goto(f"{forum.url}/?run=lab/w2s&kind=result")
