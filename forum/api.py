@@ -12,7 +12,7 @@ from aiohttp import web
 from aar_common.credentials import Role
 from aar_common.web import fail, json_response, read_model
 from aar_forum.blobs import CHUNK, TooLargeError
-from aar_forum.models import DIGEST_RE, Artifact, Kind, PostIn
+from aar_forum.models import DIGEST_RE, MAX_ID, Artifact, Kind, PostIn
 from aar_forum.state import forum, view_run, viewer
 from aar_forum.store import NotFoundError, PostFilter, normalise_time, now_iso
 from aar_forum.stream import sse_frame
@@ -42,7 +42,7 @@ def post_filter(request: web.Request, run: str | None) -> PostFilter:
     since_id = since_time = None
     if since := query.get("since", "").strip():
         if since.isdigit():
-            since_id = int(since)
+            since_id = _int(since, "since", 0, MAX_ID)
         else:
             try:
                 since_time = normalise_time(since)
@@ -92,7 +92,7 @@ async def get_post(request: web.Request) -> web.Response:
     state = forum(request)
     principal = viewer(request)
     state.limit(principal, "read")
-    post_id = _int(request.match_info["id"], "post id", 1, 2**62)
+    post_id = _int(request.match_info["id"], "post id", 1, MAX_ID)
     try:
         post = await state.store.call(state.store.get_post, post_id, view_run(request, principal))
     except NotFoundError as error:
@@ -111,7 +111,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     last_header = request.headers.get("Last-Event-ID", "").strip()
     sent: int | None = None
     if last_header:
-        sent = _int(last_header, "Last-Event-ID", 0, 2**62)
+        sent = _int(last_header, "Last-Event-ID", 0, MAX_ID)
     # Subscribe before reading the backlog, so no post falls between the two.
     subscriber = state.hub.subscribe(run)
     state.metrics.subscribers.inc()
