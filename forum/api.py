@@ -132,6 +132,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 sent = post.id
             if len(backlog) < REPLAY_BATCH:
                 break
+        # Live posts already sent by the replay are skipped; no others, whatever their order.
+        replayed = sent
         while not subscriber.closed:
             try:
                 await asyncio.wait_for(subscriber.wake.wait(), HEARTBEAT_S)
@@ -141,10 +143,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             subscriber.wake.clear()
             while subscriber.frames:
                 post_id, frame = subscriber.frames.popleft()
-                if sent is not None and post_id <= sent:
-                    continue
-                await response.write(frame)
-                sent = post_id
+                if replayed is None or post_id > replayed:
+                    await response.write(frame)
             if subscriber.overflowed:
                 break  # the client reconnects with Last-Event-ID and catches up
     except (ConnectionResetError, ConnectionError):
