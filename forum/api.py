@@ -21,6 +21,7 @@ MAX_LIMIT = 500
 # Comment lines keep idle streams open through proxies and load balancers.
 HEARTBEAT_S = 15.0
 REPLAY_BATCH = 500
+UPLOAD_BATCH = 1024 * 1024
 
 
 def _int(value: str, name: str, low: int, high: int) -> int:
@@ -195,8 +196,15 @@ async def upload_artifact(request: web.Request) -> web.Response:
             fail(400, f"X-Aar-Parent: artifact {parent} not found in run {run}; upload it first")
     upload = state.blobs.upload(limit)
     try:
+        # Hashing and writing happen off the event loop, a megabyte at a time, so a large
+        # upload never stalls the stream or other requests (not even under write-back).
+        pending = bytearray()
         async for chunk in request.content.iter_chunked(CHUNK):
-            upload.write(chunk)
+            pending += chunk
+            if len(pending) >= UPLOAD_BATCH:
+                await asyncio.to_thread(upload.write, bytes(pending))
+                pending.clear()
+        await asyncio.to_thread(upload.write, bytes(pending))
     except TooLargeError:
         upload.abort()
         state.metrics.artifacts.labels("too_large").inc()
