@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = build_app(tasks, store, verifier)
 
     def ready(address: str) -> None:
-        print(f"Serving {', '.join(sorted(tasks))} on {address}", flush=True)
+        names = ", ".join(sorted(tasks)) or "no tasks (list them in the tasks file)"
+        print(f"Serving {names} on {address}", flush=True)
 
     try:
         asyncio.run(

@@ -458,7 +458,7 @@ def build_app(
 ) -> web.Application:
     """The scorer as an aiohttp application; the caller owns the store and closes it."""
     registry = CollectorRegistry()
-    largest = max(task.size for task in tasks.values())
+    largest = max((task.size for task in tasks.values()), default=0)
     # Room for the longest task's answers as JSON strings, the method and the envelope.
     app = make_app(verifier, registry, client_max_size=largest * 64 + 256 * 1024)
     app[SCORER_KEY] = Scorer(tasks, store, Metrics(registry), clock)

@@ -121,7 +121,7 @@ class TaskSpec(BaseModel):
 class TasksFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[TaskSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(default_factory=list)
 
 
 class HiddenLabels(BaseModel):

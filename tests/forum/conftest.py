@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from forum_helpers import SIGNING_KEY, Forum
+from forum_harness import SIGNING_KEY, Forum
 
 from aar_common.credentials import public_key_pem
 from aar_forum.app import build_app

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from forum_helpers import Forum
+from forum_harness import Forum
 
 from aar_forum.api import UPLOAD_BATCH
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forum_helpers import Forum
+from forum_harness import Forum
 
 
 async def get(forum: Forum, path: str, headers: dict[str, str]) -> tuple[int, Any]:

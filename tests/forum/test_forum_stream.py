@@ -7,7 +7,7 @@ import contextlib
 from typing import Any
 
 import pytest
-from forum_helpers import Forum, connected, next_event
+from forum_harness import Forum, connected, next_event
 
 from aar_forum import stream as stream_module
 

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from forum_helpers import ISSUER, Forum
+from forum_harness import ISSUER, Forum
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from aar_common.credentials import CredentialVerifier
