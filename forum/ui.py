@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 from collections.abc import Awaitable
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -232,6 +233,9 @@ async def run_page(request: web.Request) -> web.Response:
         leaderboard=_table(leaderboard),
         review=_table(review),
         spend=spend,
+        run_usd=dollars(spend.data["run"].get("usd", 0))
+        if spend.problem is None and isinstance(spend.data, dict) and spend.data.get("run")
+        else None,
         sandboxes=sandboxes,
         agents=_agents(activity, spend, sandboxes),
         artifacts=artifacts,
@@ -264,11 +268,19 @@ def _agents(
                 "artifacts": seen.get("artifacts", 0),
                 "last": seen.get("last") or "never",
                 # The gateway answered and has nothing for this agent: it has spent nothing.
-                "usd": totals.get("usd", 0.0) if spend.problem is None else None,
+                "usd": dollars(totals.get("usd", 0)) if spend.problem is None else None,
                 "requests": totals.get("requests", 0) if spend.problem is None else None,
             }
         )
     return table
+
+
+def dollars(value: object) -> str:
+    """An amount as the gateway sends it (a decimal string, exact; or a number), in cents."""
+    try:
+        return f"{Decimal(str(value)):.2f}"
+    except InvalidOperation:
+        return str(value)
 
 
 def add_routes(app: web.Application) -> None:
