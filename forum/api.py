@@ -113,8 +113,18 @@ async def stream(request: web.Request) -> web.StreamResponse:
     sent: int | None = None
     if last_header:
         sent = _int(last_header, "Last-Event-ID", 0, MAX_ID)
+    owner = f"{principal.run_key}/{principal.agent}" if principal.role is Role.AGENT else ""
+    limit = state.settings.streams_per_agent
+    if owner and state.hub.held_by(owner) >= limit:
+        state.metrics.rate_limited.labels("stream").inc()
+        fail(
+            429,
+            f"agent {principal.agent} already has {limit} streams open, the most allowed; "
+            "close one (one stream is all an agent needs)",
+            headers={"retry-after": "5"},
+        )
     # Subscribe before reading the backlog, so no post falls between the two.
-    subscriber = state.hub.subscribe(run)
+    subscriber = state.hub.subscribe(run, owner, lambda: _connected(request))
     state.metrics.subscribers.inc()
     response = web.StreamResponse(
         headers={
@@ -154,6 +164,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
         state.hub.unsubscribe(subscriber)
         state.metrics.subscribers.dec()
     return response
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 # Artifacts
