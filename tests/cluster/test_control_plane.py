@@ -197,7 +197,8 @@ def test_helm_installs_the_chart(helm: Tool, kubectl: Tool, repo_root: Path) -> 
     chart = str(repo_root / "charts" / "aar")
     helm.run("lint", "--strict", chart)
 
-    helm.run("install", "aar-test", chart, "--wait", "--timeout", "60s")
+    # No --wait: without a kubelet the chart's Deployments are created but never become ready.
+    helm.run("install", "aar-test", chart)
 
     releases = helm.json("list")
     assert [(r["name"], r["status"]) for r in releases] == [("aar-test", "deployed")]
