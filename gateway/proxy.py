@@ -158,7 +158,8 @@ class Proxy:
         try:
             self.prices.price(call.model)
         except PricingError as error:
-            self._refuse(call, 400, "invalid_request_error", str(error))
+            # Not the request's fault, and no retry or shorter prompt would help: a policy refusal.
+            self._refuse(call, 403, "permission_error", str(error))
         if refusal := budget_refusal(self.store, run, agent):
             self._refuse(call, refusal.status, refusal.error_type, refusal.message)
         # Last, so that only requests about to go upstream use up the agent's rate.

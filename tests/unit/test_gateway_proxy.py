@@ -328,7 +328,7 @@ async def test_a_model_without_a_price_is_refused_before_it_costs_anything(
     gateway: Gateway,
 ) -> None:
     async with gateway.client() as client:
-        with pytest.raises(anthropic.BadRequestError) as refused:
+        with pytest.raises(anthropic.PermissionDeniedError) as refused:
             await client.messages.create(model="claude-next-9", max_tokens=10, messages=HI)
         # A dated snapshot of a priced model is priced as its family.
         await client.messages.create(model="claude-haiku-4-5-20251001", max_tokens=10, messages=HI)
@@ -597,6 +597,7 @@ async def test_when_spend_cannot_be_written_the_gateway_refuses_further_requests
 ) -> None:
     async with gateway.client() as client:
         await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+        await gateway.spend()  # the first request's row is written (just after its answer)
         with sqlite3.connect(gateway.directory / "data" / "gateway.sqlite3") as db:
             db.execute("DROP TABLE ledger")  # the volume lost the ledger under the gateway
         await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
@@ -635,12 +636,21 @@ def helm_template(repo_root: Path, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+def gateway_objects(rendered: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rendered objects that belong to the gateway, by kind and name."""
+    return {
+        (o["kind"], o["metadata"]["name"]): o
+        for o in yaml.safe_load_all(rendered)
+        if o and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway"
+    }
+
+
 def test_the_chart_leaves_the_gateway_out_unless_enabled_and_then_needs_the_key_secret(
     repo_root: Path,
 ) -> None:
     default = helm_template(repo_root)
     assert default.returncode == 0, default.stderr
-    assert "aar-gateway" not in default.stdout
+    assert gateway_objects(default.stdout) == {}
     keyless = helm_template(repo_root, "--set", "gateway.enabled=true")
     assert keyless.returncode != 0
     assert "gateway.apiKey.existingSecret: name the Secret" in keyless.stderr
@@ -655,7 +665,7 @@ async def test_the_gateway_serves_as_the_chart_configures_it(
     values.write_text(CHART_VALUES + f"  upstream: {stub[1]}\n")
     rendered = helm_template(repo_root, "-f", str(values))
     assert rendered.returncode == 0, rendered.stderr
-    objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(rendered.stdout)}
+    objects = gateway_objects(rendered.stdout)
     assert set(objects) == {
         ("Deployment", "aar-gateway"),
         ("Service", "aar-gateway"),
