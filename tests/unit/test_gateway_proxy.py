@@ -396,7 +396,7 @@ async def test_an_unreachable_or_silent_upstream_is_a_retryable_502_or_504(
         write_keys(instance.directory)
         await instance.start()
         await instance.budget(1.0)
-    stub[0].script(Reply.text("too late", delay=3))
+    stub[0].script(Reply.text("too late", delay=1))
     try:
         for instance, status, kind in (
             (unreachable, 502, "api_error"),
@@ -824,9 +824,11 @@ async def test_an_sdk_retry_after_its_timeout_is_billed_once_with_a_key_and_as_p
     gateway: Gateway, key: str | None
 ) -> None:
     # The first attempt outlives the SDK's timeout; the upstream generates it all the same.
-    gateway.stub.responder = lambda _: Reply.text("slow but sure", usage=USAGE, delay=1.0)
+    # The SDK gives up on the first attempt after 1 s, retries 0.4 to 0.5 s later and waits 1 s
+    # more; the upstream answers the first at 1.6 s: well inside the retry's wait, either way.
+    gateway.stub.responder = lambda _: Reply.text("slow but sure", usage=USAGE, delay=1.6)
     headers = {"Idempotency-Key": key} if key else {}
-    async with gateway.client(max_retries=1, timeout=0.4) as client:
+    async with gateway.client(max_retries=1, timeout=1.0) as client:
         if key:  # the retry waits for the attempt in flight and gets its answer
             message = await client.messages.create(
                 model=MODEL, max_tokens=10, messages=HI, extra_headers=headers
@@ -836,7 +838,7 @@ async def test_an_sdk_retry_after_its_timeout_is_billed_once_with_a_key_and_as_p
             with pytest.raises(anthropic.APITimeoutError):
                 await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
     upstream_exchanges = 1 if key else 2
-    for _ in range(300):  # the abandoned exchanges finish upstream, and are metered
+    for _ in range(500):  # the abandoned exchanges finish upstream, and are metered
         spend = await gateway.spend()
         if spend["run"]["requests"] >= upstream_exchanges:
             break
