@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agent_env import AGENT, NAMESPACE, RUN, Service, finish, start_agent
 
 from aar_agent.config import Settings
@@ -65,30 +66,42 @@ def upstream_answers_started(gateway: Service, count: int) -> bool:
     return bool(lines) and float(lines[0].split()[-1]) >= count
 
 
+@pytest.mark.parametrize("killed", ["mid_stream", "before_the_first_byte"])
 async def test_a_restart_that_lost_the_answer_gets_it_replayed_unbilled(
     upstream_stub: tuple[AnthropicStub, str],
     gateway: Service,
     sandbox_env: dict[str, str],
+    killed: str,
 ) -> None:
     upstream, _ = upstream_stub
     gateway.call("PUT", f"/api/v1/budgets/{RUN_KEY}", {"usd": None, "agents": {}})
     env = {**sandbox_env, "ANTHROPIC_BASE_URL": gateway.url}
     workspace = Path(env["AAR_WORKSPACE"])
+    asked, gone = asyncio.Event(), asyncio.Event()
+    answer = Reply.tool("bash", {"command": "echo ran >> answers.log"}, text="x" * 400)
 
-    def slow_answer(_: dict[str, Any]) -> Reply:
+    async def lost_answer(_: dict[str, Any]) -> Reply:
         upstream.responder = None  # later requests take the scripted replies
-        upstream.chunk_delay = 0.2  # long enough to kill the agent while it streams
-        return Reply.tool("bash", {"command": "echo ran >> answers.log"}, text="x" * 400)
+        asked.set()
+        if killed == "before_the_first_byte":
+            await gone.wait()
+        else:
+            upstream.chunk_delay = 0.2  # long enough to kill the agent while it streams
+        return answer
 
     upstream.script(Reply.tool("bash", {"command": "touch started"}))
-    upstream.responder = slow_answer
+    upstream.responder = lost_answer
     first = await start_agent(env)
-    while not await asyncio.to_thread(upstream_answers_started, gateway, 2):
-        assert first.returncode is None, "aar-agent exited before its second request"
-        await asyncio.sleep(0.05)
+    await asyncio.wait_for(asked.wait(), 120)
+    if killed == "mid_stream":
+        while not await asyncio.to_thread(upstream_answers_started, gateway, 2):
+            assert first.returncode is None, "aar-agent exited before its second request"
+            await asyncio.sleep(0.05)
     first.kill()
     await first.wait()
-    upstream.chunk_delay = 0  # the gateway reads the rest, bills it and keeps it for a retry
+    # The upstream answers in full; the gateway reads it to the end, bills it and keeps it.
+    upstream.chunk_delay = 0
+    gone.set()
 
     upstream.script(Reply.text("Done."), Reply.text("Finished."))
     code, logs = await finish(await start_agent(env))
