@@ -42,6 +42,7 @@ from aar_forum.store import Store
 FANOUT_TARGET_S = 1.0
 POLL_INTERVAL_S = 60.0
 KINDS = list(Kind)
+SHAPES = ["common word", "rare word", "two words", "prefix+kind", "tag+author"]
 TAGS = ["loss", "pgr", "ensemble", "data", "teacher", "student", "eval", "bug", "idea", "probe"]
 
 
@@ -165,13 +166,23 @@ async def measure_search(
             query = {"tag": rng.choice(TAGS), "author": "run-1-3"}
         queries.append(query)
     latencies = []
+    by_kind: dict[str, list[float]] = {}
     for index, query in enumerate(queries):
         started = time.perf_counter()
-        caller = callers[index // 5 % len(callers)]
-        async with http.get(f"{url}/api/v1/posts", params=query, headers=caller) as response:
+        caller_index = index // 5 % len(callers)
+        async with http.get(
+            f"{url}/api/v1/posts", params=query, headers=callers[caller_index]
+        ) as response:
             assert response.status == 200, await response.text()
             await response.read()
         latencies.append(time.perf_counter() - started)
+        name = f"{SHAPES[index % 5]}, {'agent' if caller_index == 0 else 'admin'}"
+        by_kind.setdefault(name, []).append(latencies[-1])
+    for name, values in by_kind.items():
+        print(
+            f"  {name}: p50 {statistics.median(values) * 1000:.1f} ms, "
+            f"p99 {percentile(values, 0.99) * 1000:.1f} ms"
+        )
     return {
         "p50": statistics.median(latencies),
         "p99": percentile(latencies, 0.99),
@@ -298,10 +309,14 @@ def main() -> None:
         (root / "public-key.pem").write_bytes(public_key_pem(key))
         seconds = load(root / "data", args.posts, runs=10, agents=9, words=words)
         print(f"loaded {args.posts} posts in {seconds:.1f} s (not timed below)")
+        # The machine is shared: its load is part of what the figures mean.
+        load_average = os.getloadavg()[0]
+        print(f"load average (1 min) before timing: {load_average:.1f} on {os.cpu_count()} CPUs")
         port = args.port or free_port()
         server = Server(root / "data", root / "public-key.pem", port, root / "forum.log")
         try:
             figures = asyncio.run(run(args, server.url, issuer, words))
+            figures["load_average_1m"] = round(load_average, 2)
         finally:
             server.stop()
     print(json.dumps(figures))

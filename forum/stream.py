@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from aar_forum.models import Post
 
@@ -21,8 +22,10 @@ def sse_frame(post: Post) -> bytes:
 
 
 class Subscriber:
-    def __init__(self, run: str | None) -> None:
+    def __init__(self, run: str | None, owner: str, connected: Callable[[], bool]) -> None:
         self.run = run  # None: every run (admins)
+        self.owner = owner
+        self.connected = connected
         self.frames: deque[tuple[int, bytes]] = deque()
         self.overflowed = False
         self.closed = False
@@ -47,10 +50,25 @@ class Hub:
     def __len__(self) -> int:
         return len(self._subscribers)
 
-    def subscribe(self, run: str | None) -> Subscriber:
-        subscriber = Subscriber(run)
+    def subscribe(
+        self, run: str | None, owner: str, connected: Callable[[], bool] = lambda: True
+    ) -> Subscriber:
+        subscriber = Subscriber(run, owner, connected)
         self._subscribers.add(subscriber)
         return subscriber
+
+    def held_by(self, owner: str) -> int:
+        """How many streams `owner` has open. One whose client has gone is ended here: an idle
+        stream would otherwise notice only at its next heartbeat."""
+        held = 0
+        for subscriber in self._subscribers:
+            if subscriber.owner != owner:
+                continue
+            if subscriber.connected():
+                held += 1
+            else:
+                subscriber.close()
+        return held
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)

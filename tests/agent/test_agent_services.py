@@ -128,6 +128,8 @@ async def test_posts_submissions_and_artifacts_reach_the_real_services(
     assert str(json.loads(submitted)["id"]) in board
     assert digest(results) in listed
     assert again == "nothing new on the forum"
+    # The forum cursor is saved with the state, so a restarted agent is not shown old news.
+    assert agent.state.forum_cursor == str(posts_seen_last(forum))
     # What the services themselves hold, seen as an admin.
     posts = forum.call("GET", f"/api/v1/posts?run={RUN_KEY}&author=w2s-chat-0")["posts"]
     assert len(posts) == 1
@@ -144,6 +146,11 @@ async def test_posts_submissions_and_artifacts_reach_the_real_services(
     assert (workspace / "fetched" / "code" / "train.py").read_text() == "print(1)\n"
     assert "extracted" in fetched
     assert published.startswith("published code.tar.gz as sha256:")
+
+
+def posts_seen_last(forum: Service) -> int:
+    newest: int = forum.call("GET", f"/api/v1/posts?run={RUN_KEY}&limit=1")["posts"][0]["id"]
+    return newest
 
 
 def _results(request: dict[str, Any]) -> list[dict[str, Any]]:

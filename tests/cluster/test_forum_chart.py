@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from helm_chart import Chart
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_devcluster.controlplane import ControlPlane
@@ -22,12 +23,9 @@ from aar_forum.settings import Settings
 
 
 def test_helm_install_creates_the_forum_deployment_service_and_volume(
-    helm: Tool, kubectl: Tool, namespace: str, repo_root: Path
+    chart: Chart, kubectl: Tool, namespace: str
 ) -> None:
-    helm.run(
-        "install",
-        "aar",
-        str(repo_root / "charts" / "aar"),
+    chart.install(
         "--set",
         "forum.storage.size=5Gi",
         "--set",
@@ -81,15 +79,14 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> An
 
 
 async def test_the_web_ui_shows_each_agents_pod_state_with_the_charts_rbac(
-    helm: Tool,
+    chart: Chart,
     kubectl: Tool,
     namespace: str,
-    repo_root: Path,
     control_plane: ControlPlane,
     tmp_path: Path,
     unused_tcp_port: int,
 ) -> None:
-    helm.run("install", "aar", str(repo_root / "charts" / "aar"))
+    chart.install()
     # The forum's own ServiceAccount token (1.20's token controller writes it into a Secret).
     secret = wait_for(
         lambda: kubectl.json("get", "serviceaccount", "aar-forum").get("secrets"),

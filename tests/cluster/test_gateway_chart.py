@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helm_chart import Chart
+
 from aar_devcluster.tools import Tool
 
 
 def test_helm_installs_the_gateway_with_its_key_secret_volume_and_service(
-    helm: Tool, kubectl: Tool, repo_root: Path, tmp_path: Path
+    chart: Chart, kubectl: Tool, tmp_path: Path
 ) -> None:
     values = tmp_path / "values.yaml"
     values.write_text(
@@ -23,7 +25,7 @@ def test_helm_installs_the_gateway_with_its_key_secret_volume_and_service(
     kubectl.run(
         "create", "secret", "generic", "anthropic-api-key", "--from-literal=api-key=sk-ant-x"
     )
-    helm.run("install", "aar", str(repo_root / "charts" / "aar"), "-f", str(values))
+    chart.install("-f", str(values))
 
     deployment = kubectl.json("get", "deployment", "aar-gateway")
     pod = deployment["spec"]["template"]["spec"]

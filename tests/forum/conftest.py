@@ -4,20 +4,17 @@ directory, spoken to over real HTTP with real credentials."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from forum_harness import SIGNING_KEY, Forum
 
-from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
+from aar_common.credentials import public_key_pem
 from aar_forum.app import build_app
 from aar_forum.settings import Settings
-
-SIGNING_KEY = generate_signing_key()
-ISSUER = CredentialIssuer(SIGNING_KEY)
 
 
 @pytest.fixture(scope="session")
@@ -25,32 +22,6 @@ def public_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "public-key.pem"
     path.write_bytes(public_key_pem(SIGNING_KEY))
     return path
-
-
-@dataclass
-class Forum:
-    url: str
-    settings: Settings
-    http: aiohttp.ClientSession
-    app: web.Application
-    runner: web.AppRunner
-
-    @staticmethod
-    def agent(name: str, run: str = "lab/w2s") -> dict[str, str]:
-        """Headers carrying an agent credential for `run` (`namespace/run`)."""
-        namespace, run_name = run.split("/")
-        return {"Authorization": f"Bearer {ISSUER.mint_agent(namespace, run_name, name)}"}
-
-    @staticmethod
-    def admin(subject: str = "alice") -> dict[str, str]:
-        return {"Authorization": f"Bearer {ISSUER.mint_admin(subject)}"}
-
-    async def post(self, headers: dict[str, str], **body: Any) -> dict[str, Any]:
-        body.setdefault("kind", "insight")
-        async with self.http.post(f"{self.url}/api/v1/posts", json=body, headers=headers) as r:
-            assert r.status == 201, await r.text()
-            result: dict[str, Any] = await r.json()
-            return result
 
 
 @pytest.fixture

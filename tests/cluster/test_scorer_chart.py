@@ -1,17 +1,16 @@
-"""The chart's scorer namespace, against a real apiserver: only the scorer's ServiceAccount can
+"""The chart's scorer, against a real apiserver. Only the scorer's ServiceAccount can
 read the hidden labels; an agent's and the operator's cannot get, list or watch its Secrets.
 Every check is a request made as that ServiceAccount (impersonation), not a reading of YAML."""
 
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helm_chart import Chart
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool, ToolError
@@ -27,31 +26,25 @@ TASK = {
 
 
 @pytest.fixture
-def installed(
-    helm: Tool, kubectl: Tool, control_plane: ControlPlane, repo_root: Path
-) -> Iterator[dict[str, Any]]:
+def installed(chart: Chart, control_plane: ControlPlane) -> dict[str, Any]:
     """The chart installed as shipped, in a scorer namespace of this test's own."""
-    scorer_namespace = f"aar-scorer-{secrets.token_hex(3)}"
+    scorer_namespace = chart.scorer_namespace
     release = "aar-test"
-    values = ["--set", f"scorer.namespace={scorer_namespace}", "--set-json",
-              f"scorer.tasks=[{json.dumps(TASK)}]"]  # fmt: skip
-    chart = str(repo_root / "charts" / "aar")
-    manifests = list(yaml.safe_load_all(helm.run("template", release, chart, *values)))
-    helm.run("install", release, chart, *values)
+    values = ["--set-json", f"scorer.tasks=[{json.dumps(TASK)}]"]
+    manifests = list(yaml.safe_load_all(chart.template(*values, release=release)))
+    chart.install(*values, release=release)
     # The labels Secret: created by whoever holds the labels, never by the chart.
     admin = Tool("kubectl", control_plane.kubeconfig_path, scorer_namespace)
     admin.run(
         "create", "secret", "generic", "aar-scorer-labels",
         "--from-literal=w2s-toy.json={}", "--from-literal=decoy=not-for-anyone",
     )  # fmt: skip
-    yield {
+    return {
         "namespace": scorer_namespace,
         "manifests": [m for m in manifests if m],
         "release": release,
         "admin": admin,
     }
-    helm.run("uninstall", release, "--wait=false")
-    admin.run("delete", "namespace", scorer_namespace, "--wait=false")
 
 
 def operator_service_account(manifests: list[dict[str, Any]], fallback: str) -> str:
@@ -138,3 +131,28 @@ def test_the_rendered_tasks_file_is_what_the_scorer_loads(
     assert task.spec.quota.per_agent == 5
     assert task.spec.feedback.step == 0.02
     assert task.size == 100
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--set", "scorer.labelSecret=typo", "additional properties 'labelSecret' not allowed"),
+        (
+            "--set-json",
+            'scorer.tasks=[{"name": "t", "labels": [0, 1], "baselines": {"weak": 0.5}}]',
+            "missing property 'ceiling'",
+        ),
+        (
+            "--set-json",
+            'scorer.tasks=[{"name": "t", "labels": [0, 1], '
+            '"baselines": {"weak": 0.5, "ceiling": 0.9}, "probing": {"action": "ignore"}}]',
+            "value must be one of 'refuse', 'flag'",
+        ),
+    ],
+)
+def test_the_chart_refuses_scorer_values_it_does_not_know(
+    chart: Chart, flag: str, value: str, message: str
+) -> None:
+    with pytest.raises(ToolError) as refused:
+        chart.template(flag, value)
+    assert message in refused.value.stderr
