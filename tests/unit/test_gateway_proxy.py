@@ -645,15 +645,19 @@ def gateway_objects(rendered: str) -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
-def test_the_chart_leaves_the_gateway_out_unless_enabled_and_then_needs_the_key_secret(
+def test_the_chart_deploys_the_gateway_by_default_and_refuses_it_without_a_key_secret(
     repo_root: Path,
 ) -> None:
     default = helm_template(repo_root)
     assert default.returncode == 0, default.stderr
-    assert gateway_objects(default.stdout) == {}
-    keyless = helm_template(repo_root, "--set", "gateway.enabled=true")
+    pod = gateway_objects(default.stdout)[("Deployment", "aar-gateway")]["spec"]["template"]
+    (key,) = [v for v in pod["spec"]["volumes"] if v["name"] == "api-key"]
+    assert key["secret"]["secretName"] == "anthropic-api-key"
+    keyless = helm_template(repo_root, "--set", "gateway.apiKey.existingSecret=")
     assert keyless.returncode != 0
     assert "gateway.apiKey.existingSecret: name the Secret" in keyless.stderr
+    disabled = helm_template(repo_root, "--set", "gateway.enabled=false")
+    assert gateway_objects(disabled.stdout) == {}
     unknown = helm_template(repo_root, "--set", "gateway.apikey.existingSecret=x")
     assert "additional properties 'apikey' not allowed" in unknown.stderr
 
