@@ -28,6 +28,7 @@ from aar_common.anthropic_stub import USAGE_FIELDS, AnthropicStub, Reply, start
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_devcluster.paths import BinariesMissingError, binary
 from aar_gateway.app import Settings, build_app
+from aar_gateway.app import main as gateway_main
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -645,15 +646,19 @@ def gateway_objects(rendered: str) -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
-def test_the_chart_leaves_the_gateway_out_unless_enabled_and_then_needs_the_key_secret(
+def test_the_chart_deploys_the_gateway_by_default_and_refuses_it_without_a_key_secret(
     repo_root: Path,
 ) -> None:
     default = helm_template(repo_root)
     assert default.returncode == 0, default.stderr
-    assert gateway_objects(default.stdout) == {}
-    keyless = helm_template(repo_root, "--set", "gateway.enabled=true")
+    pod = gateway_objects(default.stdout)[("Deployment", "aar-gateway")]["spec"]["template"]
+    (key,) = [v for v in pod["spec"]["volumes"] if v["name"] == "api-key"]
+    assert key["secret"]["secretName"] == "anthropic-api-key"
+    keyless = helm_template(repo_root, "--set", "gateway.apiKey.existingSecret=")
     assert keyless.returncode != 0
     assert "gateway.apiKey.existingSecret: name the Secret" in keyless.stderr
+    disabled = helm_template(repo_root, "--set", "gateway.enabled=false")
+    assert gateway_objects(disabled.stdout) == {}
     unknown = helm_template(repo_root, "--set", "gateway.apikey.existingSecret=x")
     assert "additional properties 'apikey' not allowed" in unknown.stderr
 
@@ -846,3 +851,33 @@ async def test_an_sdk_retry_after_its_timeout_is_billed_once_with_a_key_and_as_p
     assert len(gateway.stub.requests) == gateway.stub.messages_answered == upstream_exchanges
     assert spend["run"]["requests"] == upstream_exchanges
     assert Decimal(spend["run"]["usd"]) == upstream_exchanges * dollars(USAGE)
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"AAR_ANTHROPIC_API_KEY_FILE": None}, "--api-key-file or $AAR_ANTHROPIC_API_KEY_FILE"),
+        ({"AAR_ANTHROPIC_API_KEY_FILE": "/nonexistent/key"}, "cannot read the Anthropic API key"),
+        ({"AAR_CREDENTIAL_PUBLIC_KEY_FILE": "/nonexistent"}, "aar-credential-public-key"),
+        ({"AAR_GATEWAY_PRICES_FILE": "prices.yaml"}, "must be a mapping with a 'version'"),
+    ],
+)
+def test_a_misconfigured_gateway_exits_saying_what_to_fix(
+    tmp_path: Path,
+    change: dict[str, str | None],
+    complaint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_keys(tmp_path)
+    (tmp_path / "prices.yaml").write_text("models: {}\n")
+    monkeypatch.chdir(tmp_path)
+    for name, value in {**process_env(tmp_path, "http://127.0.0.1:1"), **change}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        gateway_main(["--port", str(free_port())])
+    assert exited.value.code != 0
+    assert complaint in f"{exited.value.code} {capsys.readouterr().err}"
