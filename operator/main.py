@@ -1,0 +1,119 @@
+"""Routing only: which Kopf cause calls which handler. The work is in `handlers/`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+import kopf
+
+from aar_common.credentials import CredentialIssuer
+from aar_operator import keys, metrics
+from aar_operator.config import OperatorConfig
+from aar_operator.context import Context
+from aar_operator.handlers.run import reconcile_run
+from aar_operator.handlers.sandbox import reconcile_sandbox
+from aar_operator.kube import Kube
+from aar_operator.models import GROUP, VERSION
+from aar_operator.services import ADMIN_SUBJECT, ADMIN_TTL_SECONDS, Services
+
+RUNS = (GROUP, VERSION, "researchruns")
+SANDBOXES = (GROUP, VERSION, "agentsandboxes")
+
+
+def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    """The same credentials Kopf logs in with: the in-cluster service account, else kubeconfig."""
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
+        settings=settings
+    )
+    if info is None:
+        raise kopf.PermanentError(
+            "no Kubernetes credentials: run in a Pod with a service account or set KUBECONFIG"
+        )
+    return info
+
+
+def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
+    """Every route of the operator, into `registry`."""
+
+    @kopf.on.login(registry=registry)
+    def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+        return connection(settings)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(
+        settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        settings.persistence.finalizer = f"{GROUP}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration"
+        )
+        # Our own events say what changed; Kopf's per-handler chatter stays in the log.
+        settings.posting.level = logging.WARNING
+        settings.batching.worker_limit = config.workers
+        settings.watching.server_timeout = 300
+        kube = Kube.connect(connection(settings))
+        pem = await keys.signing_key(kube, config)
+        for failure in await keys.publish_public_key(kube, config, pem):
+            logger.warning(f"Could not publish the public key: {failure}")
+        issuer = CredentialIssuer(pem)
+        services = None
+        if config.services:
+            services = Services(
+                aiohttp.ClientSession(),
+                config.gateway_url,
+                config.scorer_url,
+                issuer.mint_admin(ADMIN_SUBJECT, ttl_seconds=ADMIN_TTL_SECONDS * 24 * 365),
+            )
+        memo.context = Context(kube=kube, config=config, issuer=issuer, services=services)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        context: Context | None = memo.get("context")
+        if context is not None:
+            await context.kube.close()
+            if context.services is not None:
+                await context.services.close()
+
+    @kopf.on.resume(*RUNS, registry=registry)
+    @kopf.on.create(*RUNS, registry=registry)
+    @kopf.on.update(*RUNS, registry=registry)
+    @kopf.timer(
+        *RUNS,
+        interval=config.resync_seconds,
+        initial_delay=config.resync_seconds,
+        registry=registry,
+    )
+    async def run_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+        context: Context = memo.context
+        async with context.locks[body["metadata"]["uid"]]:
+            await reconcile_run(context, body, logger)
+
+    @kopf.on.delete(*RUNS, optional=True, registry=registry)
+    async def run_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        context: Context = memo.context
+        context.runs.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
+        context.locks.pop(body["metadata"]["uid"], None)
+        metrics.run_gone(body["metadata"]["namespace"], body["metadata"]["name"])
+
+    @kopf.on.resume(*SANDBOXES, registry=registry)
+    @kopf.on.create(*SANDBOXES, registry=registry)
+    @kopf.on.update(*SANDBOXES, registry=registry)
+    @kopf.timer(
+        *SANDBOXES,
+        interval=config.resync_seconds,
+        initial_delay=config.resync_seconds,
+        registry=registry,
+    )
+    async def sandbox_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        context: Context = memo.context
+        async with context.locks[body["metadata"]["uid"]]:
+            await reconcile_sandbox(context, body)
+
+    @kopf.on.delete(*SANDBOXES, optional=True, registry=registry)
+    async def sandbox_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        context: Context = memo.context
+        context.locks.pop(body["metadata"]["uid"], None)
+        metrics.sandbox_gone(body["metadata"]["namespace"], body["metadata"]["name"])
