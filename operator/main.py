@@ -36,6 +36,8 @@ def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     """Every route of the operator, into `registry`."""
+    # A failed reconcile is retried soon; the next resync would retry it anyway.
+    backoff, every = min(10.0, config.resync_seconds), config.resync_seconds
 
     @kopf.on.login(registry=registry)
     def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
@@ -77,15 +79,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             if context.services is not None:
                 await context.services.close()
 
-    @kopf.on.resume(*RUNS, registry=registry)
-    @kopf.on.create(*RUNS, registry=registry)
-    @kopf.on.update(*RUNS, registry=registry)
-    @kopf.timer(
-        *RUNS,
-        interval=config.resync_seconds,
-        initial_delay=config.resync_seconds,
-        registry=registry,
-    )
+    @kopf.on.resume(*RUNS, backoff=backoff, registry=registry)
+    @kopf.on.create(*RUNS, backoff=backoff, registry=registry)
+    @kopf.on.update(*RUNS, backoff=backoff, registry=registry)
+    @kopf.timer(*RUNS, interval=every, initial_delay=every, backoff=backoff, registry=registry)
     async def run_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
         context: Context = memo.context
         async with context.locks[body["metadata"]["uid"]]:
@@ -98,15 +95,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         context.locks.pop(body["metadata"]["uid"], None)
         metrics.run_gone(body["metadata"]["namespace"], body["metadata"]["name"])
 
-    @kopf.on.resume(*SANDBOXES, registry=registry)
-    @kopf.on.create(*SANDBOXES, registry=registry)
-    @kopf.on.update(*SANDBOXES, registry=registry)
-    @kopf.timer(
-        *SANDBOXES,
-        interval=config.resync_seconds,
-        initial_delay=config.resync_seconds,
-        registry=registry,
-    )
+    @kopf.on.resume(*SANDBOXES, backoff=backoff, registry=registry)
+    @kopf.on.create(*SANDBOXES, backoff=backoff, registry=registry)
+    @kopf.on.update(*SANDBOXES, backoff=backoff, registry=registry)
+    @kopf.timer(*SANDBOXES, interval=every, initial_delay=every, backoff=backoff, registry=registry)
     async def sandbox_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         context: Context = memo.context
         async with context.locks[body["metadata"]["uid"]]:

@@ -223,5 +223,15 @@ def parse_time(text: str) -> datetime:
 
 
 def dump(model: BaseModel) -> dict[str, Any]:
-    """A model as the apiserver stores it: camelCase, defaults included, no nulls."""
-    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+    """A model as the apiserver stores it: camelCase, defaults included, no nulls and no empty
+    strings (the 1.20 apiserver reads an empty string as null and refuses it for a string)."""
+    result: dict[str, Any] = _drop_empty(model.model_dump(mode="json", by_alias=True))
+    return result
+
+
+def _drop_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_empty(v) for k, v in value.items() if v is not None and v != ""}
+    if isinstance(value, list):
+        return [_drop_empty(item) for item in value]
+    return value
