@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,24 @@ def test_example_run_yields_exactly_the_sandboxes_and_their_children(
     )
     assert run["status"]["agents"]["desired"] == 9
     assert condition(run, "Ready")["status"] == "False"
+
+    # Prometheus: sandboxes by state and reconcile timings, labelled by run.
+    def scraped() -> str | None:
+        url = f"http://127.0.0.1:{aar_operator.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text: str = response.read().decode()
+        labels = f'namespace="{namespace}",run="w2s-chat",state="Unschedulable"'
+        unschedulable = f"aar_operator_sandboxes{{{labels}}} 9.0"
+        return text if unschedulable in text else None
+
+    metrics = eventually(scraped, what="nine Unschedulable sandboxes in /metrics")
+    assert (
+        f'aar_operator_reconcile_duration_seconds_count{{kind="AgentSandbox",namespace="{namespace}",'
+        'run="w2s-chat"}' in metrics
+    )
+    assert f'aar_run_agent_hours{{namespace="{namespace}",run="w2s-chat"}} 0.0' in metrics
+    with urllib.request.urlopen(f"http://127.0.0.1:{aar_operator.liveness_port}/healthz") as health:
+        assert health.status == 200
 
     # Deleting the run deletes everything it made.
     kubectl.run("delete", "researchrun", "w2s-chat", "--wait=false")
