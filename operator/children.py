@@ -13,6 +13,26 @@ import kopf
 from aar_operator.kube import ApiError, Kube, Ref
 
 
+class Changes:
+    """What one reconcile did to its children, posted as one Event per reason ("Created
+    ServiceAccount w2s-3, Pod w2s-3"): one request instead of one per child."""
+
+    MAX_NAMED = 20
+
+    def __init__(self) -> None:
+        self._done: dict[str, list[str]] = {}
+
+    def add(self, reason: str, ref: Ref) -> None:
+        self._done.setdefault(reason, []).append(f"{ref.kind} {ref.name}")
+
+    async def post(self, kube: Kube, body: kopf.Body) -> None:
+        for reason, done in self._done.items():
+            named = ", ".join(done[: self.MAX_NAMED])
+            more = f" and {len(done) - self.MAX_NAMED} more" if len(done) > self.MAX_NAMED else ""
+            await kube.event(body, "Normal", reason, f"{reason} {named}{more}")
+        self._done.clear()
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What ensuring one child did; `conflict` explains a name we may not take."""
@@ -69,19 +89,23 @@ def _differs(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
 async def ensure(
     kube: Kube,
     owner_body: kopf.Body,
+    changes: Changes,
     desired: dict[str, Any],
     *,
     update: dict[str, Any] | None = None,
     known: bool = False,
+    current: dict[str, Any] | None = None,
 ) -> Outcome:
     """Create `desired`, or bring an existing one we own in line with the fields in `update`
     (a merge patch; None means the object is immutable once made).
 
     `known`: the owner was reconciled before, so the child most likely exists and a read comes
-    first; otherwise creating first saves a request for each new child.
+    first; otherwise creating first saves a request for each new child. `current`: the object
+    as already read (from a list), so no read is needed at all.
     """
     ref = Ref.of(desired)
-    current = await kube.get(ref) if known else None
+    if current is None and known:
+        current = await kube.get(ref)
     if current is None:
         try:
             created = await kube.create(desired)
@@ -92,12 +116,7 @@ async def ensure(
             if current is None:  # deleted between the two calls: the next cycle creates it
                 return Outcome(None)
         else:
-            kopf.event(
-                owner_body,
-                type="Normal",
-                reason="Created",
-                message=f"Created {ref.kind} {ref.name}",
-            )
+            changes.add("Created", ref)
             return Outcome(created, "Created")
     owner_uid = desired["metadata"]["ownerReferences"][0]["uid"]
     if controller_uid(current) not in (owner_uid, None) and not _stale_controller(current, desired):
@@ -113,22 +132,21 @@ async def ensure(
             f"{ref.kind} {ref.name} exists and was not made for this agent; delete or rename it"
         )
         return Outcome(current, conflict=message)
-    wanted: dict[str, Any] = {"metadata": {"labels": desired["metadata"]["labels"]}}
-    wanted.update(update or {})
+    extra = dict(update or {})
+    metadata = {"labels": desired["metadata"]["labels"], **extra.pop("metadata", {})}
+    wanted: dict[str, Any] = {"metadata": metadata, **extra}
     owners = _merge_owners(
         current["metadata"].get("ownerReferences", []), desired["metadata"]["ownerReferences"]
     )
     if _differs(current, wanted) or owners != current["metadata"].get("ownerReferences", []):
         patch = {**wanted, "metadata": {**wanted["metadata"], "ownerReferences": owners}}
         patched = await kube.patch(ref, patch)
-        kopf.event(
-            owner_body, type="Normal", reason="Updated", message=f"Updated {ref.kind} {ref.name}"
-        )
+        changes.add("Updated", ref)
         return Outcome(patched, "Updated")
     return Outcome(current)
 
 
-async def ensure_secret(kube: Kube, owner_body: kopf.Body, desired: dict[str, Any]) -> None:
+async def ensure_secret(kube: Kube, changes: Changes, desired: dict[str, Any]) -> None:
     """Credential Secrets are created once and never read back: the operator may create
     Secrets anywhere but read none outside its own namespace, so 409 means it exists."""
     try:
@@ -137,7 +155,4 @@ async def ensure_secret(kube: Kube, owner_body: kopf.Body, desired: dict[str, An
         if error.status != 409:
             raise
     else:
-        ref = Ref.of(desired)
-        kopf.event(
-            owner_body, type="Normal", reason="Created", message=f"Created {ref.kind} {ref.name}"
-        )
+        changes.add("Created", Ref.of(desired))

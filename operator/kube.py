@@ -7,9 +7,12 @@ that and nothing more, sharing Kopf's credentials (kubeconfig or in-cluster serv
 from __future__ import annotations
 
 import base64
+import logging
 import ssl
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -24,7 +27,10 @@ PLURALS = {
     "NetworkPolicy": "networkpolicies",
     "AgentSandbox": "agentsandboxes",
     "ResearchRun": "researchruns",
+    "Event": "events",
 }
+
+logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -47,7 +53,7 @@ class Ref:
     def of(cls, manifest: dict[str, Any]) -> Ref:
         metadata = manifest["metadata"]
         return cls(
-            manifest["apiVersion"], manifest["kind"], metadata["namespace"], metadata["name"]
+            manifest["apiVersion"], manifest["kind"], metadata["namespace"], metadata.get("name")
         )
 
     def collection(self) -> str:
@@ -168,6 +174,40 @@ class Kube:
 
     async def replace(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return await self._call("PUT", Ref.of(manifest).path(), manifest)
+
+    async def event(
+        self, involved: Mapping[str, Any], type: str, reason: str, message: str
+    ) -> None:
+        """Record a Kubernetes Event on `involved`; failing to is logged, never raised."""
+        metadata = involved["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{metadata['name']}.",
+                "namespace": metadata["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": metadata["name"],
+                "namespace": metadata["namespace"],
+                "uid": metadata["uid"],
+            },
+            "type": type,
+            "reason": reason,
+            # The apiserver refuses messages over 1 KiB.
+            "message": message[:1024],
+            "source": {"component": "aar-operator"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.create(event)
+        except (ApiError, aiohttp.ClientError) as error:
+            logger.warning(f"Could not record event {reason} on {metadata['name']}: {error}")
 
     async def delete(self, ref: Ref, uid: str | None = None) -> bool:
         """Delete in the background; with `uid`, only that incarnation. False if already gone."""

@@ -1,7 +1,8 @@
-"""Routing only: which Kopf cause calls which handler. The work is in `handlers/`."""
+"""Routing only: which Kopf cause calls what. The work is in `watchlist.py` and `handlers/`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -9,7 +10,7 @@ import aiohttp
 import kopf
 
 from aar_common.credentials import CredentialIssuer
-from aar_operator import keys, metrics
+from aar_operator import keys
 from aar_operator.config import OperatorConfig
 from aar_operator.context import Context
 from aar_operator.handlers.run import reconcile_run
@@ -17,6 +18,7 @@ from aar_operator.handlers.sandbox import reconcile_sandbox
 from aar_operator.kube import Kube
 from aar_operator.models import GROUP, VERSION
 from aar_operator.services import ADMIN_SUBJECT, ADMIN_TTL_SECONDS, Services
+from aar_operator.watchlist import Watchlist
 
 RUNS = (GROUP, VERSION, "researchruns")
 SANDBOXES = (GROUP, VERSION, "agentsandboxes")
@@ -36,8 +38,6 @@ def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     """Every route of the operator, into `registry`."""
-    # A failed reconcile is retried soon; the next resync would retry it anyway.
-    backoff, every = min(10.0, config.resync_seconds), config.resync_seconds
 
     @kopf.on.login(registry=registry)
     def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
@@ -47,6 +47,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     async def startup(
         settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
+        # Event handlers write none of these; named under aar.dev/ should a handler ever need them.
         settings.persistence.finalizer = f"{GROUP}/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -69,43 +70,27 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
                 config.scorer_url,
                 issuer.mint_admin(ADMIN_SUBJECT, ttl_seconds=ADMIN_TTL_SECONDS * 24 * 365),
             )
-        memo.context = Context(kube=kube, config=config, issuer=issuer, services=services)
+        context = Context(kube=kube, config=config, issuer=issuer, services=services)
+        memo.context = context
+        memo.watchlist = Watchlist(
+            context, {"ResearchRun": reconcile_run, "AgentSandbox": reconcile_sandbox}
+        )
+        memo.resync = asyncio.create_task(memo.watchlist.resync_forever(config.resync_seconds))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         context: Context | None = memo.get("context")
+        if memo.get("resync") is not None:
+            memo.resync.cancel()
         if context is not None:
             await context.kube.close()
             if context.services is not None:
                 await context.services.close()
 
-    @kopf.on.resume(*RUNS, backoff=backoff, registry=registry)
-    @kopf.on.create(*RUNS, backoff=backoff, registry=registry)
-    @kopf.on.update(*RUNS, backoff=backoff, registry=registry)
-    @kopf.timer(*RUNS, interval=every, initial_delay=every, backoff=backoff, registry=registry)
-    async def run_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-        context: Context = memo.context
-        async with context.locks[body["metadata"]["uid"]]:
-            await reconcile_run(context, body, logger)
+    @kopf.on.event(*RUNS, registry=registry)
+    async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await memo.watchlist.observe("ResearchRun", type, body)
 
-    @kopf.on.delete(*RUNS, optional=True, registry=registry)
-    async def run_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        context: Context = memo.context
-        context.runs.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
-        context.locks.pop(body["metadata"]["uid"], None)
-        metrics.run_gone(body["metadata"]["namespace"], body["metadata"]["name"])
-
-    @kopf.on.resume(*SANDBOXES, backoff=backoff, registry=registry)
-    @kopf.on.create(*SANDBOXES, backoff=backoff, registry=registry)
-    @kopf.on.update(*SANDBOXES, backoff=backoff, registry=registry)
-    @kopf.timer(*SANDBOXES, interval=every, initial_delay=every, backoff=backoff, registry=registry)
-    async def sandbox_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        context: Context = memo.context
-        async with context.locks[body["metadata"]["uid"]]:
-            await reconcile_sandbox(context, body)
-
-    @kopf.on.delete(*SANDBOXES, optional=True, registry=registry)
-    async def sandbox_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        context: Context = memo.context
-        context.locks.pop(body["metadata"]["uid"], None)
-        metrics.sandbox_gone(body["metadata"]["namespace"], body["metadata"]["name"])
+    @kopf.on.event(*SANDBOXES, registry=registry)
+    async def sandbox_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await memo.watchlist.observe("AgentSandbox", type, body)

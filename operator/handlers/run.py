@@ -5,6 +5,7 @@ score; then compute the status once and write it once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -13,10 +14,10 @@ from pydantic import ValidationError
 
 from aar_operator import builders, metrics
 from aar_operator.builders import Owner
-from aar_operator.children import controller_uid
+from aar_operator.children import Changes, controller_uid, ensure
 from aar_operator.context import Context, RunKnowledge
 from aar_operator.handlers.sandbox import write_status
-from aar_operator.kube import ApiError, Ref
+from aar_operator.kube import Ref
 from aar_operator.models import (
     API_VERSION,
     Best,
@@ -48,8 +49,10 @@ from aar_operator.status import (
 # few enough that one run does not starve the others.
 CONCURRENCY = 32
 
+logger = logging.getLogger(__name__)
 
-async def reconcile_run(context: Context, body: kopf.Body, logger: kopf.Logger) -> None:
+
+async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(body["metadata"].get("generation", 1))
     previous = RunStatus.model_validate(body.get("status") or {})
@@ -68,18 +71,15 @@ async def reconcile_run(context: Context, body: kopf.Body, logger: kopf.Logger) 
                 previous.conditions, "Ready", FALSE, INVALID_SPEC, message, now, generation
             )
             if condition(previous.conditions, "Ready") != condition(conditions, "Ready"):
-                kopf.warn(body, reason=INVALID_SPEC, message=message)
+                await context.kube.event(body, "Warning", INVALID_SPEC, message)
             status = previous.model_copy(
                 update={"conditions": conditions, "observed_generation": generation}
             )
-            await write_status(context, body, "ResearchRun", dump(status))
-            return
+            return await write_status(context, body, "ResearchRun", dump(status))
 
         owner = Owner(API_VERSION, "ResearchRun", name, body["metadata"]["uid"])
         knowledge = context.runs[(namespace, name)]
-        service_problems = await _talk_to_services(
-            context, namespace, name, spec, knowledge, logger
-        )
+        service_problems = await _talk_to_services(context, namespace, name, spec, knowledge)
         gateway_spend = knowledge.spend.run.spend() if knowledge.spend else previous.spend
 
         existing = await context.kube.list(
@@ -134,8 +134,8 @@ async def reconcile_run(context: Context, body: kopf.Body, logger: kopf.Logger) 
         if stop is not None and condition(previous.conditions, "Ready") != condition(
             conditions, "Ready"
         ):
-            kopf.event(
-                body, type="Normal", reason=stop.reason, message=f"Stopped the run: {stop.message}"
+            await context.kube.event(
+                body, "Normal", stop.reason, f"Stopped the run: {stop.message}"
             )
         metrics.run_figures(namespace, name, spend)
         status = RunStatus(
@@ -147,7 +147,7 @@ async def reconcile_run(context: Context, body: kopf.Body, logger: kopf.Logger) 
             ready=f"{counts.ready}/{counts.desired}",
             retired_agent_hours=round(retired, 6),
         )
-        await write_status(context, body, "ResearchRun", dump(status))
+        return await write_status(context, body, "ResearchRun", dump(status))
 
 
 def _index(run: str, sandbox: dict[str, Any]) -> int:
@@ -188,74 +188,37 @@ async def _reconcile_sandboxes(
     stop_reason = stop.reason if stop is not None else None
     by_name = {item["metadata"]["name"]: item for item in existing}
     conflicts: list[str] = []
+    changes = Changes()
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def one(index: int) -> None:
         desired = builders.research_sandbox(namespace, owner, spec, index, stop_reason)
-        name = desired["metadata"]["name"]
-        current = by_name.get(name)
+        update = {
+            "metadata": {"annotations": desired["metadata"]["annotations"]},
+            "spec": desired["spec"],
+        }
         async with gate:
-            if current is None:
-                try:
-                    await kube.create(desired)
-                    kopf.event(
-                        body,
-                        type="Normal",
-                        reason="Created",
-                        message=f"Created AgentSandbox {name}",
-                    )
-                    return
-                except ApiError as error:
-                    if error.status != 409:
-                        raise
-                    current = await kube.get(Ref.of(desired))
-                    if current is None:
-                        return
-            if controller_uid(current) != owner.uid:
-                conflicts.append(f"AgentSandbox {name} exists and is not owned by this run")
-                return
-            wanted = {
-                "metadata": {
-                    "labels": desired["metadata"]["labels"],
-                    "annotations": desired["metadata"]["annotations"],
-                },
-                "spec": desired["spec"],
-            }
-            current_view = {
-                "metadata": {
-                    "labels": {
-                        k: current["metadata"].get("labels", {}).get(k)
-                        for k in desired["metadata"]["labels"]
-                    },
-                    "annotations": {
-                        k: current["metadata"].get("annotations", {}).get(k)
-                        for k in desired["metadata"]["annotations"]
-                    },
-                },
-                "spec": current.get("spec"),
-            }
-            if wanted != current_view:
-                await kube.patch(Ref.of(desired), wanted)
-                kopf.event(
-                    body, type="Normal", reason="Updated", message=f"Updated AgentSandbox {name}"
-                )
+            outcome = await ensure(
+                kube,
+                body,
+                changes,
+                desired,
+                update=update,
+                current=by_name.get(desired["metadata"]["name"]),
+            )
+        if outcome.conflict:
+            conflicts.append(outcome.conflict)
 
     async def prune(item: dict[str, Any]) -> None:
         async with gate:
             # The workspace is co-owned by the run and outlives its sandbox.
-            if await kube.delete(
-                Ref.of({**item, "apiVersion": API_VERSION, "kind": "AgentSandbox"}),
-                uid=item["metadata"]["uid"],
-            ):
-                kopf.event(
-                    body,
-                    type="Normal",
-                    reason="Deleted",
-                    message=f"Deleted AgentSandbox {item['metadata']['name']}",
-                )
+            ref = Ref(API_VERSION, "AgentSandbox", namespace, item["metadata"]["name"])
+            if await kube.delete(ref, uid=item["metadata"]["uid"]):
+                changes.add("Deleted", ref)
 
     surplus = [item for item in ours.values() if _index(owner.name, item) >= spec.agents]
     await asyncio.gather(*(one(i) for i in range(spec.agents)), *(prune(item) for item in surplus))
+    await changes.post(kube, body)
     return sorted(conflicts)
 
 
@@ -265,7 +228,6 @@ async def _talk_to_services(
     name: str,
     spec: ResearchRunSpec,
     knowledge: RunKnowledge,
-    logger: kopf.Logger,
 ) -> list[str]:
     """Register budget and task when they changed; poll spend and best at most every
     poll_seconds. A service that is down is reported, and the run goes on (the gateway is

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from aar_operator import builders, metrics
 from aar_operator.builders import Owner, Sandbox
-from aar_operator.children import controller_uid, ensure, ensure_secret
+from aar_operator.children import Changes, controller_uid, ensure, ensure_secret
 from aar_operator.context import Context
 from aar_operator.kube import Ref
 from aar_operator.models import (
@@ -47,16 +47,16 @@ def _run_owner(body: kopf.Body) -> Owner | None:
 
 async def write_status(
     context: Context, body: kopf.Body, kind: str, status: dict[str, Any]
-) -> None:
-    """The one status write of a cycle, skipped when nothing changed."""
+) -> dict[str, Any] | None:
+    """The one status write of a cycle, skipped when nothing changed; returns the object."""
     if status == dict(body.get("status") or {}):
-        return
+        return None
     ref = Ref(body["apiVersion"], kind, body["metadata"]["namespace"], body["metadata"]["name"])
     # A merge patch that sets every field we own: lists (conditions) are replaced whole.
-    await context.kube.patch(ref, {"status": status}, subresource="status")
+    return await context.kube.patch(ref, {"status": status}, subresource="status")
 
 
-async def reconcile_sandbox(context: Context, body: kopf.Body) -> None:
+async def reconcile_sandbox(context: Context, body: kopf.Body) -> dict[str, Any] | None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(body["metadata"].get("generation", 1))
     previous = SandboxStatus.model_validate(body.get("status") or {})
@@ -79,45 +79,46 @@ async def reconcile_sandbox(context: Context, body: kopf.Body) -> None:
                 generation,
             )
             if condition(previous.conditions, "Ready") != condition(conditions, "Ready"):
-                kopf.warn(body, reason=INVALID_SPEC, message="; ".join(problems))
+                await context.kube.event(body, "Warning", INVALID_SPEC, "; ".join(problems))
             status = previous.model_copy(
                 update={"conditions": conditions, "observed_generation": generation}
             )
             metrics.sandbox_state(namespace, name, run, INVALID_SPEC)
-            await write_status(context, body, "AgentSandbox", dump(status))
-            return
+            return await write_status(context, body, "AgentSandbox", dump(status))
 
         sandbox = Sandbox(namespace, name, body["metadata"]["uid"], spec, _run_owner(body))
         known = previous.observed_generation > 0
         kube, config = context.kube, context.config
         conflicts: list[str] = []
+        changes = Changes()
 
         outcome = await ensure(
             kube,
             body,
+            changes,
             builders.service_account(sandbox),
             update={"automountServiceAccountToken": False},
             known=known,
         )
         conflicts.append(outcome.conflict)
         credential = context.issuer.mint_agent(namespace, sandbox.run, name)
-        await ensure_secret(kube, body, builders.credential_secret(sandbox, credential))
-        outcome = await ensure(kube, body, builders.workspace_pvc(sandbox), known=known)
+        await ensure_secret(kube, changes, builders.credential_secret(sandbox, credential))
+        outcome = await ensure(kube, body, changes, builders.workspace_pvc(sandbox), known=known)
         conflicts.append(outcome.conflict)
         policy = builders.network_policy(sandbox, config)
-        outcome = await ensure(kube, body, policy, update={"spec": policy["spec"]}, known=known)
+        outcome = await ensure(
+            kube, body, changes, policy, update={"spec": policy["spec"]}, known=known
+        )
         conflicts.append(outcome.conflict)
 
         # Spend is the gateway's figure for this agent (read by the run's reconcile);
         # agent-hours are banked here, before a Pod that ran can be deleted.
         pod_ref = Ref("v1", "Pod", namespace, builders.pod_name(sandbox))
-        pod = await kube.get(pod_ref)
+        desired_pod = builders.pod(sandbox, config)
+        pod = await kube.get(pod_ref) if known else None
         if pod is not None and controller_uid(pod) != sandbox.uid:
             conflicts.append(f"Pod {pod_ref.name} exists and is not owned by AgentSandbox {name}")
             pod = None
-            foreign_pod = True
-        else:
-            foreign_pod = False
         gpus = spec.sandbox.resources.gpu
         added = running_seconds(pod, previous.accounted_at, now) / 3600
         spend = _agent_spend(context, namespace, sandbox.run, name, previous.spend, added, gpus)
@@ -128,19 +129,18 @@ async def reconcile_sandbox(context: Context, body: kopf.Body) -> None:
         own_budget = budget_stop(spec.budget.usd, spec.budget.agent_hours, spend, "agent")
         if own_budget is not None and not stop_reason:
             stop_reason = BUDGET_EXHAUSTED
-        conflict = "; ".join(c for c in conflicts if c)
 
-        if not foreign_pod and not conflict:
-            desired_pod = builders.pod(sandbox, config)
+        if not any(conflicts):
             if pod is not None and (stop_reason or _replaced(pod, desired_pod)):
                 await kube.delete(pod_ref, uid=pod["metadata"]["uid"])
-                action = "Deleted" if stop_reason else "Replaced"
-                kopf.event(
-                    body, type="Normal", reason=action, message=f"{action} Pod {pod_ref.name}"
-                )
+                changes.add("Deleted" if stop_reason else "Replaced", pod_ref)
                 pod = None
             if pod is None and not stop_reason:
-                pod = (await ensure(kube, body, desired_pod, known=False)).object
+                outcome = await ensure(kube, body, changes, desired_pod, known=False)
+                conflicts.append(outcome.conflict)
+                pod = None if outcome.conflict else outcome.object
+        await changes.post(kube, body)
+        conflict = "; ".join(c for c in conflicts if c)
 
         conditions = _conditions(
             previous, pod, stop_reason, own_budget, conflict, spec.suspend, now, generation
@@ -155,7 +155,7 @@ async def reconcile_sandbox(context: Context, body: kopf.Body) -> None:
             else previous.accounted_at,
         )
         metrics.sandbox_state(namespace, name, run, state_of(conditions))
-        await write_status(context, body, "AgentSandbox", dump(status))
+        return await write_status(context, body, "AgentSandbox", dump(status))
 
 
 def _replaced(pod: dict[str, Any], desired: dict[str, Any]) -> bool:
