@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helm_chart import Chart
 from operator_process import OperatorProcess
 
 from aar_devcluster.controlplane import ControlPlane
@@ -62,6 +63,14 @@ def kubectl(control_plane: ControlPlane, namespace: str) -> Tool:
 def helm(control_plane: ControlPlane, namespace: str) -> Tool:
     """helm 4 as the cluster admin, in this test's namespace."""
     return Tool("helm", control_plane.kubeconfig_path, namespace)
+
+
+@pytest.fixture
+def chart(helm: Tool, namespace: str, repo_root: Path) -> Iterator[Chart]:
+    """Installs charts/aar for this test and removes what it installed afterwards."""
+    installed = Chart(helm, repo_root / "charts" / "aar", namespace)
+    yield installed
+    installed.uninstall_all()
 
 
 @pytest.fixture

@@ -4,19 +4,16 @@ Secrets. The operator runs here with the chart's ServiceAccount token, not as cl
 from __future__ import annotations
 
 import base64
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from helm_chart import Chart
 from operator_process import OperatorProcess, eventually, names
 
 from aar_devcluster.controlplane import ControlPlane, kubeconfig
 from aar_devcluster.tools import Tool
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "aar"
 CHILDREN = [
     ("pods", ""),
     ("secrets", "-credential"),
@@ -24,15 +21,6 @@ CHILDREN = [
     ("persistentvolumeclaims", "-workspace"),
     ("serviceaccounts", ""),
 ]
-
-
-@pytest.fixture
-def scorer_namespace(control_plane: ControlPlane) -> Iterator[str]:
-    name = f"t-scorer-{secrets.token_hex(3)}"
-    admin = Tool("kubectl", control_plane.kubeconfig_path)
-    admin.run("create", "namespace", name)
-    yield name
-    admin.run("delete", "namespace", name, "--wait=false")
 
 
 def service_account_kubeconfig(
@@ -66,17 +54,14 @@ def can(kubectl: Tool, who: str, verb: str, resource: str, namespace: str) -> bo
 def test_chart_rbac_runs_the_operator_and_hides_the_scorers_secrets(
     control_plane: ControlPlane,
     kubectl: Tool,
-    helm: Tool,
+    chart: Chart,
     namespace: str,
-    scorer_namespace: str,
     crds: None,
     tmp_path: Path,
 ) -> None:
-    release = namespace[-20:].strip("-")
-    helm.run(
-        "install", release, str(CHART), "--set", f"operator.scorerNamespace={scorer_namespace}"
-    )
-    account = f"{release}-aar-operator"
+    chart.install(release="aar")
+    scorer_namespace = chart.scorer_namespace
+    account = "aar-operator"
     deployment = kubectl.json("get", "deployment", account)
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
@@ -130,4 +115,3 @@ def test_chart_rbac_runs_the_operator_and_hides_the_scorers_secrets(
     finally:
         process.stop()
         print(f"--- operator log (tail) ---\n{process.log()}")
-    helm.run("uninstall", release)
