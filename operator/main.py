@@ -17,7 +17,7 @@ from aar_operator.handlers.run import reconcile_run
 from aar_operator.handlers.sandbox import reconcile_sandbox
 from aar_operator.kube import Kube
 from aar_operator.models import GROUP, VERSION
-from aar_operator.services import ADMIN_SUBJECT, ADMIN_TTL_SECONDS, Services
+from aar_operator.services import Services
 from aar_operator.watchlist import Watchlist
 
 RUNS = (GROUP, VERSION, "researchruns")
@@ -68,7 +68,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
                 aiohttp.ClientSession(),
                 config.gateway_url,
                 config.scorer_url,
-                issuer.mint_admin(ADMIN_SUBJECT, ttl_seconds=ADMIN_TTL_SECONDS * 24 * 365),
+                issuer,
             )
         context = Context(kube=kube, config=config, issuer=issuer, services=services)
         memo.context = context

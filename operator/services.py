@@ -9,10 +9,11 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ConfigDict
 
+from aar_common.credentials import CredentialIssuer
 from aar_operator.models import AgentBudget, Best, ResearchRunSpec, Spend
 
 ADMIN_SUBJECT = "aar-operator"
-ADMIN_TTL_SECONDS = 3600
+ADMIN_TTL_SECONDS = 300
 
 
 class ServiceError(Exception):
@@ -69,22 +70,31 @@ class Services:
     """Admin calls to the gateway and scorer; every failure is a ServiceError."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, gateway_url: str, scorer_url: str, credential: str
+        self,
+        session: aiohttp.ClientSession,
+        gateway_url: str,
+        scorer_url: str,
+        issuer: CredentialIssuer,
     ) -> None:
         self._session = session
         self._gateway = gateway_url.rstrip("/")
         self._scorer = scorer_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {credential}"}
+        self._issuer = issuer
 
     async def _call(
         self, method: str, url: str, body: BaseModel | None = None
     ) -> dict[str, Any] | None:
+        # A short-lived admin credential per call: nothing long-lived to leak.
+        credential = self._issuer.mint_admin(ADMIN_SUBJECT, ADMIN_TTL_SECONDS)
         try:
             async with self._session.request(
                 method,
                 url,
                 data=None if body is None else body.model_dump_json(),
-                headers={**self._headers, "Content-Type": "application/json"},
+                headers={
+                    "Authorization": f"Bearer {credential}",
+                    "Content-Type": "application/json",
+                },
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as response:
                 if response.status == 404 and method == "GET":
