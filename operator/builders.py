@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +111,8 @@ def agent_budget(spec: ResearchRunSpec) -> AgentBudget:
     """Each agent's share of the run's caps: an even split."""
     budget = spec.budget
     return AgentBudget(
-        usd=None if budget.usd is None else round(budget.usd / spec.agents, 2),
+        # Rounded down to a micro-dollar: the shares never add up to more than the cap.
+        usd=None if budget.usd is None else math.floor(budget.usd * 1e6 / spec.agents) / 1e6,
         agent_hours=None if budget.agent_hours is None else budget.agent_hours / spec.agents,
     )
 

@@ -14,6 +14,7 @@ from aar_operator.models import AgentBudget, Best, ResearchRunSpec, Spend
 
 ADMIN_SUBJECT = "aar-operator"
 ADMIN_TTL_SECONDS = 300
+MICRO_DOLLAR = Decimal("0.000001")
 
 
 class ServiceError(Exception):
@@ -34,7 +35,8 @@ class Totals(BaseModel):
 
     def spend(self, agent_hours: float = 0.0, gpu_hours: float = 0.0) -> Spend:
         return Spend(
-            usd=f"{self.usd.quantize(Decimal('0.01'))}",
+            # To the micro-dollar: a cap of a few cents must still be seen being reached.
+            usd=f"{self.usd.quantize(MICRO_DOLLAR)}",
             input_tokens=self.input_tokens
             + self.cache_creation_input_tokens
             + self.cache_read_input_tokens,

@@ -27,6 +27,7 @@ from aar_operator.local import free_port
 
 BIN = Path(sys.executable).parent
 LABELS = [index % 2 for index in range(40)]
+MICRO = Decimal("0.000001")
 
 
 def call(
@@ -230,15 +231,19 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
             done = condition(current, "BudgetExhausted").get("status") == "True"
             return current if done and (current["status"].get("best") or {}).get("agent") else None
 
-        stopped = eventually(exhausted, what="BudgetExhausted and the best score in status")
+        try:
+            stopped = eventually(exhausted, what="BudgetExhausted and the best score in status")
+        except AssertionError:
+            print(json.dumps(kubectl.json("get", "rr", "spend").get("status"), indent=1))
+            raise
         assert condition(stopped, "Ready")["reason"] == "BudgetExhausted"
         assert "budget" in condition(stopped, "BudgetExhausted")["message"]
         assert Decimal(stopped["status"]["spend"]["usd"]) == Decimal(spent["run"]["usd"]).quantize(
-            Decimal("0.01")
+            MICRO
         )
         assert stopped["status"]["spend"]["outputTokens"] == spent["run"]["output_tokens"]
         assert stopped["status"]["best"]["agent"] == "spend-1"
-        assert stopped["status"]["best"]["submission"] == submitted["id"]
+        assert stopped["status"]["best"]["submission"] == str(submitted["id"])
 
         eventually(lambda: names(kubectl, "pods", "aar.dev/run=spend") == [], what="Pods deleted")
         assert names(kubectl, "persistentvolumeclaims", "aar.dev/run=spend") == [
@@ -253,9 +258,8 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
             ),
             what="the sandbox says its budget is spent",
         )
-        assert (
-            sandbox["status"]["spend"]["usd"]
-            == Decimal(spent["agents"]["spend-0"]["usd"]).quantize(Decimal("0.01")).to_eng_string()
+        assert sandbox["status"]["spend"]["usd"] == str(
+            Decimal(spent["agents"]["spend-0"]["usd"]).quantize(MICRO)
         )
     finally:
         operator.stop()

@@ -52,6 +52,12 @@ def test_directions_are_assigned_round_robin_and_the_budget_split_evenly() -> No
     assert made[0]["spec"]["suspend"] is False
 
 
+def test_small_budgets_are_shared_without_rounding_to_nothing() -> None:
+    share = builders.agent_budget(run_spec(agents=3, budget={"usd": 0.004}))
+    assert share.usd == 0.001333
+    assert share.usd * 3 <= 0.004
+
+
 def test_a_stopped_run_suspends_its_sandboxes_and_says_why() -> None:
     made = builders.research_sandbox("ns", RUN, run_spec(), 0, "DeadlineExceeded")
     assert made["spec"]["suspend"] is True

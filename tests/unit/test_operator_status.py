@@ -141,13 +141,13 @@ def test_aggregate_counts_ready_and_sums_hours() -> None:
     assert (spend.agent_hours, spend.gpu_hours) == (1.75, 3.5)
 
 
-def test_gateway_totals_become_status_spend_to_the_cent() -> None:
+def test_gateway_totals_become_status_spend_to_the_micro_dollar() -> None:
     spend = RunSpend.model_validate(
-        {"run": {"usd": 12.345678, "input_tokens": 10, "output_tokens": 5,
+        {"run": {"usd": "12.3456784", "input_tokens": 10, "output_tokens": 5,
                  "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "requests": 1},
          "agents": {"w2s-0": {"usd": 1.005}}}
     )  # fmt: skip
-    assert spend.run.spend().usd == "12.35"
+    assert spend.run.spend().usd == "12.345678"
     assert spend.run.spend().input_tokens == 15
     assert spend.agents["w2s-0"].usd == Decimal("1.005")
     assert Totals().spend(agent_hours=2.0).agent_hours == 2.0
