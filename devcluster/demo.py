@@ -268,6 +268,15 @@ def run(control_plane: ControlPlane, say: Callable[[str], None]) -> str:
     for namespace in (OPERATOR_NAMESPACE, RUN_NAMESPACE):
         manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
         kubectl.apply(manifest)
+    # The example asks for gVisor sandboxes; a cluster with gVisor installed has this object.
+    kubectl.apply(
+        {
+            "apiVersion": "node.k8s.io/v1",
+            "kind": "RuntimeClass",
+            "metadata": {"name": "gvisor"},
+            "handler": "runsc",
+        }
+    )
     demo = Demo(control_plane, say)
     ports = demo.start()
     say(f"Applying examples/run.yaml in namespace {RUN_NAMESPACE}")
