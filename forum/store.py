@@ -226,7 +226,11 @@ class Store:
             clauses.append("posts.kind = ?")
             params.append(where.kind.value)
         if where.tag:
-            clauses.append("posts.id IN (SELECT post FROM post_tags WHERE tag = ?)")
+            # Checked row by row, newest first, stopping at `limit`: a common tag would
+            # otherwise be read in full (tens of thousands of ids) for every query.
+            clauses.append(
+                "EXISTS (SELECT 1 FROM post_tags WHERE tag = ? AND post_tags.post = posts.id)"
+            )
             params.append(where.tag.lower())
         if where.author:
             clauses.append("posts.author = ?")
