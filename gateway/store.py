@@ -180,7 +180,7 @@ class Store:
 
     async def set_budget(self, run: str, budget: Budget) -> None:
         """Replace a run's caps (the operator sends the whole budget each time)."""
-        await self._write(self._write_budget, run, budget)
+        await self._serially(self._write_budget, run, budget)
         self.budgets[run] = budget
 
     def record(self, exchange: Exchange) -> asyncio.Future[bool]:
@@ -198,7 +198,7 @@ class Store:
 
     async def replay(self, key: str) -> Replay | None:
         """The answer kept under `key`, once every write begun before is on disk."""
-        return await self._write(self._read_replay, key)
+        return await self._serially(self._read_replay, key)
 
     def _read_replay(self, key: str) -> Replay | None:
         row = self._db.execute(
@@ -209,7 +209,7 @@ class Store:
 
     async def flush(self) -> None:
         """Wait until every write begun so far is on disk (the writer keeps their order)."""
-        await self._write(_nothing)
+        await self._serially(_nothing)
 
     def _count(self, exchange: Exchange, sign: int) -> None:
         for agent in (exchange.agent, RUN_ROW):
@@ -226,9 +226,10 @@ class Store:
         elif not future.result():
             self._count(exchange, -1)
 
-    async def _write(self, write: Callable[..., T], *args: object) -> T:
+    async def _serially(self, job: Callable[..., T], *args: object) -> T:
+        """Run `job` on the database's one thread, after everything queued before it."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, partial(write, *args))
+        return await loop.run_in_executor(self._writer, partial(job, *args))
 
     def _write_budget(self, run: str, budget: Budget) -> None:
         with self._transaction():
@@ -316,7 +317,11 @@ class Store:
                 )
         return True
 
-    def ledger_size(self) -> int:
+    async def ledger_size(self) -> int:
+        """Rows in the ledger (through the writer: the connection has one user at a time)."""
+        return await self._serially(self._count_ledger)
+
+    def _count_ledger(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM ledger").fetchone()[0])
 
     def _transaction(self) -> _Transaction:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from aar_scorer.packing import hamming
 from aar_scorer.tasks import Probing
 
 
@@ -46,13 +45,14 @@ class ProbeIndex:
     walks: list[int] = field(default_factory=list)
 
     def check(self, candidate: int) -> Verdict:
-        best_index, best_distance = -1, -1
-        for index, earlier in enumerate(self.packed):
-            distance = hamming(candidate, earlier)
-            if best_index < 0 or distance < best_distance:
-                best_index, best_distance = index, distance
-        if best_index < 0:
+        if not self.packed:
             return Verdict(nearest=None, distance=None, walk_length=1, reason=None)
+        # Twice the Hamming distance (see aar_scorer.packing), in one comprehension:
+        # this loop runs over every earlier submission of the run, for every submission.
+        doubled = [(candidate ^ earlier).bit_count() for earlier in self.packed]
+        best_distance = min(doubled)
+        best_index = doubled.index(best_distance)
+        best_distance //= 2
         walk = self.walks[best_index] + 1 if best_distance <= self.settings.walk_distance else 1
         reason = None
         if best_distance < self.settings.min_distance:

@@ -192,7 +192,7 @@ async def test_an_exchange_is_recorded_once_and_totals_reload_equal_to_the_ledge
 
     reopened = Store(tmp_path / "gateway.sqlite3")
     try:
-        assert reopened.ledger_size() == 4
+        assert await reopened.ledger_size() == 4
         assert reopened.spent("ns/r").cost_nano == sum(175 + i for i in range(4))
         assert reopened.spent("ns/r").output_tokens == 20
         assert reopened.spent("ns/r", "r-1").requests == 2
