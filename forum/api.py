@@ -18,8 +18,6 @@ from aar_forum.store import NotFoundError, PostFilter, normalise_time, now_iso
 from aar_forum.stream import sse_frame
 
 MAX_LIMIT = 500
-# Comment lines keep idle streams open through proxies and load balancers.
-HEARTBEAT_S = 15.0
 REPLAY_BATCH = 500
 UPLOAD_BATCH = 1024 * 1024
 
@@ -145,17 +143,21 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 break
         # Live posts already sent by the replay are skipped; no others, whatever their order.
         replayed = sent
+        delivery = state.metrics.delivery_seconds
         while not subscriber.closed:
-            try:
-                await asyncio.wait_for(subscriber.wake.wait(), HEARTBEAT_S)
-            except TimeoutError:
-                await response.write(b": keepalive\n\n")
-                continue
+            await subscriber.wake.wait()
             subscriber.wake.clear()
+            wrote = False
             while subscriber.frames:
-                post_id, frame = subscriber.frames.popleft()
+                post_id, frame, published = subscriber.frames.popleft()
                 if replayed is None or post_id > replayed:
                     await response.write(frame)
+                    delivery.observe(time.monotonic() - published)
+                    wrote = True
+            if subscriber.heartbeat_due:
+                subscriber.heartbeat_due = False
+                if not wrote:
+                    await response.write(b": keepalive\n\n")
             if subscriber.overflowed:
                 break  # the client reconnects with Last-Event-ID and catches up
     except (ConnectionResetError, ConnectionError):

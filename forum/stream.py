@@ -8,6 +8,7 @@ client reconnects with `Last-Event-ID` and catches up from the database.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -26,16 +27,18 @@ class Subscriber:
         self.run = run  # None: every run (admins)
         self.owner = owner
         self.connected = connected
-        self.frames: deque[tuple[int, bytes]] = deque()
+        # (post id, SSE frame, when it was published: time.monotonic())
+        self.frames: deque[tuple[int, bytes, float]] = deque()
         self.overflowed = False
         self.closed = False
+        self.heartbeat_due = False
         self.wake = asyncio.Event()
 
-    def offer(self, post_id: int, frame: bytes) -> None:
+    def offer(self, post_id: int, frame: bytes, published: float) -> None:
         if len(self.frames) >= BUFFER:
             self.overflowed = True
         else:
-            self.frames.append((post_id, frame))
+            self.frames.append((post_id, frame, published))
         self.wake.set()
 
     def close(self) -> None:
@@ -74,10 +77,17 @@ class Hub:
         self._subscribers.discard(subscriber)
 
     def publish(self, post: Post) -> None:
-        frame = sse_frame(post)
+        frame, published = sse_frame(post), time.monotonic()
         for subscriber in self._subscribers:
             if subscriber.run is None or subscriber.run == post.run:
-                subscriber.offer(post.id, frame)
+                subscriber.offer(post.id, frame, published)
+
+    def heartbeat(self) -> None:
+        """Ask every stream for a keepalive. One timer for all of them: a timer per stream
+        (`wait_for`) costs a task for every post delivered, 900 times a post at 900 agents."""
+        for subscriber in self._subscribers:
+            subscriber.heartbeat_due = True
+            subscriber.wake.set()
 
     def close_all(self) -> None:
         for subscriber in self._subscribers:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from forum_harness import Forum, connected, next_event
 
+from aar_forum import app as forum_app
 from aar_forum import stream as stream_module
 
 
@@ -141,3 +142,18 @@ async def test_an_agent_may_hold_only_a_few_streams_open(start_forum: Any) -> No
     finally:
         for stream in held:
             stream.close()
+
+
+async def test_an_idle_stream_gets_keepalives(
+    start_forum: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forum_app, "HEARTBEAT_S", 0.05)
+    forum: Forum = await start_forum()
+    async with forum.http.get(f"{forum.url}/api/v1/stream", headers=forum.agent("w2s-1")) as stream:
+        await connected(stream)
+        await asyncio.wait_for(stream.content.readuntil(b": keepalive\n\n"), 10)
+        # A post in between is delivered as usual, and measured.
+        post = await forum.post(forum.agent("w2s-2"), title="between heartbeats")
+        assert (await asyncio.wait_for(next_event(stream), 10))[1]["id"] == post["id"]
+    async with forum.http.get(f"{forum.url}/metrics") as response:
+        assert "aar_forum_stream_delivery_seconds_count 1.0" in await response.text()
