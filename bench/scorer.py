@@ -129,7 +129,7 @@ async def _generate(load: Load) -> dict[str, Any]:
     bodies = _bodies(load.seed, load.pool)
     host, port, path = _split(load.url)
     sent: dict[int, int] = {}  # per run: submissions so far, each with a body new to the run
-    idle: dict[str, list[_Connection]] = {}  # per agent: open connections not in use
+    idle: dict[str, list[_Connection]] = {}  # per agent: its open connection, when not in use
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     loop = asyncio.get_running_loop()
@@ -145,8 +145,15 @@ async def _generate(load: Load) -> dict[str, Any]:
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         pool = idle.setdefault(credential, [])
-        connection = pool.pop() if pool else _Connection(*await asyncio.open_connection(host, port))
-        status, answer = await connection.post(request)
+        try:
+            connection = (
+                pool.pop() if pool else _Connection(*await asyncio.open_connection(host, port))
+            )
+            status, answer = await connection.post(request)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            # Counted, not measured; the next submission opens a new connection.
+            statuses["connection_error"] = statuses.get("connection_error", 0) + 1
+            return
         done = loop.time()
         pool.append(connection)
         key = str(status)
@@ -164,17 +171,14 @@ async def _generate(load: Load) -> dict[str, Any]:
             await submit(credential, run, loop.time())
 
     async def opened(credential: str, run: int, rate: float) -> None:
+        # An agent submits when its next submission is due, or, if its previous one is still
+        # unanswered then, as soon as it is answered; the wait counts in the latency.
         rng = random.Random(f"{credential}{load.seed}")
         due = start + rng.expovariate(rate)
-        pending = set()
         while due < end:
             await asyncio.sleep(max(0.0, due - loop.time()))
-            task = asyncio.create_task(submit(credential, run, due))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            await submit(credential, run, due)
             due += rng.expovariate(rate)
-        if pending:
-            await asyncio.gather(*pending)
 
     if load.rate is None:
         await asyncio.gather(*(closed(c, r) for c, r in load.agents))
@@ -346,7 +350,9 @@ def main() -> None:
                     for name in order:
                         cpu = _cpu_seconds(pids[name])
                         result = _drive(urls[name], agents, args, rate, next(phases))
-                        answered = sum(result["statuses"].values())
+                        answered = sum(
+                            n for key, n in result["statuses"].items() if key != "connection_error"
+                        )
                         result["cpu_ms"] = 1000 * (_cpu_seconds(pids[name]) - cpu) / answered
                         rounds[name].append(result)
                         print(

@@ -14,7 +14,7 @@ millisecond.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from aar_scorer.tasks import Probing
@@ -35,24 +35,29 @@ class Verdict:
     reason: ProbeReason | None  # why this looks like a probe, or None
 
 
-@dataclass
 class ProbeIndex:
     """One run's scored submissions, packed, with the walk length each one ended."""
 
-    settings: Probing
-    ids: list[int] = field(default_factory=list)
-    packed: list[int] = field(default_factory=list)
-    walks: list[int] = field(default_factory=list)
+    def __init__(self, settings: Probing, size: int, classes: int) -> None:
+        self.settings = settings
+        # With two allowed answers, the second bit plane alone says which answer each item has:
+        # half the bits to compare, and one differing bit per differing answer. Otherwise a
+        # changed answer flips two bits of the one-hot planes.
+        self._shift = size if classes == 2 else 0
+        self._bits_per_answer = 1 if classes == 2 else 2
+        self.ids: list[int] = []
+        self.keys: list[int] = []
+        self.walks: list[int] = []
 
     def check(self, candidate: int) -> Verdict:
-        if not self.packed:
+        if not self.keys:
             return Verdict(nearest=None, distance=None, walk_length=1, reason=None)
-        # Twice the Hamming distance (see aar_scorer.packing), in one comprehension:
-        # this loop runs over every earlier submission of the run, for every submission.
-        doubled = [(candidate ^ earlier).bit_count() for earlier in self.packed]
-        best_distance = min(doubled)
-        best_index = doubled.index(best_distance)
-        best_distance //= 2
+        key = candidate >> self._shift
+        # One comprehension over every earlier submission of the run, for every submission.
+        distances = [(key ^ earlier).bit_count() for earlier in self.keys]
+        best_distance = min(distances)
+        best_index = distances.index(best_distance)
+        best_distance //= self._bits_per_answer
         walk = self.walks[best_index] + 1 if best_distance <= self.settings.walk_distance else 1
         reason = None
         if best_distance < self.settings.min_distance:
@@ -63,5 +68,5 @@ class ProbeIndex:
 
     def add(self, submission: int, packed: int, walk_length: int) -> None:
         self.ids.append(submission)
-        self.packed.append(packed)
+        self.keys.append(packed >> self._shift)
         self.walks.append(walk_length)
