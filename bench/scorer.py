@@ -13,8 +13,10 @@ Two figures per server:
   sustained rate, the throughput the scorer must reach; p50/p99 latency, measured from when each
   submission was due, so a late client counts against the server.
 
-Each phase runs `--rounds` times per server, alternating which goes first; the figures are the
-medians. Prints the figures, then one JSON object with them as the last line.
+Also the server's CPU time per submission (from /proc), which, unlike the rates, does not depend
+on what else a shared machine runs. Each phase runs `--rounds` times per server, alternating
+which goes first; the figures are the medians. Prints the figures, then one JSON object with
+them as the last line.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ async def _generate(load: Load) -> dict[str, Any]:
     bodies = _bodies(load.seed, load.pool)
     host, port, path = _split(load.url)
     sent: dict[int, int] = {}  # per run: submissions so far, each with a body new to the run
-    idle: dict[str, list[_Connection]] = {}  # per agent: open connections not in use
+    idle: dict[str, list[_Connection]] = {}  # per agent: its open connection, when not in use
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     loop = asyncio.get_running_loop()
@@ -143,8 +145,15 @@ async def _generate(load: Load) -> dict[str, Any]:
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         pool = idle.setdefault(credential, [])
-        connection = pool.pop() if pool else _Connection(*await asyncio.open_connection(host, port))
-        status, answer = await connection.post(request)
+        try:
+            connection = (
+                pool.pop() if pool else _Connection(*await asyncio.open_connection(host, port))
+            )
+            status, answer = await connection.post(request)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            # Counted, not measured; the next submission opens a new connection.
+            statuses["connection_error"] = statuses.get("connection_error", 0) + 1
+            return
         done = loop.time()
         pool.append(connection)
         key = str(status)
@@ -162,17 +171,14 @@ async def _generate(load: Load) -> dict[str, Any]:
             await submit(credential, run, loop.time())
 
     async def opened(credential: str, run: int, rate: float) -> None:
+        # An agent submits when its next submission is due, or, if its previous one is still
+        # unanswered then, as soon as it is answered; the wait counts in the latency.
         rng = random.Random(f"{credential}{load.seed}")
         due = start + rng.expovariate(rate)
-        pending = set()
         while due < end:
             await asyncio.sleep(max(0.0, due - loop.time()))
-            task = asyncio.create_task(submit(credential, run, due))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            await submit(credential, run, due)
             due += rng.expovariate(rate)
-        if pending:
-            await asyncio.gather(*pending)
 
     if load.rate is None:
         await asyncio.gather(*(closed(c, r) for c, r in load.agents))
@@ -242,6 +248,13 @@ def _start(command: list[str], expect: str) -> subprocess.Popen[str]:
         process.kill()
         raise SystemExit(f"bench: {command[0]} did not start: {line!r}")
     return process
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time a process has used (user + system, all its threads): unlike wall time, what a
+    submission costs the server does not depend on what else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -326,6 +339,7 @@ def main() -> None:
             figures: dict[str, Any] = {"agents": args.agents, "runs": args.runs,
                                        "answers": ANSWERS, "seconds": args.seconds}  # fmt: skip
             phases = iter(range(1000))
+            pids = {"baseline": baseline.pid, "scorer": scorer.pid}
 
             def measure(kind: str, rate: float | None) -> None:
                 # Alternate which server goes first, round by round: the machine's other load
@@ -334,17 +348,23 @@ def main() -> None:
                 for round_ in range(args.rounds):
                     order = list(urls) if round_ % 2 == 0 else list(reversed(urls))
                     for name in order:
+                        cpu = _cpu_seconds(pids[name])
                         result = _drive(urls[name], agents, args, rate, next(phases))
+                        answered = sum(
+                            n for key, n in result["statuses"].items() if key != "connection_error"
+                        )
+                        result["cpu_ms"] = 1000 * (_cpu_seconds(pids[name]) - cpu) / answered
                         rounds[name].append(result)
                         print(
-                            f"{name:>8} {kind:<14} round {round_ + 1}: "
-                            f"{result['per_s']:8.1f} submissions/s, p50 {result['p50_ms']:7.1f} "
-                            f"ms, p99 {result['p99_ms']:7.1f} ms ({result['statuses']})"
+                            f"{name:>8} {kind:<10} round {round_ + 1}: "
+                            f"{result['per_s']:7.1f} submissions/s, p50 {result['p50_ms']:7.1f} "
+                            f"ms, p99 {result['p99_ms']:7.1f} ms, server CPU "
+                            f"{result['cpu_ms']:.2f} ms each ({result['statuses']})"
                         )
                 for name, results in rounds.items():
                     figures[f"{name}_{kind}"] = {
-                        figure: statistics.median(r[figure] for r in results)
-                        for figure in ("per_s", "p50_ms", "p99_ms")
+                        figure: round(statistics.median(r[figure] for r in results), 2)
+                        for figure in ("per_s", "p50_ms", "p99_ms", "cpu_ms")
                     }
 
             measure("saturation", None)
@@ -357,12 +377,19 @@ def main() -> None:
                 process.wait(timeout=30)
     ratio = figures["scorer_saturation"]["per_s"] / figures["baseline_saturation"]["per_s"]
     figures["throughput_ratio"] = round(ratio, 3)
+    cpu_ratio = figures["scorer_saturation"]["cpu_ms"] / figures["baseline_saturation"]["cpu_ms"]
+    figures["cpu_ratio"] = round(cpu_ratio, 3)
     figures["p99_target_ms"] = P99_TARGET_MS
     # The machine's load when the run ended: on a shared machine, the context of every figure.
     figures["load_average_1m"] = round(os.getloadavg()[0], 2)
     figures["cpus"] = os.cpu_count()
     figures["meets_throughput_target"] = ratio >= THROUGHPUT_TARGET
     figures["meets_p99_target"] = figures["scorer_target"]["p99_ms"] < P99_TARGET_MS
+    print(
+        f"server CPU per submission at saturation: scorer "
+        f"{figures['scorer_saturation']['cpu_ms']:.2f} ms, baseline "
+        f"{figures['baseline_saturation']['cpu_ms']:.2f} ms ({cpu_ratio:.2f}x)"
+    )
     print(
         f"scorer sustains {ratio:.0%} of the baseline's submissions/s "
         f"(target {THROUGHPUT_TARGET:.0%}); at {rate:.0f}/s its p99 is "

@@ -142,7 +142,7 @@ class Scorer:
     def _load_run(self, run: str, task: Task, review_required: bool) -> RunState:
         """Rebuild a run's Ladder and probe index from its stored submissions."""
         step = task.spec.feedback.step
-        probes = ProbeIndex(task.spec.probing)
+        probes = ProbeIndex(task.spec.probing, task.size, len(task.spec.labels))
         best: int | None = None
         for row in self.store.reader.execute(
             "SELECT id, packed, walk_length, public_accuracy, released FROM submissions "

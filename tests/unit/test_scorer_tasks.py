@@ -119,7 +119,7 @@ def test_hamming_on_packed_answers_counts_differing_answers() -> None:
         a = [rng.choice(packer.labels) for _ in range(257)]
         b = [rng.choice(packer.labels) if rng.random() < 0.1 else x for x in a]
         expected = sum(x != y for x, y in zip(a, b, strict=True))
-        index = ProbeIndex(Probing())
+        index = ProbeIndex(Probing(), 257, len(packer.labels))
         index.add(1, packer.pack(a), 1)
         assert index.check(packer.pack(b)).distance == expected
 
