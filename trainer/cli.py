@@ -125,9 +125,12 @@ def _cmd_strong(args: argparse.Namespace) -> int:
 
     _setup(args)
     experiment = _experiment(
-        args, strong_model=args.model, strong=_train_options(args), method=args.method
+        args,
+        strong_model=args.model,
+        strong=_train_options(args),
+        method=args.method,
+        keep_fraction=args.keep_fraction,
     )
-    experiment.keep_fraction = args.keep_fraction
     out = Path(args.out)
     device = _device(args.device)
     save_to = out / "model" if args.save_model else None
@@ -249,8 +252,8 @@ def _default_jobs(device: Any) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from aar_trainer.models import ModelOptions, context_length, load_classifier, load_tokenizer
-    from aar_trainer.pipeline import Stage, Trained
-    from aar_trainer.train import TrainOptions, TrainStats
+    from aar_trainer.pipeline import Stage, Trained, write_json
+    from aar_trainer.train import TrainOptions
 
     _setup(args)
     bundle = Bundle(args.task)
@@ -260,15 +263,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.model, len(bundle.manifest.labels), ModelOptions(), device, tokenizer.pad_token_id
     )
     options = TrainOptions(max_length=args.max_length)
-    idle = TrainStats(steps=0, examples=0, real_tokens=0, padded_tokens=0, seconds=0, final_loss=0)
-    trained = Trained(module, tokenizer, idle, min(args.max_length, context_length(module)))
+    trained = Trained(module, tokenizer, None, min(args.max_length, context_length(module)))
     probs = Stage(bundle, device, progress=not args.quiet).probs(
         trained, bundle.split("test"), options, "test"
     )
     predictions = [bundle.manifest.labels[i] for i in probs.argmax(-1).tolist()]
     out = Path(args.out)
-    from aar_trainer.pipeline import write_json
-
     write_json(out, _submission(bundle, predictions, args.method or f"predict {args.model}"))
     print(f"wrote {len(predictions)} predictions to {out}")
     return 0

@@ -77,7 +77,7 @@ def _stats(stats: TrainStats) -> dict[str, float]:
 class Trained:
     module: torch.nn.Module
     tokenizer: Any
-    stats: TrainStats
+    stats: TrainStats | None  # None: loaded for inference only
     max_length: int
 
 
@@ -144,7 +144,7 @@ class Stage:
             model=model,
             accuracy=accuracy(validation, self.bundle.labels(self.validation)),
             predictions=[labels[i] for i in test.argmax(-1).tolist()],
-            train=_stats(trained.stats),
+            train=_stats(trained.stats) if trained.stats else {},
         )
 
 
