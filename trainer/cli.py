@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -185,12 +185,9 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _cmd_w2s(args: argparse.Namespace) -> int:
-    from aar_trainer.pipeline import run_experiment
-
-    _setup(args)
-    seeds = [int(seed) for seed in args.seeds.split(",")]
-    base = _experiment(
+def w2s_experiment(args: argparse.Namespace) -> Any:
+    """The experiment `aar-train w2s` runs (for its first seed)."""
+    return _experiment(
         args,
         weak_model=args.weak_model,
         strong_model=args.strong_model,
@@ -200,30 +197,64 @@ def _cmd_w2s(args: argparse.Namespace) -> int:
         weak=_train_options(args, "weak-"),
         strong=_train_options(args, "strong-"),
     )
+
+
+def finished_seed(out: Path, experiment: Any) -> dict[str, Any] | None:
+    """A seed's saved run, if one was made with exactly this experiment."""
+    path = out / f"seed-{experiment.seed}" / "results.json"
+    if not path.is_file() or not (path.parent / "predictions.json").is_file():
+        return None
+    run: dict[str, Any] = json.loads(path.read_text())
+    return run if run.get("experiment") == experiment.model_dump(mode="json") else None
+
+
+def _cmd_w2s(args: argparse.Namespace) -> int:
+    from aar_trainer.pipeline import run_experiment
+
+    _setup(args)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    base = w2s_experiment(args)
     device = _device(args.device)
-    experiments = [base.model_copy(update={"seed": seed}) for seed in seeds]
-    jobs = min(args.jobs or _default_jobs(device), len(seeds))
-    if jobs <= 1:
-        runs = [run_experiment(e, device, progress=not args.quiet) for e in experiments]
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs) if device.type == "cpu" else None
-        devices = _devices(device, jobs)
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [
-                pool.submit(_run_seed, e.model_dump_json(), devices[i % jobs], threads)
-                for i, e in enumerate(experiments)
-            ]
-            runs = [future.result() for future in futures]
     out = Path(args.out)
     bundle = Bundle(base.task)
-    for run in runs:
+    method = f"w2s {args.method}: weak {args.weak_model}, strong {args.strong_model}"
+    finished: dict[int, dict[str, Any]] = {}
+    todo = []
+    for seed in seeds:
+        experiment = base.model_copy(update={"seed": seed})
+        done = finished_seed(out, experiment)
+        if done is not None:
+            print(f"seed {seed}: kept the finished run in {out / f'seed-{seed}'}")
+            finished[seed] = done
+        else:
+            todo.append(experiment)
+
+    def save(run: dict[str, Any], experiment: Any) -> None:
+        # Written as each seed finishes: an interrupted `w2s` reruns only the missing seeds.
         seed_dir = out / f"seed-{run['seed']}"
-        method = f"w2s {args.method}: weak {args.weak_model}, strong {args.strong_model}"
         _write(seed_dir, "predictions.json", _submission(bundle, run["w2s"]["predictions"], method))
         for stage in ("weak", "w2s", "ceiling"):
             if stage in run:
                 run[stage].pop("predictions")
+        run["experiment"] = experiment.model_dump(mode="json")
         _write(seed_dir, "results.json", run)
+        finished[run["seed"]] = run
+
+    jobs = min(args.jobs or _default_jobs(device), max(len(todo), 1))
+    if jobs <= 1:
+        for experiment in todo:
+            save(run_experiment(experiment, device, progress=not args.quiet), experiment)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs) if device.type == "cpu" else None
+        devices = _devices(device, jobs)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {
+                pool.submit(_run_seed, e.model_dump_json(), devices[i % jobs], threads): e
+                for i, e in enumerate(todo)
+            }
+            for future in as_completed(futures):
+                save(future.result(), futures[future])
+    runs = [finished[seed] for seed in seeds]
     summary = _summary(runs)
     # The first seed's predictions are the ones to submit (any seed would do; one is chosen
     # up front so that the choice is not a peek at the scorer).

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from aar_trainer.bundle import Bundle
-from aar_trainer.cli import main
+from aar_trainer.cli import build_parser, finished_seed, main, w2s_experiment
 from aar_trainer.demo import DEMO_STRONG_OPTIONS, DEMO_WEAK_OPTIONS, make_demo
 from aar_trainer.models import ModelOptions, load_classifier
 from aar_trainer.pipeline import Experiment, train_weak
@@ -153,7 +153,9 @@ def test_lora_trains_adapters_and_the_head_only(demo: dict[str, Path], tmp_path:
     assert _read(out / "results.json")["stage"] == "ceiling"
 
 
-def test_seeds_run_in_parallel_processes(demo: dict[str, Path], tmp_path: Path) -> None:
+def test_seeds_run_in_parallel_processes_and_finished_seeds_are_kept(
+    demo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "seeds"
     argv = ["w2s", "--task", str(demo["task"]), "--weak-model", str(demo["weak"])]
     argv += ["--strong-model", str(demo["strong"]), "--seeds", "0,1", "--jobs", "2"]
@@ -166,6 +168,17 @@ def test_seeds_run_in_parallel_processes(demo: dict[str, Path], tmp_path: Path) 
     assert results["runs"][0]["weak"] != results["runs"][1]["weak"]
     assert (out / "seed-1" / "predictions.json").is_file()
 
+    # Run again (as after a crash): the finished seeds are read back, not trained again.
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "seed 0: kept the finished run" in capsys.readouterr().out
+    assert _read(out / "results.json")["runs"] == results["runs"]
+    # Other settings are another experiment: nothing is reused.
+    (out / "seed-0" / "results.json").write_text(
+        (out / "seed-0" / "results.json").read_text().replace('"lr": 0.001', '"lr": 0.002')
+    )
+    assert _finished_seed_count(out, argv) == 1
+
 
 def test_cli_says_what_is_wrong(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -176,3 +189,9 @@ def test_cli_says_what_is_wrong(
     with pytest.raises(SystemExit):
         main(["weak", "--out", str(tmp_path / "o")])
     assert "--task is required (or set AAR_TASK_DIR)" in capsys.readouterr().err
+
+
+def _finished_seed_count(out: Path, argv: list[str]) -> int:
+    base = w2s_experiment(build_parser().parse_args(argv))
+    seeds = (base.model_copy(update={"seed": seed}) for seed in (0, 1))
+    return sum(finished_seed(out, experiment) is not None for experiment in seeds)
