@@ -13,6 +13,8 @@ Splits, each a file of examples `{"id", "text", "text_pair"?, "label"?}`:
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -140,6 +142,15 @@ def write_examples(path: Path, examples: Iterable[Example], *, with_labels: bool
             if not with_labels:
                 record.pop("label", None)
             file.write(json.dumps(record) + "\n")
+
+
+def write_scorer_labels(path: Path, labels: Sequence[Label]) -> None:
+    """Test labels as the scorer's labels file: `{"labels": [...], "split_seed": secret}`, one
+    label per test input in bundle order; the split seed picks the scorer's public part."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump({"labels": list(labels), "split_seed": secrets.token_hex(16)}, file)
+        file.write("\n")
 
 
 def write_bundle(

@@ -7,8 +7,8 @@
     aar-train w2s --task T ...               the whole pipeline over several seeds, with PGR
     aar-train predict --model DIR --task T   test predictions of a saved model
 
-Each training command writes `results.json` and `predictions.json` (the scorer's submission
-body: `{task, predictions, method}`) under `--out`.
+Each training command writes `results.json` and `predictions.json` under `--out`; the latter is
+what the scorer takes: a JSON list, one label per test input, in the bundle's order.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from aar_trainer.bundle import Bundle, BundleError, Label
+from aar_trainer.bundle import Bundle, BundleError, write_scorer_labels
 
 DEFAULT_WEAK = "Qwen/Qwen1.5-0.5B-Chat"
 DEFAULT_STRONG = "Qwen/Qwen3-4B-Base"
@@ -87,10 +87,6 @@ def _setup(args: argparse.Namespace) -> None:
         logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def _submission(bundle: Bundle, predictions: list[Label], method: str) -> dict[str, Any]:
-    return {"task": bundle.manifest.name, "predictions": predictions, "method": method}
-
-
 def _write(out: Path, name: str, value: Any) -> Path:
     from aar_trainer.pipeline import write_json
 
@@ -111,10 +107,14 @@ def _cmd_weak(args: argparse.Namespace) -> int:
     experiment = _experiment(args, weak_model=args.model, weak=_train_options(args))
     result, labels = train_weak(experiment, _device(args.device), progress=not args.quiet)
     out = Path(args.out)
-    bundle = Bundle(experiment.task)
     _write(out, "weak-labels.json", labels.model_dump())
-    _write(out, "predictions.json", _submission(bundle, result.predictions, f"weak {args.model}"))
-    summary = {"stage": "weak", "seed": args.seed, **result.model_dump(exclude={"predictions"})}
+    _write(out, "predictions.json", result.predictions)
+    summary = {
+        "stage": "weak",
+        "method": f"weak {args.model} on ground truth",
+        "seed": args.seed,
+        **result.model_dump(exclude={"predictions"}),
+    }
     _write(out, "results.json", summary)
     print(f"weak {args.model}: validation accuracy {result.accuracy:.4f}; wrote {out}")
     return 0
@@ -141,9 +141,13 @@ def _cmd_strong(args: argparse.Namespace) -> int:
     else:
         result = train_ceiling(experiment, device, progress=not args.quiet, save_to=save_to)
         stage, method = "ceiling", f"ceiling {args.model} on ground truth"
-    bundle = Bundle(experiment.task)
-    _write(out, "predictions.json", _submission(bundle, result.predictions, method))
-    summary = {"stage": stage, "seed": args.seed, **result.model_dump(exclude={"predictions"})}
+    _write(out, "predictions.json", result.predictions)
+    summary = {
+        "stage": stage,
+        "method": method,
+        "seed": args.seed,
+        **result.model_dump(exclude={"predictions"}),
+    }
     _write(out, "results.json", summary)
     print(f"{stage} {args.model}: validation accuracy {result.accuracy:.4f}; wrote {out}")
     return 0
@@ -232,7 +236,7 @@ def _cmd_w2s(args: argparse.Namespace) -> int:
     def save(run: dict[str, Any], experiment: Any) -> None:
         # Written as each seed finishes: an interrupted `w2s` reruns only the missing seeds.
         seed_dir = out / f"seed-{run['seed']}"
-        _write(seed_dir, "predictions.json", _submission(bundle, run["w2s"]["predictions"], method))
+        _write(seed_dir, "predictions.json", run["w2s"]["predictions"])
         for stage in ("weak", "w2s", "ceiling"):
             if stage in run:
                 run[stage].pop("predictions")
@@ -263,6 +267,7 @@ def _cmd_w2s(args: argparse.Namespace) -> int:
     results = {
         "task": bundle.manifest.name,
         "method": args.method,
+        "description": method,
         "weak_model": args.weak_model,
         "strong_model": args.strong_model,
         "seeds": seeds,
@@ -300,7 +305,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     )
     predictions = [bundle.manifest.labels[i] for i in probs.argmax(-1).tolist()]
     out = Path(args.out)
-    write_json(out, _submission(bundle, predictions, args.method or f"predict {args.model}"))
+    write_json(out, predictions)
     print(f"wrote {len(predictions)} predictions to {out}")
     return 0
 
@@ -344,7 +349,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         records, args.format, out, name=args.name or out.name, fractions=fractions, seed=args.seed
     )
     labels_path = Path(args.test_labels or f"{out}.test-labels.json")
-    labels_path.write_text(json.dumps(labels) + "\n")
+    write_scorer_labels(labels_path, labels)
     print(f"Wrote the bundle {out} and its test labels {labels_path} (keep those from agents)")
     return 0
 
@@ -400,7 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="a folder from --save-model")
     predict.add_argument("--out", required=True, help="predictions file to write")
     predict.add_argument("--max-length", type=int, default=512)
-    predict.add_argument("--method", default=None, help="what was done, for the submission")
     predict.set_defaults(handler=_cmd_predict)
 
     demo = command("demo", "write the generated cues task and tiny weak and strong models")

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aar_trainer.bundle import Bundle, Example, Manifest, write_bundle
+from aar_trainer.bundle import Bundle, Example, Manifest, write_bundle, write_scorer_labels
 from aar_trainer.train import TrainOptions
 
 # Qwen's end-of-text token, which Qwen checkpoints also use for padding.
@@ -191,7 +191,7 @@ def make_demo(root: Path, task: CuesTask | None = None) -> dict[str, Path]:
     """The cues task, its test labels and the tiny weak and strong models under `root`."""
     task = task or CuesTask()
     _, test_labels = make_cues_task(root / "task", task)
-    (root / "test-labels.json").write_text(f"{test_labels}\n")
+    write_scorer_labels(root / "test-labels.json", test_labels)
     words = task.vocabulary()
     save_tiny_model(root / "models" / "weak", TINY_WEAK, words, seed=task.seed)
     save_tiny_model(root / "models" / "strong", TINY_STRONG, words, seed=task.seed)

@@ -81,12 +81,13 @@ def test_w2s_student_lands_between_weak_and_ceiling(demo: dict[str, Path], tmp_p
     # Length bucketing: almost nothing is computed on padding.
     assert run["w2s"]["train"]["padding_fraction"] < 0.1
 
-    # The submission body the scorer takes: one label per test input, in order.
-    submission = _read(out / "predictions.json")
-    assert submission["task"] == "cues"
-    assert submission["method"].startswith("w2s naive")
-    test_labels = _read(demo["test_labels"])
-    predictions = submission["predictions"]
+    # What the scorer takes: a JSON list, one label per test input, in order.
+    predictions = _read(out / "predictions.json")
+    assert results["description"].startswith("w2s naive")
+    # The test labels are written as the scorer's labels file.
+    scorer_labels = _read(demo["test_labels"])
+    assert len(scorer_labels["split_seed"]) >= 16
+    test_labels = scorer_labels["labels"]
     assert len(predictions) == len(test_labels) == len(Bundle(demo["task"]).split("test"))
     assert set(predictions) <= {0, 1}
     test_accuracy = sum(p == t for p, t in zip(predictions, test_labels, strict=True)) / len(
@@ -94,7 +95,7 @@ def test_w2s_student_lands_between_weak_and_ceiling(demo: dict[str, Path], tmp_p
     )
     # Predictions in the wrong order would score about 0.5.
     assert abs(test_accuracy - w2s) < 0.06
-    assert submission == _read(out / "seed-0" / "predictions.json")
+    assert predictions == _read(out / "seed-0" / "predictions.json")
 
 
 def test_weak_then_strong_then_predict(demo: dict[str, Path], tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_weak_then_strong_then_predict(demo: dict[str, Path], tmp_path: Path) ->
     predict = ["predict", "--model", str(student / "model"), "--out", str(predicted)]
     assert main([*predict, *common]) == 0
     # The saved model, loaded back through from_pretrained, predicts what it did in training.
-    assert _read(predicted)["predictions"] == _read(student / "predictions.json")["predictions"]
+    assert _read(predicted) == _read(student / "predictions.json")
 
 
 def test_a_seed_reproduces_its_run(demo: dict[str, Path]) -> None:
