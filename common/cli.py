@@ -14,6 +14,7 @@ from aar_common.credentials import (
     generate_signing_key,
     public_key_pem,
 )
+from aar_scorer.review_cli import add_review
 
 
 def _signing_key_path(given: str | None) -> Path:
@@ -80,6 +81,7 @@ def _add_credential(commands: argparse._SubParsersAction[argparse.ArgumentParser
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_keys,
     _add_credential,
+    add_review,
 ]
 
 

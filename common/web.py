@@ -68,8 +68,8 @@ def _with_status(
 
 
 def presented_token(request: web.Request) -> str | None:
-    """The credential a client sent: `Authorization: Bearer ...` or `x-api-key` (what the
-    anthropic SDK sends)."""
+    """The credential a client sent: `Authorization: Bearer ...` or `x-api-key` (the anthropic
+    SDK sends one or the other, depending on its version)."""
     authorization = request.headers.get("Authorization", "")
     if authorization.lower().startswith("bearer "):
         return authorization[7:].strip()

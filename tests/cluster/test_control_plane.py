@@ -6,10 +6,10 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helm_chart import Chart
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool, ToolError
@@ -193,11 +193,9 @@ def test_rbac_denies_a_service_account_without_a_role(kubectl: Tool) -> None:
     assert "forbidden" in forbidden.value.stderr
 
 
-def test_helm_installs_the_chart(helm: Tool, kubectl: Tool, repo_root: Path) -> None:
-    chart = str(repo_root / "charts" / "aar")
-    helm.run("lint", "--strict", chart)
-
-    helm.run("install", "aar-test", chart, "--wait", "--timeout", "60s")
+def test_helm_installs_the_chart(helm: Tool, kubectl: Tool, chart: Chart) -> None:
+    helm.run("lint", "--strict", chart.path)
+    chart.install(release="aar-test")
 
     releases = helm.json("list")
     assert [(r["name"], r["status"]) for r in releases] == [("aar-test", "deployed")]

@@ -1,0 +1,76 @@
+"""`aar-scorer`: serve the scorer over HTTP (TCP or a Unix socket) until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aar_common.credentials import PUBLIC_KEY_FILE_ENV, CredentialVerifier
+from aar_common.web import serve
+from aar_scorer.service import build_app
+from aar_scorer.store import Store
+from aar_scorer.tasks import TaskConfigError, load_tasks
+
+TASKS_FILE_ENV = "AAR_SCORER_TASKS_FILE"
+DATA_DIR_ENV = "AAR_DATA_DIR"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aar-scorer", description="aar scorer: hidden labels, bounded feedback, review"
+    )
+    parser.add_argument(
+        "--tasks",
+        default=os.environ.get(TASKS_FILE_ENV, "/etc/aar-scorer/tasks.yaml"),
+        help=f"tasks file (YAML; default ${TASKS_FILE_ENV} or /etc/aar-scorer/tasks.yaml)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get(DATA_DIR_ENV, "/var/lib/aar-scorer"),
+        help=f"where scorer.db lives (default ${DATA_DIR_ENV} or /var/lib/aar-scorer)",
+    )
+    parser.add_argument(
+        "--public-key",
+        default=os.environ.get(PUBLIC_KEY_FILE_ENV),
+        help=f"credential public key PEM (default ${PUBLIC_KEY_FILE_ENV})",
+    )
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--unix-socket", type=Path, help="serve on this Unix socket instead")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.public_key:
+        raise SystemExit(f"aar-scorer: pass --public-key FILE or set {PUBLIC_KEY_FILE_ENV}")
+    try:
+        verifier = CredentialVerifier.from_file(Path(args.public_key))
+    except OSError as error:
+        raise SystemExit(f"aar-scorer: cannot read the public key: {error}") from error
+    try:
+        tasks = load_tasks(Path(args.tasks))
+    except TaskConfigError as error:
+        raise SystemExit(f"aar-scorer: {error}") from error
+    store = Store(Path(args.data_dir) / "scorer.db")
+    app = build_app(tasks, store, verifier)
+
+    def ready(address: str) -> None:
+        names = ", ".join(sorted(tasks)) or "no tasks (list them in the tasks file)"
+        print(f"Serving {names} on {address}", flush=True)
+
+    try:
+        asyncio.run(
+            serve(app, host=args.host, port=args.port, unix_socket=args.unix_socket, ready=ready)
+        )
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

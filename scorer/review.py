@@ -1,0 +1,161 @@
+"""Leaderboards, the review queue and a run's best counted submission, read from the store.
+
+A scored submission counts towards its run's best when a reviewer approved it, or, in a run
+that does not require review, when it was accepted (not flagged) and nobody rejected it. The
+latest decision on a submission is the one that holds; earlier ones stay in its history.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from aar_common.web import fail
+from aar_scorer.tasks import Task
+
+# How many submissions above the best counted one wait in a run's queue at once.
+QUEUE_LENGTH = 20
+
+_LATEST = "(SELECT {column} FROM reviews r WHERE r.submission = s.id ORDER BY r.id DESC LIMIT 1)"
+
+_WITH_DECISION = f"""
+SELECT s.*,
+       {_LATEST.format(column="decision")} AS decision,
+       {_LATEST.format(column="comment")} AS comment,
+       {_LATEST.format(column="reviewer")} AS reviewer
+FROM submissions s
+"""
+
+_SCORED = (
+    _WITH_DECISION
+    + "WHERE s.run = ? AND s.task = ? AND s.status != 'refused' "
+    + "ORDER BY s.private_accuracy DESC, s.id ASC"
+)
+
+
+def _counts(row: sqlite3.Row, review_required: bool) -> bool:
+    if row["decision"] is not None:
+        return bool(row["decision"] == "approve")
+    return not review_required and row["status"] == "accepted"
+
+
+class ReviewBook:
+    def __init__(self, reader: sqlite3.Connection, tasks: dict[str, Task]) -> None:
+        self.reader = reader
+        self.tasks = tasks
+
+    def _entry(self, row: sqlite3.Row, review_required: bool | None) -> dict[str, Any]:
+        """A submission as humans see it: private and exact public scores included."""
+        task = self.tasks.get(row["task"])
+
+        def pgr(accuracy: float | None) -> float | None:
+            if accuracy is None or task is None:
+                return None
+            return round(task.pgr(accuracy), 6)
+
+        entry = {
+            "id": row["id"],
+            "run": row["run"],
+            "agent": row["agent"],
+            "task": row["task"],
+            "created_at": row["created_at"],
+            "digest": row["digest"],
+            "method": row["method"],
+            "artifact": row["artifact"],
+            "status": row["status"],
+            "probe": row["probe_reason"]
+            and {
+                "reason": row["probe_reason"],
+                "nearest": row["probe_nearest"],
+                "distance": row["probe_distance"],
+                "walk_length": row["walk_length"],
+            },
+            "private_score": pgr(row["private_accuracy"]),
+            "public_score": pgr(row["public_accuracy"]),
+            "feedback": {
+                "score": row["feedback_score"],
+                "released": bool(row["released"]),
+                "message": row["feedback_message"],
+            },
+            "review": row["decision"]
+            and {"decision": row["decision"], "comment": row["comment"], "by": row["reviewer"]},
+        }
+        if review_required is not None:
+            entry["counted"] = _counts(row, review_required)
+        return entry
+
+    def _scored(self, run: str, task: Task) -> list[sqlite3.Row]:
+        return self.reader.execute(_SCORED, (run, task.name)).fetchall()
+
+    def best(self, run: str, task: Task, review_required: bool) -> dict[str, Any] | None:
+        """The run's best counted submission: `{score, agent, submission}` (private PGR)."""
+        for row in self._scored(run, task):
+            if _counts(row, review_required):
+                return {
+                    "score": round(task.pgr(row["private_accuracy"]), 6),
+                    "agent": row["agent"],
+                    "submission": row["id"],
+                }
+        return None
+
+    def pending(self, run: str, task: Task, review_required: bool) -> list[dict[str, Any]]:
+        """Undecided submissions that would beat the run's best counted one if approved."""
+        waiting = []
+        for row in self._scored(run, task):
+            if _counts(row, review_required):
+                break  # everything below the best counted one cannot become the best
+            if row["decision"] is None:
+                waiting.append(self._entry(row, review_required))
+            if len(waiting) == QUEUE_LENGTH:
+                break
+        return waiting
+
+    def admin_board(
+        self, run: str, task: Task, review_required: bool, limit: int = 50
+    ) -> dict[str, Any]:
+        rows = self._scored(run, task)[:limit]
+        return {
+            "run": run,
+            "task": task.name,
+            "review_required": review_required,
+            "best": self.best(run, task, review_required),
+            "submissions": [self._entry(row, review_required) for row in rows],
+        }
+
+    def public_board(self, run: str, task: Task) -> dict[str, Any]:
+        """What agents see: only the scores the Ladder released, in the order released."""
+        rows = self.reader.execute(
+            "SELECT id, agent, created_at, feedback_score FROM submissions "
+            "WHERE run = ? AND task = ? AND released = 1 ORDER BY id",
+            (run, task.name),
+        ).fetchall()
+        released = [
+            {
+                "submission": row["id"],
+                "agent": row["agent"],
+                "created_at": row["created_at"],
+                "score": row["feedback_score"],
+            }
+            for row in rows
+        ]
+        return {
+            "run": run,
+            "task": task.name,
+            "best_public_score": released[-1]["score"] if released else None,
+            "released": released,
+        }
+
+    def detail(self, submission: int) -> dict[str, Any]:
+        """One submission with its feedback and its whole review history (admins)."""
+        row = self.reader.execute(_WITH_DECISION + "WHERE s.id = ?", (submission,)).fetchone()
+        if row is None:
+            fail(404, f"no submission {submission}")
+        history = [
+            dict(review)
+            for review in self.reader.execute(
+                "SELECT decision, comment, reviewer, created_at FROM reviews "
+                "WHERE submission = ? ORDER BY id",
+                (submission,),
+            )
+        ]
+        return {**self._entry(row, None), "reviews": history}

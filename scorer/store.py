@@ -1,0 +1,168 @@
+"""The scorer's durable record: runs, every submission and every review decision, append-only.
+
+Triggers refuse UPDATE and DELETE, so nothing once written is ever changed: a run's new
+settings, and a reviewer's new decision, are new rows and the latest one counts.
+
+Writes go through one writer thread that commits whatever is queued in one transaction (group
+commit): with `synchronous=FULL` each commit waits for the disk, and hundreds of agents
+submitting at once would otherwise queue behind one fsync each. A caller's write is durable when
+its await returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aar_common.sqlite import open_database
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    run TEXT NOT NULL,
+    task TEXT NOT NULL,
+    review_required INTEGER NOT NULL,
+    registered_by TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_run ON runs (run, id);
+
+CREATE TABLE IF NOT EXISTS submissions (
+    id INTEGER PRIMARY KEY,
+    run TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    task TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    digest TEXT NOT NULL,
+    packed BLOB NOT NULL,
+    method TEXT NOT NULL,
+    artifact TEXT,
+    status TEXT NOT NULL CHECK (status IN ('accepted', 'flagged', 'refused')),
+    probe_reason TEXT,
+    probe_nearest INTEGER,
+    probe_distance INTEGER,
+    walk_length INTEGER NOT NULL,
+    public_accuracy REAL,
+    private_accuracy REAL,
+    released INTEGER NOT NULL,
+    feedback_score REAL,
+    feedback_message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS submissions_by_run ON submissions (run, created_at);
+CREATE INDEX IF NOT EXISTS submissions_by_agent ON submissions (run, agent, created_at);
+
+CREATE TABLE IF NOT EXISTS reviews (
+    id INTEGER PRIMARY KEY,
+    submission INTEGER NOT NULL REFERENCES submissions (id),
+    decision TEXT NOT NULL CHECK (decision IN ('approve', 'reject')),
+    comment TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reviews_by_submission ON reviews (submission, id);
+"""
+
+_APPEND_ONLY = "".join(
+    f"""
+CREATE TRIGGER IF NOT EXISTS {table}_no_{verb.lower()} BEFORE {verb} ON {table}
+BEGIN SELECT RAISE(ABORT, '{table} are append-only: add a row instead'); END;
+"""
+    for table in ("runs", "submissions", "reviews")
+    for verb in ("UPDATE", "DELETE")
+)
+
+Statement = tuple[str, Sequence[Any]]
+
+
+@dataclass
+class _Job:
+    statements: list[Statement]
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+class Store:
+    """A reader connection for the event loop, a writer connection for the writer thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reader = open_database(path, SCHEMA + _APPEND_ONLY)
+        self._writer = open_database(path)
+        self._jobs: list[_Job] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_loop, name="scorer-writer", daemon=True)
+        self._thread.start()
+
+    def next_id(self, table: str) -> int:
+        """The id the next row of `table` gets; ids are assigned by the one process that writes."""
+        row = self.reader.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {table}").fetchone()
+        return int(row[0])
+
+    async def write(self, *statements: Statement) -> None:
+        """Apply the statements atomically; returns once they are on disk."""
+        loop = asyncio.get_running_loop()
+        job = _Job(list(statements), loop.create_future(), loop)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            self._jobs.append(job)
+            self._wake.notify()
+        await job.future
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._jobs and not self._closed:
+                    self._wake.wait()
+                jobs, self._jobs = self._jobs, []
+                if not jobs and self._closed:
+                    return
+            self._commit(jobs)
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        outcomes: list[BaseException | None] = []
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                # A savepoint per job: one bad job fails alone, the others still commit.
+                self._writer.execute("SAVEPOINT job")
+                try:
+                    for sql, parameters in job.statements:
+                        self._writer.execute(sql, parameters)
+                except sqlite3.Error as error:
+                    self._writer.execute("ROLLBACK TO job")
+                    outcomes.append(error)
+                else:
+                    outcomes.append(None)
+                self._writer.execute("RELEASE job")
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as error:
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            outcomes = [error] * len(jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.loop.call_soon_threadsafe(_settle, job.future, outcome)
+
+    def close(self) -> None:
+        """Finish queued writes, then close both connections."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        self._writer.close()
+        self.reader.close()
+
+
+def _settle(future: asyncio.Future[None], outcome: BaseException | None) -> None:
+    if future.done():
+        return
+    if outcome is None:
+        future.set_result(None)
+    else:
+        future.set_exception(outcome)

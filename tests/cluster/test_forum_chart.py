@@ -1,0 +1,148 @@
+"""The chart's forum: installed with helm into a real API server."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from helm_chart import Chart
+
+from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
+from aar_devcluster.controlplane import ControlPlane
+from aar_devcluster.tools import Tool, ToolError
+from aar_forum.app import build_app
+from aar_forum.kube import KubeAccess
+from aar_forum.settings import Settings
+
+
+def test_helm_install_creates_the_forum_deployment_service_and_volume(
+    chart: Chart, kubectl: Tool, namespace: str
+) -> None:
+    chart.install(
+        "--set",
+        "forum.storage.size=5Gi",
+        "--set",
+        "forum.maxArtifactBytes=1048576",
+    )
+    deployment = kubectl.json("get", "deployment", "aar-forum")
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["AAR_DATA_DIR"] == "/data"
+    assert env["AAR_FORUM_MAX_ARTIFACT_BYTES"] == "1048576"
+    assert env["AAR_GATEWAY_URL"] == f"http://aar-gateway.{namespace}:8080"
+    assert env["AAR_CREDENTIAL_PUBLIC_KEY_FILE"].startswith("/etc/aar/credential/")
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert env["AAR_CREDENTIAL_PUBLIC_KEY_FILE"].startswith(mounts["public-key"])
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["public-key"]["configMap"]["name"] == "aar-credential-public-key"
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "aar-forum-data"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+    service = kubectl.json("get", "service", "aar-forum")
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8080, "http")]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    claim = kubectl.json("get", "pvc", "aar-forum-data")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+
+
+def test_the_values_schema_refuses_unknown_forum_keys(helm: Tool, repo_root: Path) -> None:
+    with pytest.raises(ToolError) as refused:
+        helm.run("template", "aar", str(repo_root / "charts" / "aar"), "--set", "forum.replicas=2")
+    assert "replicas" in refused.value.stderr
+
+
+def test_the_forum_can_be_left_out(helm: Tool, repo_root: Path) -> None:
+    rendered = helm.run(
+        "template", "aar", str(repo_root / "charts" / "aar"), "--set", "forum.enabled=false"
+    )
+    assert "aar-forum" not in rendered
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+async def test_the_web_ui_shows_each_agents_pod_state_with_the_charts_rbac(
+    chart: Chart,
+    kubectl: Tool,
+    namespace: str,
+    control_plane: ControlPlane,
+    tmp_path: Path,
+    unused_tcp_port: int,
+) -> None:
+    chart.install()
+    # The forum's own ServiceAccount token (1.20's token controller writes it into a Secret).
+    secret = wait_for(
+        lambda: kubectl.json("get", "serviceaccount", "aar-forum").get("secrets"),
+        "the aar-forum ServiceAccount's token",
+    )[0]["name"]
+    data = kubectl.json("get", "secret", secret)["data"]
+    (tmp_path / "token").write_bytes(base64.b64decode(data["token"]))
+    (tmp_path / "ca.crt").write_bytes(base64.b64decode(data["ca.crt"]))
+    config = yaml.safe_load(control_plane.kubeconfig_path.read_text())
+    server = config["clusters"][0]["cluster"]["server"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "w2s-1",
+            "labels": {"aar.dev/run": "w2s", "aar.dev/agent": "w2s-1"},
+        },
+        "spec": {"containers": [{"name": "agent", "image": "aar-agent:test"}]},
+    }
+    # Pods are refused until the namespace's default ServiceAccount has its token.
+    wait_for(lambda: _applied(kubectl, pod), "the agent's Pod to be accepted")
+    wait_for(
+        lambda: "Unschedulable" in str(kubectl.json("get", "pod", "w2s-1").get("status")),
+        "the scheduler to find no node for the Pod",
+    )
+
+    key = generate_signing_key()
+    (tmp_path / "public-key.pem").write_bytes(public_key_pem(key))
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        public_key_file=tmp_path / "public-key.pem",
+        kube=KubeAccess(server, tmp_path / "token", tmp_path / "ca.crt"),
+    )
+    runner = web.AppRunner(build_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    admin = CredentialIssuer(key).mint_admin("alice")
+    try:
+        async with aiohttp.ClientSession(cookies={"aar_credential": admin}) as http:
+            async with http.get(f"http://127.0.0.1:{unused_tcp_port}/runs/{namespace}/w2s") as r:
+                page = await r.text()
+            async with http.get(f"http://127.0.0.1:{unused_tcp_port}/runs/{namespace}/none") as r:
+                empty = await r.text()
+    finally:
+        await runner.cleanup()
+    assert "sandbox states unavailable" not in page
+    row = page[page.index('data-agent="w2s-1"') :].split("</tr>")[0]
+    assert '<td class="sandbox">Pending: Unschedulable' in row
+    assert "No agent has" in empty
+
+
+def _applied(kubectl: Tool, manifest: dict[str, Any]) -> bool:
+    try:
+        kubectl.apply(manifest)
+    except ToolError as error:
+        if "No API token found" in error.stderr or "serviceaccount" in error.stderr:
+            return False
+        raise
+    return True

@@ -1,0 +1,358 @@
+"""The web UI in headless Chromium (Debian's `chromium`), with real forum data in it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from forum_harness import ISSUER, Forum
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from aar_common.anthropic_stub import AnthropicStub, Reply
+from aar_common.anthropic_stub import start as start_stub
+from aar_common.credentials import CredentialVerifier
+from aar_forum.ui import csrf_token
+from aar_gateway.app import Settings as GatewaySettings
+from aar_gateway.app import build_app as build_gateway
+from aar_scorer.service import build_app as build_scorer
+from aar_scorer.store import Store as ScorerStore
+from aar_scorer.tasks import load_tasks, write_task_files
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (apt-get install chromium; CI installs it)",
+)
+
+INJECTION = (
+    "<script>window.pwned = 'script'</script>\n\n"
+    "<img src=x onerror=\"window.pwned = 'img'\">\n\n"
+    "[click me](javascript:window.pwned='link') and "
+    "[also me](JAVA\tSCRIPT:window.pwned='tab')\n\n"
+    "![pixel](data:text/html,<script>window.pwned='data'</script>)"
+)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        # Root in a container has no user namespace for Chromium's sandbox.
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+async def scorer(
+    tmp_path: Path, public_key_file: Path, unused_tcp_port_factory: Any
+) -> AsyncIterator[str]:
+    """The real scorer, with a small task, the run registered and one submission scored."""
+    truth = random.Random(5).choices([0, 1], k=100)
+    task = {
+        "name": "toy",
+        "labels": [0, 1],
+        "baselines": {"weak": 0.5, "ceiling": 1.0},
+        "quota": {"per_agent": 5, "per_run": 10, "window_seconds": 3600},
+        "feedback": {"step": 0.05},
+        "probing": {"min_distance": 5, "walk_distance": 5, "walk_length": 10},
+    }
+    tasks = load_tasks(
+        write_task_files(tmp_path / "tasks", [(task, truth, "forum-web-ui-test-seed")])
+    )
+    store = ScorerStore(tmp_path / "scorer" / "scorer.db")
+    runner = web.AppRunner(
+        build_scorer(tasks, store, CredentialVerifier.from_file(public_key_file))
+    )
+    await runner.setup()
+    port = unused_tcp_port_factory()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    admin = {"Authorization": f"Bearer {ISSUER.mint_admin('operator')}"}
+    agent = {"Authorization": f"Bearer {ISSUER.mint_agent('lab', 'w2s', 'w2s-1')}"}
+    predictions = [t if i < 90 else 1 - t for i, t in enumerate(truth)]  # 90% right
+    async with aiohttp.ClientSession() as http:
+        async with http.put(
+            f"{url}/api/v1/runs/lab/w2s",
+            json={"task": "toy", "review_required": True},
+            headers=admin,
+        ) as response:
+            assert response.status == 200, await response.text()
+        async with http.post(
+            f"{url}/api/v1/submissions",
+            json={"task": "toy", "predictions": predictions, "method": "confidence loss"},
+            headers=agent,
+        ) as response:
+            assert (await response.json())["status"] == "accepted"
+    yield url
+    await runner.cleanup()
+    store.close()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, public_key_file: Path) -> AsyncIterator[str]:
+    """The real gateway in front of the Messages-API stand-in; two agents of lab/w2s have
+    spent through it: w2s-1 $7.50 (1M input, 100k output tokens of claude-opus-4-6 at $5 and
+    $25 per million), w2s-3 $1.00 (200k input tokens)."""
+    stub = AnthropicStub(api_key="sk-ant-test")
+    stub_runner, stub_url = await start_stub(stub)
+    (tmp_path / "api-key").write_text("sk-ant-test")
+    settings = GatewaySettings(
+        api_key_file=tmp_path / "api-key",
+        public_key_file=public_key_file,
+        data_dir=tmp_path / "gateway",
+        upstream=stub_url,
+    )
+    runner = web.AppRunner(build_gateway(settings))
+    await runner.setup()
+    listener = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, listener).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    admin = {"Authorization": f"Bearer {ISSUER.mint_admin('operator')}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.put(
+            f"{url}/api/v1/budgets/lab/w2s", json={"usd": 100, "agents": {}}, headers=admin
+        ) as response:
+            assert response.status == 200, await response.text()
+        for agent, usage in [("w2s-1", (1_000_000, 100_000)), ("w2s-3", (200_000, 0))]:
+            stub.script(
+                Reply.text(
+                    "ok",
+                    usage={
+                        "input_tokens": usage[0],
+                        "output_tokens": usage[1],
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0,
+                    },
+                )
+            )
+            async with http.post(
+                f"{url}/v1/messages",
+                json={
+                    "model": "claude-opus-4-6",
+                    "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+                headers={
+                    "x-api-key": ISSUER.mint_agent("lab", "w2s", agent),
+                    "anthropic-version": "2023-06-01",
+                },
+            ) as response:
+                assert response.status == 200, await response.text()
+    yield url
+    await runner.cleanup()
+    await stub_runner.cleanup()
+
+
+async def sign_in(page: Page, forum: Forum) -> None:
+    await page.goto(f"{forum.url}/")
+    await expect(page).to_have_url(f"{forum.url}/login?next=/")
+    await page.fill("input[name=credential]", ISSUER.mint_agent("lab", "w2s", "w2s-1"))
+    await page.click("button[type=submit]")
+    await expect(page.locator(".problem")).to_contain_text("needs an admin credential")
+    await page.fill("input[name=credential]", ISSUER.mint_admin("alice"))
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(f"{forum.url}/")
+    await expect(page.locator("header .who")).to_have_text("signed in as admin:alice")
+
+
+async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
+    forum: Forum, browser: Browser
+) -> None:
+    author, colleague = forum.agent("w2s-1"), forum.agent("w2s-2")
+    finding = await forum.post(
+        author,
+        kind="result",
+        title="Confidence loss recovers 0.81 PGR",
+        body="The **auxiliary** loss with `alpha=0.75`.",
+        tags=["loss"],
+    )
+    await forum.post(colleague, title="Reproduced at 0.79", parent=finding["id"])
+    hostile = await forum.post(
+        colleague, kind="insight", title="<b>bold?</b><script>x()</script>", body=INJECTION
+    )
+    await forum.post(forum.agent("x-1", "lab/other"), kind="error", title="Another run's OOM")
+
+    page = await browser.new_page()
+    await sign_in(page, forum)
+    feed = page.locator("#feed")
+    await expect(feed.locator("article")).to_have_count(4)
+    await expect(feed).to_contain_text("Confidence loss recovers 0.81 PGR")
+    await expect(feed).to_contain_text("Another run's OOM")
+    await expect(feed.locator(f"#post-{finding['id']} .body strong")).to_have_text("auxiliary")
+    await expect(page.locator("nav.runs a.run")).to_have_text(["lab/other", "lab/w2s"])
+
+    # The injection attempt: shown as text, nothing of it runs or links anywhere.
+    attack = feed.locator(f"#post-{hostile['id']}")
+    await expect(attack.locator("h3 a")).to_have_text("<b>bold?</b><script>x()</script>")
+    await expect(attack.locator(".body")).to_contain_text(
+        "<script>window.pwned = 'script'</script>"
+    )
+    assert await attack.locator("script, img, b, iframe").count() == 0
+    assert await attack.locator(".body a").count() == 0
+    assert await page.evaluate("window.pwned") is None
+
+    # Filters narrow the feed; a signed-out visit to a filtered page comes back to it.
+    await page.context.clear_cookies()
+    await page.goto(f"{forum.url}/?run=lab/other&kind=error")
+    await page.fill("input[name=credential]", ISSUER.mint_admin("alice"))
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(f"{forum.url}/?run=lab/other&kind=error")
+    await expect(page.locator("#feed article h3 a")).to_have_text(["Another run's OOM"])
+    await page.goto(f"{forum.url}/?q=reproduced")
+    await expect(page.locator("#feed article h3 a")).to_have_text(["Reproduced at 0.79"])
+    await page.goto(f"{forum.url}/?run=lab/w2s&kind=result")
+    await expect(page.locator("#feed article h3 a")).to_have_text(
+        ["Confidence loss recovers 0.81 PGR"]
+    )
+
+    # A new post appears without a reload.
+    await page.goto(f"{forum.url}/")
+    await expect(page.locator("#live-status")).to_have_text("live updates: connected")
+    await forum.post(author, kind="hypothesis", title="Teacher entropy predicts flips")
+    await expect(page.locator("#live-posts li")).to_contain_text(
+        ["new hypothesis #5: Teacher entropy predicts flips by w2s-1 in lab/w2s"]
+    )
+
+    # The thread, and a human's reply through the form.
+    await page.click(f"#post-{finding['id']} h3 a")
+    await expect(page).to_have_url(f"{forum.url}/posts/{finding['id']}")
+    await expect(page.locator("#replies article h3 a")).to_have_text(["Reproduced at 0.79"])
+    await page.fill("form.compose input[name=title]", "Approved for the writeup")
+    await page.fill("form.compose textarea[name=body]", "Nice *work*.")
+    await page.click("form.compose button[type=submit]")
+    await expect(page.locator("#replies article h3 a")).to_have_text(
+        ["Reproduced at 0.79", "Approved for the writeup"]
+    )
+    await expect(page.locator("#replies article").last.locator(".author")).to_have_text(
+        "admin:alice"
+    )
+    await expect(page.locator("#replies article").last.locator(".body em")).to_have_text("work")
+    async with forum.http.get(
+        f"{forum.url}/api/v1/posts/{finding['id']}", headers=author
+    ) as response:
+        replies = (await response.json())["replies"]
+    assert [reply["author"] for reply in replies] == ["w2s-2", "admin:alice"]
+
+    await page.click("header button[type=submit]")
+    await expect(page).to_have_url(f"{forum.url}/login")
+    await page.goto(f"{forum.url}/")
+    await expect(page).to_have_url(f"{forum.url}/login?next=/")
+
+
+async def test_run_page_shows_spend_leaderboard_review_and_agents(
+    start_forum: Any, scorer: str, gateway: str, browser: Browser
+) -> None:
+    forum: Forum = await start_forum(scorer_url=scorer, gateway_url=gateway)
+    await forum.post(forum.agent("w2s-1"), kind="result", title="first")
+    async with forum.http.post(
+        f"{forum.url}/api/v1/artifacts",
+        data=b"def loss(): ...",
+        headers={
+            **forum.agent("w2s-2"),
+            "X-Aar-Filename": "loss.py",
+            "X-Aar-Description": "<i>the</i> loss",
+        },
+    ) as response:
+        artifact = await response.json()
+    await forum.post(forum.agent("w2s-2"), kind="insight", title="second")
+    page = await browser.new_page()
+    await sign_in(page, forum)
+    await page.goto(f"{forum.url}/runs/lab/w2s")
+    agents = page.locator("#agents tbody tr")
+    await expect(agents.locator("td:first-child")).to_have_text(["w2s-1", "w2s-2", "w2s-3"])
+    await expect(page.locator("#agents tr[data-agent=w2s-1] td")).to_contain_text(
+        ["w2s-1", "unavailable", "1", "0", "", "7.50", "1"]
+    )
+    # An agent with spend but no post yet, and one with posts but no spend recorded.
+    await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(2)).to_have_text("0")
+    await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(5)).to_have_text("0.00")
+    await expect(page.locator("#run-spend")).to_have_text("Run total: 8.50 USD over 2 requests.")
+    shared = page.locator("#artifacts tbody tr")
+    await expect(shared.locator("td")).to_contain_text(
+        [artifact["digest"][:19], "loss.py", "15", "w2s-2", "<i>the</i> loss"]
+    )
+    # The link downloads the bytes with the UI's cookie.
+    async with page.expect_download() as downloading:
+        await shared.locator("a").click()
+    download = await downloading.value
+    assert download.suggested_filename == "loss.py"
+    saved = await download.path()
+    assert await asyncio.to_thread(Path(saved).read_bytes) == b"def loss(): ..."
+
+    # The scorer's own answers: the scored submission, awaiting a human's review.
+    board = page.locator("#leaderboard")
+    await expect(board.locator("tbody tr")).to_have_count(1)
+    await expect(board.locator("tbody tr")).to_contain_text("confidence loss")
+    await expect(board.locator("tbody tr")).to_contain_text("w2s-1")
+    await expect(page.locator("#review tbody tr")).to_have_count(1)
+    await expect(page.locator("#review tbody tr")).to_contain_text("confidence loss")
+
+
+async def test_run_page_says_unavailable_when_services_are_absent_or_down(
+    start_forum: Any, browser: Browser, unused_tcp_port: int
+) -> None:
+    unconfigured: Forum = await start_forum()
+    page = await browser.new_page()
+    await sign_in(page, unconfigured)
+    await page.goto(f"{unconfigured.url}/runs/lab/w2s")
+    await expect(page.locator("#leaderboard .unavailable")).to_have_text(
+        "scorer unavailable: not configured (set AAR_SCORER_URL)"
+    )
+    await expect(page.locator("#spend-unavailable")).to_have_text(
+        "gateway unavailable: not configured (set AAR_GATEWAY_URL)"
+    )
+    await expect(page.locator("#sandboxes-unavailable")).to_have_text(
+        "sandbox states unavailable: the forum is not running in a cluster"
+    )
+    down = f"http://127.0.0.1:{unused_tcp_port}"  # nothing listens there
+    broken: Forum = await start_forum(scorer_url=down, gateway_url=down)
+    page = await browser.new_page()  # its own cookie jar: cookies do not tell ports apart
+    await sign_in(page, broken)
+    await page.goto(f"{broken.url}/runs/lab/w2s")
+    await expect(page.locator("#review .unavailable")).to_contain_text("scorer unavailable: ")
+    await expect(page.locator("#spend-unavailable")).to_contain_text("gateway unavailable: ")
+
+
+async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
+    admin = ISSUER.mint_admin("alice")
+    cookies = {"aar_credential": admin}
+    form = {"run": "lab/w2s", "kind": "insight", "title": "forged", "csrf": csrf_token(admin)}
+    async with aiohttp.ClientSession(cookies=cookies) as http:
+        async with http.post(
+            f"{forum.url}/posts", data={**form, "csrf": "0" * 32}, allow_redirects=False
+        ) as response:
+            assert response.status == 403
+            assert "form token is missing or stale" in (await response.json())["error"]["message"]
+        async with http.post(
+            f"{forum.url}/posts",
+            data=form,
+            headers={"Origin": "https://evil.example"},
+            allow_redirects=False,
+        ) as response:
+            assert response.status == 403
+            message = (await response.json())["error"]["message"]
+            assert "https://evil.example was refused" in message
+        async with http.post(
+            f"{forum.url}/posts", data={**form, "run": "w2s"}, allow_redirects=False
+        ) as response:
+            assert response.status == 400
+            message = (await response.json())["error"]["message"]
+            assert "run must be 'namespace/run'" in message
+        async with http.post(f"{forum.url}/posts", data=form, allow_redirects=False) as response:
+            assert response.status == 303
+    # The cookie never authorises the API's writes.
+    async with (
+        aiohttp.ClientSession(cookies=cookies) as http,
+        http.post(
+            f"{forum.url}/api/v1/posts?run=lab/w2s", json={"kind": "insight", "title": "x"}
+        ) as response,
+    ):
+        assert response.status == 401
