@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+# A batch is closed before padding would exceed this share of its tokens: where lengths are
+# sparse (small datasets, long tails) batches get smaller instead of wasteful.
+MAX_PADDING = 0.1
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -33,7 +37,8 @@ def plan_batches(
     *,
     seed: int | None = None,
 ) -> list[list[int]]:
-    """Group example indices into batches of `max_tokens` (padded) tokens at most.
+    """Group example indices into batches of `max_tokens` (padded) tokens at most, each with at
+    most `MAX_PADDING` of its tokens padding.
 
     Sorted by length so each batch pads to a near-equal length; with a seed, equal lengths are
     shuffled and the batch order is shuffled (training); without one the plan is in length
@@ -49,14 +54,19 @@ def plan_batches(
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tiebreak[i]))
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for index in order:
         # Sorted ascending, so this example is the longest in the batch so far.
+        padded = (len(current) + 1) * lengths[index]
         if current and (
-            (len(current) + 1) * lengths[index] > max_tokens or len(current) >= max_batch
+            padded > max_tokens
+            or len(current) >= max_batch
+            or padded - real - lengths[index] > MAX_PADDING * padded
         ):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(index)
+        real += lengths[index]
     if current:
         batches.append(current)
     if seed is not None:
