@@ -26,6 +26,9 @@ def _run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # Kopf logs every handled watch event; at hundreds of agents that drowns what matters.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     start_http_server(config.metrics_port)
     registry = kopf.OperatorRegistry()
     register(registry, config)

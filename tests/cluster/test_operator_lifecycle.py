@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -285,3 +287,62 @@ def test_operator_killed_mid_reconcile_converges_after_restart(
                 ("AgentSandbox", sandboxes[agent])
             ]
     assert partial["agentsandboxes"] <= count
+
+
+def test_agent_hours_are_banked_and_capped(kubectl: Tool, aar_operator: OperatorProcess) -> None:
+    # 0.002 agent-hours (7.2 s) for the run, 3.6 s each: reached within seconds of running.
+    kubectl.apply(run("hours", 2, budget={"agentHours": 0.002}))
+    eventually(lambda: of_run(kubectl, "pods", "hours") == agents("hours", 2), what="2 Pods")
+
+    def start_running(pod: str) -> None:
+        """No kubelet here: say, as a kubelet would, that the agent's container started."""
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        status = {
+            "phase": "Running",
+            "startTime": now,
+            "containerStatuses": [
+                {
+                    "name": "agent", "ready": True, "restartCount": 0, "image": "agent:test",
+                    "imageID": "", "state": {"running": {"startedAt": now}},
+                }
+            ],
+        }  # fmt: skip
+        patch = json.dumps({"status": status})
+        kubectl.run("patch", "pod", pod, "--subresource=status", "--type=merge", "-p", patch)
+
+    start_running("hours-0")
+    sandbox = eventually(
+        lambda: (
+            (s := kubectl.json("get", "asb", "hours-0"))
+            and condition(s, "BudgetExhausted").get("status") == "True"
+            and s
+        ),
+        what="agent 0 over its 0.001 agent-hour share",
+    )
+    spend = sandbox["status"]["spend"]
+    assert spend["agentHours"] >= 0.001
+    assert spend["gpuHours"] == spend["agentHours"]  # one GPU each
+    assert "agent-hours" in condition(sandbox, "BudgetExhausted")["message"]
+    eventually(lambda: of_run(kubectl, "pods", "hours") == ["hours-1"], what="only agent 0 stopped")
+    run_now = eventually(
+        lambda: (
+            (r := kubectl.json("get", "rr", "hours"))
+            and r["status"]["spend"]["agentHours"] >= 0.001
+            and r
+        ),
+        what="the run sums its agents' hours",
+    )
+    assert condition(run_now, "BudgetExhausted")["status"] == "False"
+
+    start_running("hours-1")
+    stopped = eventually(
+        lambda: (
+            (r := kubectl.json("get", "rr", "hours"))
+            and condition(r, "BudgetExhausted").get("status") == "True"
+            and r
+        ),
+        what="the run over its 0.002 agent-hours",
+    )
+    assert condition(stopped, "Ready")["reason"] == "BudgetExhausted"
+    eventually(lambda: of_run(kubectl, "pods", "hours") == [], what="every Pod deleted")
+    assert of_run(kubectl, "persistentvolumeclaims", "hours") == agents("hours", 2, "-workspace")
