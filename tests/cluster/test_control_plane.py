@@ -4,24 +4,15 @@ collection, controllers, and kubectl and helm talking to it."""
 from __future__ import annotations
 
 import secrets
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from helm_chart import Chart
+from operator_process import eventually
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool, ToolError
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -140,7 +131,7 @@ def test_garbage_collector_deletes_owned_child(kubectl: Tool) -> None:
     def child_gone() -> bool:
         return "child" not in kubectl.run("get", "configmaps", "-o", "name")
 
-    wait_for(child_gone, "the garbage collector to delete configmap/child")
+    eventually(child_gone, what="the garbage collector to delete configmap/child")
     assert "configmap/bystander" in kubectl.run("get", "configmaps", "-o", "name")
 
 
@@ -164,13 +155,13 @@ def test_controllers_turn_deployment_into_pending_pod(kubectl: Tool) -> None:
     def two_pods() -> bool:
         return len(kubectl.json("get", "pods", "-l", "app=web")["items"]) == 2
 
-    wait_for(two_pods, "the Deployment's two Pods")
+    eventually(two_pods, what="the Deployment's two Pods")
 
     def scheduler_gave_verdicts() -> bool:
         pods = kubectl.json("get", "pods", "-l", "app=web")["items"]
         return all(condition(pod, "PodScheduled") for pod in pods)
 
-    wait_for(scheduler_gave_verdicts, "the scheduler's PodScheduled conditions")
+    eventually(scheduler_gave_verdicts, what="the scheduler's PodScheduled conditions")
     for pod in kubectl.json("get", "pods", "-l", "app=web")["items"]:
         # No node: the Pods exist, stay Pending, and the scheduler says why.
         assert pod["status"]["phase"] == "Pending"

@@ -10,10 +10,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from operator_process import eventually
 
 from aar_devcluster.controlplane import PROCESS_ORDER, ControlPlane
 from aar_devcluster.tools import Tool
@@ -184,7 +184,7 @@ def test_demo_brings_up_the_whole_system_and_down_stops_it(tmp_path: Path) -> No
             f"http://127.0.0.1:{services['gateway']['port']}/api/v1/spend/research/w2s-chat",
             headers={"Authorization": f"Bearer {admin}"},
         )
-        wait_until(lambda: _answers(spend), "the gateway to know the run's budget")
+        eventually(lambda: _answers(spend), what="the gateway to know the run's budget")
         # The web UI answers the printed admin credential.
         login = f"http://127.0.0.1:{services['forum']['port']}/"
         assert urllib.request.urlopen(login, timeout=10).status == 200
@@ -200,12 +200,3 @@ def _answers(request: urllib.request.Request) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")

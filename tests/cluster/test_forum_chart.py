@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import pytest
 import yaml
 from aiohttp import web
 from helm_chart import Chart
+from operator_process import eventually
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_devcluster.controlplane import ControlPlane
@@ -71,15 +70,6 @@ def test_the_forum_can_be_left_out(helm: Tool, repo_root: Path) -> None:
     assert [name for name in names if "aar-forum" in name] == []
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 async def test_the_web_ui_shows_each_agents_pod_state_with_the_charts_rbac(
     chart: Chart,
     kubectl: Tool,
@@ -90,9 +80,9 @@ async def test_the_web_ui_shows_each_agents_pod_state_with_the_charts_rbac(
 ) -> None:
     chart.install()
     # The forum's own ServiceAccount token (1.20's token controller writes it into a Secret).
-    secret = wait_for(
+    secret = eventually(
         lambda: kubectl.json("get", "serviceaccount", "aar-forum").get("secrets"),
-        "the aar-forum ServiceAccount's token",
+        what="the aar-forum ServiceAccount's token",
     )[0]["name"]
     data = kubectl.json("get", "secret", secret)["data"]
     (tmp_path / "token").write_bytes(base64.b64decode(data["token"]))
@@ -109,10 +99,10 @@ async def test_the_web_ui_shows_each_agents_pod_state_with_the_charts_rbac(
         "spec": {"containers": [{"name": "agent", "image": "aar-agent:test"}]},
     }
     # Pods are refused until the namespace's default ServiceAccount has its token.
-    wait_for(lambda: _applied(kubectl, pod), "the agent's Pod to be accepted")
-    wait_for(
+    eventually(lambda: _applied(kubectl, pod), what="the agent's Pod to be accepted")
+    eventually(
         lambda: "Unschedulable" in str(kubectl.json("get", "pod", "w2s-1").get("status")),
-        "the scheduler to find no node for the Pod",
+        what="the scheduler to find no node for the Pod",
     )
 
     key = generate_signing_key()
