@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helm_chart import Chart
+from operator_process import OperatorProcess
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.paths import BinariesMissingError
@@ -70,3 +71,26 @@ def chart(helm: Tool, namespace: str, repo_root: Path) -> Iterator[Chart]:
     installed = Chart(helm, repo_root / "charts" / "aar", namespace)
     yield installed
     installed.uninstall_all()
+
+
+@pytest.fixture
+def crds(control_plane: ControlPlane) -> None:
+    """The aar CRDs, applied from crds/ (idempotent: every test may ask for them)."""
+    admin = Tool("kubectl", control_plane.kubeconfig_path)
+    crd_dir = Path(__file__).resolve().parents[2] / "crds"
+    admin.run("apply", "-f", str(crd_dir))
+    for name in ("researchruns.aar.dev", "agentsandboxes.aar.dev"):
+        admin.run("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+
+
+@pytest.fixture
+def aar_operator(
+    control_plane: ControlPlane, namespace: str, crds: None, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    """`aar-operator run` as a subprocess; its signing key lives in this test's namespace."""
+    process = OperatorProcess(control_plane.kubeconfig_path, namespace, tmp_path / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+    # Shown by pytest when the test failed: what the operator saw and did.
+    print(f"--- operator log (tail) ---\n{process.log()}")

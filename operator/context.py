@@ -1,0 +1,36 @@
+"""What every handler shares for the operator's lifetime (kept in Kopf's memo)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from aar_common.credentials import CredentialIssuer
+from aar_operator.config import OperatorConfig
+from aar_operator.kube import Kube
+from aar_operator.models import Best
+from aar_operator.services import RunSpend, Services
+
+
+@dataclass
+class RunKnowledge:
+    """What the operator last learned about a run from the services; rebuilt after a restart."""
+
+    spend: RunSpend | None = None
+    best: Best | None = None
+    polled_at: float = 0.0
+    registered: str = ""  # digest of what the gateway and scorer were last told
+
+
+@dataclass
+class Context:
+    kube: Kube
+    config: OperatorConfig
+    issuer: CredentialIssuer
+    services: Services | None
+    runs: dict[tuple[str, str], RunKnowledge] = field(
+        default_factory=lambda: defaultdict(RunKnowledge)
+    )
+    # The timer and the change handlers of one object must not reconcile it at the same time.
+    locks: dict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))

@@ -1,0 +1,182 @@
+"""Status maths: validation beyond the schema, why a run stops, conditions, agent-hours."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from aar_operator.builders import agent_budget
+from aar_operator.config import OperatorConfig, add_arguments, from_arguments
+from aar_operator.models import ResearchRunSpec, Spend, format_time
+from aar_operator.services import RunSpend, Totals, budget_request
+from aar_operator.status import (
+    aggregate,
+    pod_scheduled,
+    run_stop,
+    running_seconds,
+    set_condition,
+    validate_run,
+)
+
+CREATED = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def spec(**overrides: Any) -> ResearchRunSpec:
+    base: dict[str, Any] = {"agents": 3, "task": {"name": "t"}, "sandbox": {"image": "i"}}
+    return ResearchRunSpec.model_validate({**base, **overrides})
+
+
+def test_a_valid_run_has_no_problems() -> None:
+    assert (
+        validate_run("w2s", spec(directions=["a", "b"], budget={"deadline": "120h"}), CREATED) == []
+    )
+
+
+def test_more_directions_than_agents_is_invalid_and_says_how_to_fix_it() -> None:
+    [problem] = validate_run("w2s", spec(directions=["a", "b", "c", "d"]), CREATED)
+    assert "4 entries but spec.agents is 3" in problem
+    assert "raise spec.agents" in problem
+
+
+def test_a_deadline_before_creation_is_invalid() -> None:
+    [problem] = validate_run("w2s", spec(budget={"deadline": "2026-10-01T00:00:00Z"}), CREATED)
+    assert "before the run was created" in problem
+
+
+def test_a_deadline_that_is_neither_duration_nor_time_is_invalid() -> None:
+    [problem] = validate_run("w2s", spec(budget={"deadline": "next week"}), CREATED)
+    assert "neither a duration" in problem
+
+
+def test_a_run_name_too_long_for_its_agent_names_is_invalid() -> None:
+    [problem] = validate_run("r" * 62, spec(agents=12), CREATED)
+    assert "shorten the run's name to at most 60" in problem
+
+
+def test_stop_reasons_in_order() -> None:
+    now = CREATED + timedelta(hours=1)
+    assert run_stop(spec(), CREATED, now, Spend()) is None
+    assert run_stop(spec(suspend=True), CREATED, now, Spend()).reason == "Suspended"  # type: ignore[union-attr]
+    late = run_stop(spec(budget={"deadline": "30m"}), CREATED, now, Spend())
+    assert late is not None
+    assert late.reason == "DeadlineExceeded"
+    absolute = spec(budget={"deadline": "2026-11-01T02:00:00Z"})
+    assert run_stop(absolute, CREATED, now, Spend()) is None
+    assert run_stop(absolute, CREATED, now + timedelta(hours=1), Spend()) is not None
+
+
+def test_budget_exhausted_at_the_cap_in_dollars_or_agent_hours() -> None:
+    now = CREATED
+    capped = spec(budget={"usd": 100, "agentHours": 10})
+    assert run_stop(capped, CREATED, now, Spend(usd="99.99", agent_hours=9.9)) is None
+    dollars = run_stop(capped, CREATED, now, Spend(usd="100.00"))
+    assert dollars is not None
+    assert dollars.reason == "BudgetExhausted"
+    assert "$100.00" in dollars.message
+    hours = run_stop(capped, CREATED, now, Spend(agent_hours=10.0))
+    assert hours is not None
+    assert "agent-hours" in hours.message
+
+
+def test_condition_transition_time_moves_only_when_status_changes() -> None:
+    first = set_condition([], "Ready", "False", "Pending", "", CREATED, 1)
+    later = CREATED + timedelta(minutes=5)
+    same = set_condition(first, "Ready", "False", "Unschedulable", "no nodes", later, 2)
+    assert same[0].last_transition_time == format_time(CREATED)
+    assert same[0].reason == "Unschedulable"
+    assert same[0].observed_generation == 2
+    flipped = set_condition(same, "Ready", "True", "Running", "", later, 2)
+    assert flipped[0].last_transition_time == format_time(later)
+    assert len(flipped) == 1
+
+
+def _pod(phase: str, started: datetime | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase}
+    if started is not None:
+        status["containerStatuses"] = [{"state": {"running": {"startedAt": format_time(started)}}}]
+    return {"status": status}
+
+
+def test_running_time_counts_from_start_or_last_accounting() -> None:
+    now = CREATED + timedelta(hours=2)
+    assert running_seconds(_pod("Running", CREATED), "", now) == 7200
+    since = format_time(CREATED + timedelta(hours=1, minutes=30))
+    assert running_seconds(_pod("Running", CREATED), since, now) == 1800
+    assert running_seconds(_pod("Pending"), "", now) == 0
+    assert running_seconds(None, "", now) == 0
+
+
+def test_pod_scheduled_copies_the_schedulers_words() -> None:
+    pod = {
+        "status": {
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/0 nodes are available"}
+            ]
+        }
+    }  # fmt: skip
+    assert pod_scheduled(pod) == ("False", "Unschedulable", "0/0 nodes are available")
+    assert pod_scheduled(None)[1] == "NoPod"
+
+
+def test_aggregate_counts_ready_and_sums_hours() -> None:
+    def box(ready: str, scheduled: str, hours: float, reason: str = "Running") -> dict[str, Any]:
+        return {
+            "status": {
+                "conditions": [
+                    {"type": "Ready", "status": ready, "reason": reason},
+                    {"type": "PodScheduled", "status": scheduled},
+                ],
+                "spend": {"agentHours": hours, "gpuHours": hours * 2},
+            }
+        }
+
+    counts, spend = aggregate(
+        4, [box("True", "True", 1.5), box("False", "False", 0.25, "Suspended"), {"metadata": {}}]
+    )
+    assert (counts.desired, counts.ready, counts.scheduled, counts.suspended) == (4, 1, 1, 1)
+    assert (spend.agent_hours, spend.gpu_hours) == (1.75, 3.5)
+
+
+def test_gateway_totals_become_status_spend_to_the_micro_dollar() -> None:
+    spend = RunSpend.model_validate(
+        {"run": {"usd": "12.3456784", "input_tokens": 10, "output_tokens": 5,
+                 "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "requests": 1},
+         "agents": {"w2s-0": {"usd": 1.005}}}
+    )  # fmt: skip
+    assert spend.run.spend().usd == "12.345678"
+    assert spend.run.spend().input_tokens == 15
+    assert spend.agents["w2s-0"].usd == Decimal("1.005")
+    assert Totals().spend(agent_hours=2.0).agent_hours == 2.0
+
+
+def test_budget_request_gives_every_agent_its_share() -> None:
+    run = spec(agents=4, budget={"usd": 1000})
+    request = budget_request(run, ["a-0", "a-1", "a-2", "a-3"], agent_budget(run))
+    assert request.model_dump() == {"usd": 1000.0, "agents": {f"a-{i}": 250.0 for i in range(4)}}
+    unbounded = spec(agents=2)
+    assert budget_request(unbounded, ["a-0", "a-1"], agent_budget(unbounded)).usd is None
+
+
+def test_config_flags_win_over_environment_which_wins_over_defaults() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {
+        "AAR_OPERATOR_NAMESPACE": "ops",
+        "AAR_GATEWAY_URL": "http://gw:1",
+        "AAR_OPERATOR_SERVICES": "false",
+    }
+    config = from_arguments(parser.parse_args(["--gateway-url", "http://flag:2"]), env)
+    assert (config.namespace, config.gateway_url, config.services) == (
+        "ops",
+        "http://flag:2",
+        False,
+    )
+    assert from_arguments(parser.parse_args([]), {}) == OperatorConfig()
+    with pytest.raises(ValueError, match="resync_seconds"):
+        from_arguments(parser.parse_args(["--resync-seconds", "0"]), {})
