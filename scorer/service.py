@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from aar_common.credentials import CredentialVerifier, Principal, Role
 from aar_common.web import authenticate, fail, json_response, make_app, read_model
 from aar_scorer.ladder import Ladder, level
-from aar_scorer.probing import ProbeIndex, Verdict
+from aar_scorer.probing import ProbeIndex, ProbeReason, Verdict
 from aar_scorer.review import ReviewBook
 from aar_scorer.store import Store
 from aar_scorer.tasks import ProbeAction, Task
@@ -314,7 +314,7 @@ class Scorer:
 
 def _describe(verdict: Verdict, task: Task) -> str:
     probing = task.spec.probing
-    if verdict.reason is not None and verdict.reason.value == "near_duplicate":
+    if verdict.reason is ProbeReason.NEAR_DUPLICATE:
         return (
             f"differs from submission {verdict.nearest} of this run in {verdict.distance} "
             f"answers (fewer than {probing.min_distance})"

@@ -47,14 +47,15 @@ def installed(chart: Chart, control_plane: ControlPlane) -> dict[str, Any]:
     }
 
 
-def operator_service_account(manifests: list[dict[str, Any]], fallback: str) -> str:
-    """The operator's ServiceAccount as the chart ships it, by name; while the operator's
-    templates are not in the chart, the name they will use."""
-    for manifest in manifests:
-        name = manifest["metadata"]["name"]
-        if manifest["kind"] == "ServiceAccount" and "operator" in name:
-            return f"system:serviceaccount:{manifest['metadata'].get('namespace', '')}:{name}"
-    return fallback
+def operator_service_account(manifests: list[dict[str, Any]]) -> str:
+    """The operator's ServiceAccount as the chart ships it (its RBAC comes with it)."""
+    accounts = [
+        f"system:serviceaccount:{m['metadata']['namespace']}:{m['metadata']['name']}"
+        for m in manifests
+        if m["kind"] == "ServiceAccount" and m["metadata"]["name"].endswith("-operator")
+    ]
+    assert len(accounts) == 1, accounts
+    return accounts[0]
 
 
 def assert_denied(admin: Tool, user: str, *args: str) -> None:
@@ -69,10 +70,8 @@ def test_only_the_scorer_reads_the_hidden_labels(installed: dict[str, Any], kube
     # An agent's ServiceAccount as the operator makes it: in a run's namespace, no RBAC at all.
     kubectl.run("create", "serviceaccount", "w2s-toy-1")
     agent = f"system:serviceaccount:{kubectl.namespace}:w2s-toy-1"
-    operator = operator_service_account(
-        installed["manifests"],
-        f"system:serviceaccount:{kubectl.namespace}:{installed['release']}-operator",
-    )
+    operator = operator_service_account(installed["manifests"])
+    assert operator == f"system:serviceaccount:{kubectl.namespace}:{installed['release']}-operator"
     scorer = f"system:serviceaccount:{scorer_namespace}:aar-scorer"
 
     # kubectl's --watch lists first; a raw watch request asks for the watch verb alone.
