@@ -81,7 +81,8 @@ def _differs(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
         if isinstance(value, dict) and isinstance(current.get(key), dict):
             if _differs(current[key], value):
                 return True
-        elif current.get(key) != value:
+        elif current.get(key) != value and not (value in ([], {}) and key not in current):
+            # The apiserver drops empty lists and maps (e.g. a NetworkPolicy's `ingress: []`).
             return True
     return False
 
