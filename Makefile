@@ -19,9 +19,9 @@ venv: $(STAMP)
 tools: $(STAMP)
 	$(BIN)/aar-devcluster install
 
-## demo: the main job (for now: a local control plane, and how to point kubectl at it)
+## demo: the main job: the control plane, the operator and services, and a 9-agent run applied
 demo: tools
-	$(BIN)/aar-devcluster up
+	$(BIN)/aar-devcluster demo
 
 ## test: lint, then every tier; e2e is skipped with its reason when Docker is absent
 # pytest exits 5 when it collected nothing: said plainly, and still a failure.

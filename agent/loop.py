@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -38,6 +39,10 @@ MAX_BACKOFF = 300.0
 INTERRUPTED = (
     "The sandbox restarted (a crash or a pod restart) while this call was running; it may or "
     "may not have taken effect. Check (for example with bash) before repeating it."
+)
+ASK_IF_FINISHED = (
+    "You ended your turn without calling a tool. Nobody will answer here. If your research is "
+    "finished, end your turn again without a tool call and your run ends; otherwise carry on."
 )
 CUT_OFF = (
     "Your answer was cut off at max_tokens before this call was complete, so it was not run. "
@@ -156,6 +161,9 @@ class Agent:
         # Keep the same object: the toolbox holds a reference to it.
         for name in RunState.model_fields:
             setattr(self.state, name, getattr(loaded, name))
+        if self.state.finished is Finished.DONE:
+            log(logging.INFO, "The run had already finished", step=self.state.step)
+            return False
         budget_already_spent = self.state.finished is Finished.BUDGET_EXHAUSTED
         if budget_already_spent:
             self.state.finished = None  # the budget may have been raised: ask once more
@@ -223,13 +231,17 @@ class Agent:
         self.state.step += 1
         self._count_usage(reply.usage)
         content = [_block(b) for b in reply.content]
+        asked_if_finished = self.state.messages[-1]["content"] == ASK_IF_FINISHED
         self._append({"role": "assistant", "content": content})
         calls = [b for b in content if b["type"] == "tool_use"]
         if not calls:
             if reply.stop_reason == "max_tokens":
                 self._append({"role": "user", "content": "Continue."})
-            else:
+            elif asked_if_finished:
                 self.state.finished = Finished.DONE
+            else:
+                # One turn ended without a tool call must not end days of work by accident.
+                self._append({"role": "user", "content": ASK_IF_FINISHED})
         self.store.save(self.state)
         results = []
         for call in calls:
@@ -270,12 +282,22 @@ class Agent:
         return True
 
     async def _ask(self) -> anthropic.types.Message:
+        request: dict[str, Any] = {
+            "model": self.settings.model,
+            "max_tokens": self.settings.max_tokens,
+            "system": [
+                {"type": "text", "text": self.system, "cache_control": {"type": "ephemeral"}}
+            ],
+            "tools": self.toolbox.definitions,
+            "messages": _with_cache_breakpoint(self.state.messages),
+        }
+        # Named after the request itself: asking the same again (an SDK retry, or a restart that
+        # lost the answer) gets the gateway's kept answer, unbilled; anything else is new.
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+        key = f"{self.settings.agent}-{self.state.step + 1}-{digest[:32]}"
+        # Streamed: long answers would outlast a plain request's timeout (the SDK refuses those).
         async with self.client.messages.stream(
-            model=self.settings.model,
-            max_tokens=self.settings.max_tokens,
-            system=[{"type": "text", "text": self.system, "cache_control": {"type": "ephemeral"}}],
-            tools=self.toolbox.definitions,  # type: ignore[arg-type]
-            messages=_with_cache_breakpoint(self.state.messages),  # type: ignore[arg-type]
+            **request, extra_headers={"Idempotency-Key": key}
         ) as stream:
             reply = await stream.get_final_message()
         # Calibrate characters to tokens on what was actually counted, for the next trim.
@@ -307,19 +329,20 @@ class Agent:
         totals.cache_read_input_tokens += counts["cache_read"]
         totals.cache_creation_input_tokens += counts["cache_creation"]
 
-    def _fit_context(self, target: float = TRIM_TO, force: bool = False) -> None:
-        """Trim the conversation when the next request would come near the context window (or,
-        with `force`, whenever it is above `target`)."""
+    def _fit_context(self) -> None:
+        """Trim the conversation when the next request would come near the context window."""
         per_char = self.state.tokens_per_char or DEFAULT_TOKENS_PER_CHAR
         window = self.settings.context_tokens - self.settings.max_tokens
         estimate = self._request_chars(self.state.messages) * per_char
-        if estimate <= window * TRIM_AT and not force:
-            return
-        fixed = self._request_chars([])
-        budget = max(0, int(window * target / per_char) - fixed)
-        trimmed, report = trim(self.state.messages, budget)
+        if estimate > window * TRIM_AT:
+            self._trim_to(int(window * TRIM_TO / per_char) - self._request_chars([]))
+
+    def _trim_to(self, budget_chars: int) -> bool:
+        """Trim the conversation to `budget_chars` where it can; whether anything was dropped."""
+        before = conversation_chars(self.state.messages)
+        trimmed, report = trim(self.state.messages, max(0, budget_chars))
         if not report.trimmed:
-            return
+            return False
         self.state.messages[:] = trimmed
         self.store.save(self.state)
         self.metrics.trims.inc()
@@ -327,20 +350,19 @@ class Agent:
             logging.INFO,
             "Trimmed the context",
             step=self.state.step,
-            estimated_tokens=round(estimate),
+            chars_before=before,
+            chars_now=conversation_chars(trimmed),
             outputs_dropped=report.outputs_dropped,
             messages_dropped=report.messages_dropped,
-            chars_now=conversation_chars(trimmed),
         )
+        return True
 
     def _shrink_after_refusal(self, message: str) -> None:
-        """A 400 or 413 on a conversation the agent built: too long is fixed by trimming harder;
-        anything else is a bug no retry fixes."""
-        if "too long" not in message and "too large" not in message and "too many" not in message:
+        """A 400 or 413 on a conversation the agent built: too long means the estimate was off,
+        so halve what is there (again on each refusal); anything else is a bug no retry fixes."""
+        if not any(words in message for words in ("too long", "too large", "too many")):
             raise FatalError(f"the API refused the conversation: {message}")
-        before = len(json.dumps(self.state.messages))
-        self._fit_context(target=TRIM_TO / 2, force=True)
-        if len(json.dumps(self.state.messages)) >= before:
+        if not self._trim_to(conversation_chars(self.state.messages) // 2):
             raise FatalError(
                 f"the API refused the conversation and nothing is left to trim: {message}"
             )

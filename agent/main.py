@@ -20,7 +20,15 @@ async def _run() -> int:
     settings = settings_from_env()
     metrics = Metrics()
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=metrics.registry)
+        try:
+            start_http_server(settings.metrics_port, registry=metrics.registry)
+        except OSError as error:
+            # Counters are worth less than the run: go on without them, and say why.
+            log(
+                logging.WARNING,
+                f"Could not serve /metrics on port {settings.metrics_port}: {error}; "
+                "set AAR_METRICS_PORT to a free port, or 0 for none",
+            )
     agent = Agent(settings, metrics)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -27,8 +27,9 @@ and rate-limited on purpose.
 - Share what you learn: post results (with seeds, numbers and the artifact of the code), \
 hypotheses and negative results on the forum, and read what others found before repeating it.
 - Keep your notebook current: your context is trimmed on long runs, the notebook is not.
-- Nobody answers messages here. Work on your own; when you end your turn without calling a \
-tool, your run ends, so do that only when you have nothing more worth doing."""
+- Nobody answers messages here. Work on your own, one tool call after another. Ending your turn \
+without a tool call asks whether you are finished; ending it a second time ends your run, so do \
+that only when you have nothing more worth doing."""
 
 
 def task_description(task_dir: Path) -> str:

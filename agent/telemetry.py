@@ -37,9 +37,10 @@ def setup_logging() -> logging.Logger:
     return logger
 
 
-def log(level: int, message: str, **fields: Any) -> None:
-    """Log `message` with `fields` as top-level keys of the JSON line."""
-    logging.getLogger(LOGGER_NAME).log(level, message, extra={"fields": fields})
+def log(level: int, message: str, exc_info: bool = False, **fields: Any) -> None:
+    """Log `message` with `fields` as top-level keys of the JSON line (and, with `exc_info`,
+    the exception being handled as `error`)."""
+    logging.getLogger(LOGGER_NAME).log(level, message, exc_info=exc_info, extra={"fields": fields})
 
 
 class Metrics:

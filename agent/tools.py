@@ -5,6 +5,7 @@ result whose message tells the model what to do instead."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from aar_agent.config import Settings
 from aar_agent.services import ServiceClient, ServiceError
 from aar_agent.shell import run_bash
 from aar_agent.state import RunState
+from aar_agent.telemetry import log
 
 NOTEBOOK_FILE = "notebook.md"
 _NEW_POSTS = 50  # per forum_new call
@@ -146,6 +148,22 @@ def truncate(text: str, limit: int, note: str) -> str:
 def _ascii_header(value: str) -> str:
     # HTTP header values are Latin-1 at best; one line of ASCII is safe everywhere.
     return " ".join(value.split()).encode("ascii", "replace").decode("ascii")
+
+
+def read_predictions(path: Path) -> list[Any]:
+    """Predictions from a file: a JSON list, or one prediction per line."""
+    if not path.is_file():
+        raise ToolError(f"{path} does not exist; write your predictions there first")
+    text = path.read_text()
+    try:
+        predictions = json.loads(text)
+    except json.JSONDecodeError:
+        predictions = [_line_value(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(predictions, list):
+        raise ToolError(f"{path} holds JSON that is not a list; write one list of predictions")
+    if not predictions:
+        raise ToolError(f"{path} holds no predictions")
+    return predictions
 
 
 def _line_value(line: str) -> Any:
@@ -291,15 +309,19 @@ class Toolbox:
             text = await tool.handler(arguments, call_id)
         except (ToolError, ServiceError) as error:
             return str(error), True
-        except OSError as error:
-            return f"{name} failed: {error}", True
+        except Exception as error:
+            # A tool's own bug (or an odd file: binary, unreadable) must not end days of work;
+            # the model reads what happened, and the log keeps the stack for people.
+            log(logging.ERROR, "Tool failed", tool=name, exc_info=True)
+            return f"{name} failed: {type(error).__name__}: {error}", True
         return self._limit(text, call_id), False
 
     def _limit(self, text: str, call_id: str) -> str:
         if len(text) <= self.settings.output_chars:
             return text
         saved = self._output_file(call_id)
-        if not saved.exists():
+        if not saved.exists():  # bash has written it already; other tools have not
+            saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(text)
         note = f"the full output is in {saved}; read parts of it with read_file or grep"
         return truncate(text, self.settings.output_chars, note)
@@ -318,12 +340,17 @@ class Toolbox:
         if not cwd.is_dir():
             cwd = self.settings.workspace
         output_file = self._output_file(call_id)
+        # The sandbox's root filesystem is read-only: caches (pip, Hugging Face, torch) and
+        # temporary files go to the workspace, which also keeps them across restarts.
+        temporary = self.settings.workspace / ".tmp"
+        temporary.mkdir(exist_ok=True)
+        env = {**os.environ, "HOME": str(self.settings.workspace), "TMPDIR": str(temporary)}
         result = await run_bash(
             arguments.command,
             cwd,
             arguments.timeout or self.settings.bash_timeout,
             output_file,
-            env={**os.environ, "HOME": str(self.settings.workspace)},
+            env,
         )
         self.state.cwd = result.cwd
         status = (
@@ -443,16 +470,7 @@ class Toolbox:
         return self.settings.task
 
     async def _scorer_submit(self, arguments: ScorerSubmitInput, _: str) -> str:
-        path = self._path(arguments.predictions_path)
-        if not path.is_file():
-            raise ToolError(f"{path} does not exist; write your predictions there first")
-        text = path.read_text()
-        try:
-            predictions = json.loads(text)
-        except json.JSONDecodeError:
-            predictions = [_line_value(line) for line in text.splitlines() if line.strip()]
-        if not isinstance(predictions, list):
-            raise ToolError(f"{path} holds JSON that is not a list; write one list of predictions")
+        predictions = read_predictions(self._path(arguments.predictions_path))
         answer = await self.scorer.request(
             "POST",
             "/api/v1/submissions",

@@ -24,6 +24,7 @@ PREFIX = "aar1"
 # Environment variables the chart and the operator set; one name each, used everywhere.
 SIGNING_KEY_FILE_ENV = "AAR_CREDENTIAL_SIGNING_KEY_FILE"
 PUBLIC_KEY_FILE_ENV = "AAR_CREDENTIAL_PUBLIC_KEY_FILE"
+VERIFIED_CACHE_SIZE = 4096  # verified credentials remembered per verifier (a fleet's agents)
 
 
 class Role(StrEnum):
@@ -138,12 +139,27 @@ class CredentialVerifier:
         if not isinstance(key, Ed25519PublicKey):
             raise CredentialError("the credential public key must be an Ed25519 public key")
         self._key = key
+        # Checking a signature costs more than the rest of a typical request; a token that
+        # verified once always will (only its expiry can change, and is checked on every use).
+        self._verified: dict[str, Principal] = {}
 
     @classmethod
     def from_file(cls, path: Path) -> CredentialVerifier:
         return cls(path.read_bytes())
 
     def verify(self, token: str, now: float | None = None) -> Principal:
+        principal = self._verified.get(token)
+        if principal is None:
+            principal = self._check_signed(token)
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.pop(next(iter(self._verified)))  # the oldest
+            self._verified[token] = principal
+        current = time.time() if now is None else now
+        if principal.expires_at is not None and current >= principal.expires_at:
+            raise CredentialError("credential has expired; mint a new one")
+        return principal
+
+    def _check_signed(self, token: str) -> Principal:
         parts = token.strip().split(".")
         if len(parts) != 3 or parts[0] != PREFIX:
             raise CredentialError(f"not an aar credential (expected '{PREFIX}.<payload>.<sig>')")
@@ -163,7 +179,4 @@ class CredentialVerifier:
             principal.namespace and principal.run and principal.agent
         ):
             raise CredentialError("agent credential must name namespace, run and agent")
-        current = time.time() if now is None else now
-        if principal.expires_at is not None and current >= principal.expires_at:
-            raise CredentialError("credential has expired; mint a new one")
         return principal

@@ -2,9 +2,10 @@
 
 aar-devcluster install   build or fetch the binaries into ~/.cache/aar/bin (idempotent)
 aar-devcluster up        start the control plane (etcd, kube-*) in the background
+aar-devcluster demo      up, then the operator, gateway, scorer and forum, and examples/run.yaml
 aar-devcluster status    say whether it runs and where
-aar-devcluster down      stop it, keeping its data for the next `up`
-aar-devcluster destroy   stop it and delete its data
+aar-devcluster down      stop it (and the demo's processes), keeping its data for the next `up`
+aar-devcluster destroy   stop it and delete its data (the demo's too)
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from aar_devcluster import demo
 from aar_devcluster.controlplane import ControlPlane, ControlPlaneError
 from aar_devcluster.paths import BinariesMissingError, bin_dir, cluster_dir, install_script
+from aar_devcluster.tools import ToolError
 
 
 def _progress(message: str) -> None:
@@ -52,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     up = commands.add_parser("up", help="start the control plane in the background")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    commands.add_parser(
+        "demo", help="up, then the operator and services as local processes, and a 9-agent run"
+    )
     commands.add_parser("status", help="say whether the control plane runs")
     commands.add_parser("down", help="stop the control plane, keep its data")
     commands.add_parser("destroy", help="stop the control plane and delete its data")
@@ -67,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             state = control_plane.start(timeout=args.timeout, progress=_progress)
             _progress(f"Up in {time.monotonic() - started:.1f} s")
             print(f"Control plane running at {state.server}\n{how_to_use(control_plane)}")
+        elif args.command == "demo":
+            if not control_plane.is_running():
+                control_plane.start(progress=_progress)
+            print(demo.run(control_plane, _progress))
         elif args.command == "status":
             if not control_plane.is_running():
                 print(f"Not running (state dir {control_plane.state_dir})")
@@ -75,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             assert running is not None
             print(f"Running at {running.server}, pids {running.pids}\n{how_to_use(control_plane)}")
         elif args.command == "down":
+            demo.Demo(control_plane, _progress).stop()
             control_plane.stop()
             print(f"Stopped; data kept in {control_plane.state_dir}")
         elif args.command == "destroy":
+            demo.Demo(control_plane, _progress).stop()
             control_plane.destroy()
             print(f"Stopped and deleted {control_plane.state_dir}")
-    except (BinariesMissingError, ControlPlaneError) as error:
+    except (BinariesMissingError, ControlPlaneError, demo.DemoError, ToolError) as error:
         print(f"aar-devcluster: {error}", file=sys.stderr)
         return 1
     return 0

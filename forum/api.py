@@ -12,15 +12,14 @@ from aiohttp import web
 from aar_common.credentials import Role
 from aar_common.web import fail, json_response, read_model
 from aar_forum.blobs import CHUNK, TooLargeError
-from aar_forum.models import DIGEST_RE, Artifact, Kind, PostIn
+from aar_forum.models import DIGEST_RE, MAX_ID, Artifact, Kind, PostIn
 from aar_forum.state import forum, view_run, viewer
 from aar_forum.store import NotFoundError, PostFilter, normalise_time, now_iso
 from aar_forum.stream import sse_frame
 
 MAX_LIMIT = 500
-# Comment lines keep idle streams open through proxies and load balancers.
-HEARTBEAT_S = 15.0
 REPLAY_BATCH = 500
+UPLOAD_BATCH = 1024 * 1024
 
 
 def _int(value: str, name: str, low: int, high: int) -> int:
@@ -42,7 +41,7 @@ def post_filter(request: web.Request, run: str | None) -> PostFilter:
     since_id = since_time = None
     if since := query.get("since", "").strip():
         if since.isdigit():
-            since_id = int(since)
+            since_id = _int(since, "since", 0, MAX_ID)
         else:
             try:
                 since_time = normalise_time(since)
@@ -92,7 +91,7 @@ async def get_post(request: web.Request) -> web.Response:
     state = forum(request)
     principal = viewer(request)
     state.limit(principal, "read")
-    post_id = _int(request.match_info["id"], "post id", 1, 2**62)
+    post_id = _int(request.match_info["id"], "post id", 1, MAX_ID)
     try:
         post = await state.store.call(state.store.get_post, post_id, view_run(request, principal))
     except NotFoundError as error:
@@ -111,9 +110,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
     last_header = request.headers.get("Last-Event-ID", "").strip()
     sent: int | None = None
     if last_header:
-        sent = _int(last_header, "Last-Event-ID", 0, 2**62)
+        sent = _int(last_header, "Last-Event-ID", 0, MAX_ID)
+    owner = f"{principal.run_key}/{principal.agent}" if principal.role is Role.AGENT else ""
+    limit = state.settings.streams_per_agent
+    if owner and state.hub.held_by(owner) >= limit:
+        state.metrics.rate_limited.labels("stream").inc()
+        fail(
+            429,
+            f"agent {principal.agent} already has {limit} streams open, the most allowed; "
+            "close one (one stream is all an agent needs)",
+            headers={"retry-after": "5"},
+        )
     # Subscribe before reading the backlog, so no post falls between the two.
-    subscriber = state.hub.subscribe(run)
+    subscriber = state.hub.subscribe(run, owner, lambda: _connected(request))
     state.metrics.subscribers.inc()
     response = web.StreamResponse(
         headers={
@@ -132,19 +141,23 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 sent = post.id
             if len(backlog) < REPLAY_BATCH:
                 break
+        # Live posts already sent by the replay are skipped; no others, whatever their order.
+        replayed = sent
+        delivery = state.metrics.delivery_seconds
         while not subscriber.closed:
-            try:
-                await asyncio.wait_for(subscriber.wake.wait(), HEARTBEAT_S)
-            except TimeoutError:
-                await response.write(b": keepalive\n\n")
-                continue
+            await subscriber.wake.wait()
             subscriber.wake.clear()
+            wrote = False
             while subscriber.frames:
-                post_id, frame = subscriber.frames.popleft()
-                if sent is not None and post_id <= sent:
-                    continue
-                await response.write(frame)
-                sent = post_id
+                post_id, frame, published = subscriber.frames.popleft()
+                if replayed is None or post_id > replayed:
+                    await response.write(frame)
+                    delivery.observe(time.monotonic() - published)
+                    wrote = True
+            if subscriber.heartbeat_due:
+                subscriber.heartbeat_due = False
+                if not wrote:
+                    await response.write(b": keepalive\n\n")
             if subscriber.overflowed:
                 break  # the client reconnects with Last-Event-ID and catches up
     except (ConnectionResetError, ConnectionError):
@@ -153,6 +166,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
         state.hub.unsubscribe(subscriber)
         state.metrics.subscribers.dec()
     return response
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 # Artifacts
@@ -195,8 +213,15 @@ async def upload_artifact(request: web.Request) -> web.Response:
             fail(400, f"X-Aar-Parent: artifact {parent} not found in run {run}; upload it first")
     upload = state.blobs.upload(limit)
     try:
+        # Hashing and writing happen off the event loop, a megabyte at a time, so a large
+        # upload never stalls the stream or other requests (not even under write-back).
+        pending = bytearray()
         async for chunk in request.content.iter_chunked(CHUNK):
-            upload.write(chunk)
+            pending += chunk
+            if len(pending) >= UPLOAD_BATCH:
+                await asyncio.to_thread(upload.write, bytes(pending))
+                pending.clear()
+        await asyncio.to_thread(upload.write, bytes(pending))
     except TooLargeError:
         upload.abort()
         state.metrics.artifacts.labels("too_large").inc()

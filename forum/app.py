@@ -22,6 +22,8 @@ from aar_forum.state import FORUM_KEY, Forum, Metrics
 from aar_forum.store import Store
 
 log = logging.getLogger("aar_forum")
+# Comment lines keep idle streams open through proxies and load balancers.
+HEARTBEAT_S = 15.0
 
 
 def build_app(settings: Settings, blobs: BlobStore | None = None) -> web.Application:
@@ -38,9 +40,16 @@ def build_app(settings: Settings, blobs: BlobStore | None = None) -> web.Applica
     )
     app[FORUM_KEY] = state
 
+    async def heartbeats() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            state.hub.heartbeat()
+
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         state.http = aiohttp.ClientSession()
+        beating = asyncio.create_task(heartbeats())
         yield
+        beating.cancel()
         await state.http.close()
         await asyncio.to_thread(store.close)
 

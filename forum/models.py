@@ -15,6 +15,7 @@ MAX_TITLE = 200
 MAX_BODY = 64 * 1024
 MAX_TAGS = 16
 MAX_LINKS = 32
+MAX_ID = 2**62  # SQLite integers are 64-bit; larger post ids cannot exist
 
 
 class Kind(StrEnum):
@@ -50,7 +51,7 @@ class PostIn(BaseModel):
     ]
     body: str = Field(default="", max_length=MAX_BODY)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
-    parent: int | None = None
+    parent: int | None = Field(default=None, ge=1, le=MAX_ID)
     submissions: list[SubmissionId] = Field(default_factory=list, max_length=MAX_LINKS)
     artifacts: list[Digest] = Field(default_factory=list, max_length=MAX_LINKS)
 

@@ -25,6 +25,7 @@ class Settings(BaseModel):
     write_burst: int = Field(default=20, ge=1)
     reads_per_minute: float = Field(default=600, ge=0, description="per agent; 0 is unlimited")
     read_burst: int = Field(default=120, ge=1)
+    streams_per_agent: int = Field(default=4, ge=1, description="open event streams per agent")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -45,6 +46,7 @@ class Settings(BaseModel):
             "write_burst",
             "reads_per_minute",
             "read_burst",
+            "streams_per_agent",
         ):
             if (value := env.get(f"AAR_FORUM_{field.upper()}")) is not None:
                 values[field] = value

@@ -41,6 +41,12 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.delivery_seconds = Histogram(
+            "aar_forum_stream_delivery_seconds",
+            "Time from a post's commit to its write into one subscriber's stream",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
         self.subscribers = Gauge(
             "aar_forum_stream_subscribers", "Open server-sent-event streams", registry=registry
         )

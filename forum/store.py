@@ -46,8 +46,9 @@ CREATE TABLE IF NOT EXISTS post_tags (
     PRIMARY KEY (tag, post)
 ) WITHOUT ROWID;
 -- External-content FTS: the text lives once, in posts; posts are never edited or deleted.
+-- Prefix indexes make `word*` searches (2 or 3 letters and more) index lookups, not scans.
 CREATE VIRTUAL TABLE IF NOT EXISTS posts_fts USING fts5(
-    title, body, tags, content='posts', content_rowid='id'
+    title, body, tags, content='posts', content_rowid='id', prefix='2 3'
 );
 CREATE TRIGGER IF NOT EXISTS posts_fts_insert AFTER INSERT ON posts BEGIN
     INSERT INTO posts_fts(rowid, title, body, tags) VALUES (new.id, new.title, new.body, new.tags);
@@ -226,7 +227,11 @@ class Store:
             clauses.append("posts.kind = ?")
             params.append(where.kind.value)
         if where.tag:
-            clauses.append("posts.id IN (SELECT post FROM post_tags WHERE tag = ?)")
+            # Checked row by row, newest first, stopping at `limit`: a common tag would
+            # otherwise be read in full (tens of thousands of ids) for every query.
+            clauses.append(
+                "EXISTS (SELECT 1 FROM post_tags WHERE tag = ? AND post_tags.post = posts.id)"
+            )
             params.append(where.tag.lower())
         if where.author:
             clauses.append("posts.author = ?")

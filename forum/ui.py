@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 from collections.abc import Awaitable
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -81,7 +82,7 @@ def _signed_in(request: web.Request) -> _Viewer | None:
 def _require(request: web.Request) -> _Viewer:
     viewer = _signed_in(request)
     if viewer is None:
-        raise web.HTTPSeeOther(f"/login?next={request.path_qs}")
+        raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='/')}")
     return viewer
 
 
@@ -108,8 +109,9 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 def _local(path: str) -> str:
-    # Only paths on this site: `next` must not send a fresh login to another host.
-    return path if path.startswith("/") and not path.startswith("//") else "/"
+    # Only paths on this site: `next` must not send a fresh login to another host (and
+    # browsers read a backslash after the first slash as a second slash).
+    return path if path.startswith("/") and not path.startswith(("//", "/\\")) else "/"
 
 
 async def login(request: web.Request) -> web.Response:
@@ -209,7 +211,7 @@ async def run_page(request: web.Request) -> web.Response:
     def scorer(path: str) -> Awaitable[Reading]:
         return get_json(http, settings.scorer_url, "scorer", "AAR_SCORER_URL", path, token)
 
-    leaderboard, review, spend, sandboxes, activity = await asyncio.gather(
+    leaderboard, review, spend, sandboxes, activity, artifacts = await asyncio.gather(
         scorer(f"/api/v1/leaderboard?run={quote(run)}"),
         scorer(f"/api/v1/review?run={quote(run)}"),
         get_json(
@@ -222,6 +224,7 @@ async def run_page(request: web.Request) -> web.Response:
         ),
         agent_states(http, settings.kube, namespace, name),
         state.store.call(state.store.activity, run),
+        state.store.call(state.store.list_artifacts, run, None, 50),
     )
     return _page(
         "run.html",
@@ -230,8 +233,12 @@ async def run_page(request: web.Request) -> web.Response:
         leaderboard=_table(leaderboard),
         review=_table(review),
         spend=spend,
+        run_usd=dollars(spend.data["run"].get("usd", 0))
+        if spend.problem is None and isinstance(spend.data, dict) and spend.data.get("run")
+        else None,
         sandboxes=sandboxes,
         agents=_agents(activity, spend, sandboxes),
+        artifacts=artifacts,
     )
 
 
@@ -261,11 +268,19 @@ def _agents(
                 "artifacts": seen.get("artifacts", 0),
                 "last": seen.get("last") or "never",
                 # The gateway answered and has nothing for this agent: it has spent nothing.
-                "usd": totals.get("usd", 0.0) if spend.problem is None else None,
+                "usd": dollars(totals.get("usd", 0)) if spend.problem is None else None,
                 "requests": totals.get("requests", 0) if spend.problem is None else None,
             }
         )
     return table
+
+
+def dollars(value: object) -> str:
+    """An amount as the gateway sends it (a decimal string, exact; or a number), in cents."""
+    try:
+        return f"{Decimal(str(value)):.2f}"
+    except InvalidOperation:
+        return str(value)
 
 
 def add_routes(app: web.Application) -> None:

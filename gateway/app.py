@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--api-key-file", default=_env_path("AAR_ANTHROPIC_API_KEY_FILE"))
     parser.add_argument("--public-key-file", default=_env_path(PUBLIC_KEY_FILE_ENV))
-    parser.add_argument("--data-dir", default=env.get("AAR_DATA_DIR", "/var/lib/aar"))
+    parser.add_argument("--data-dir", default=env.get("AAR_DATA_DIR", "gateway-data"))
     parser.add_argument("--prices-file", default=_env_path("AAR_GATEWAY_PRICES_FILE"))
     parser.add_argument(
         "--agent-requests-per-minute",

@@ -155,6 +155,14 @@ class Proxy:
             self._refuse(
                 call, 503, "api_error", f"the gateway cannot record spend: {self.store.failure}"
             )
+        try:
+            self.prices.price(call.model)
+        except PricingError as error:
+            # Not the request's fault, and no retry or shorter prompt would help: a policy refusal.
+            self._refuse(call, 403, "permission_error", str(error))
+        if refusal := budget_refusal(self.store, run, agent):
+            self._refuse(call, refusal.status, refusal.error_type, refusal.message)
+        # Last, so that only requests about to go upstream use up the agent's rate.
         if wait := self.limiter.wait(f"{run}/{agent}", time.monotonic()):
             self._refuse(
                 call,
@@ -164,12 +172,6 @@ class Proxy:
                 f"retry in {retry_after(wait)} s",
                 {"retry-after": retry_after(wait)},
             )
-        try:
-            self.prices.price(call.model)
-        except PricingError as error:
-            self._refuse(call, 400, "invalid_request_error", str(error))
-        if refusal := budget_refusal(self.store, run, agent):
-            self._refuse(call, refusal.status, refusal.error_type, refusal.message)
 
     def _refuse(
         self,
@@ -260,9 +262,12 @@ class Proxy:
         self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers=_response_headers(upstream))
-        await response.prepare(request)
         meter = StreamMeter()
         listening = True
+        try:
+            await response.prepare(request)
+        except ConnectionResetError:
+            listening = False  # gone before the first byte; the answer is still paid for
         kept: list[bytes] = []  # the whole stream, to answer a retry with the same key
         try:
             async for chunk in upstream.content.iter_any():

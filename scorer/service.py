@@ -9,7 +9,6 @@ the answer goes out only once the submission is on disk.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -143,7 +142,7 @@ class Scorer:
     def _load_run(self, run: str, task: Task, review_required: bool) -> RunState:
         """Rebuild a run's Ladder and probe index from its stored submissions."""
         step = task.spec.feedback.step
-        probes = ProbeIndex(task.spec.probing)
+        probes = ProbeIndex(task.spec.probing, task.size, len(task.spec.labels))
         best: int | None = None
         for row in self.store.reader.execute(
             "SELECT id, packed, walk_length, public_accuracy, released FROM submissions "
@@ -158,6 +157,9 @@ class Scorer:
     def _count(self, state: RunState, run: str, window: int, agent: str) -> int:
         key = (window, agent)
         if key not in state.counts:
+            if any(counted != window for counted, _ in state.counts):
+                # A new window: the old one's counts are done with.
+                state.counts = {k: v for k, v in state.counts.items() if k[0] == window}
             start = float(window)
             sql = "SELECT COUNT(*) FROM submissions WHERE run = ? AND created_at >= ?"
             parameters: tuple[Any, ...] = (run, start)
@@ -271,17 +273,16 @@ class Scorer:
         state.counts[(window, agent.agent)] = used_agent + 1
         state.counts[(window, "")] = used_run + 1
 
-        digest = hashlib.sha256(
-            json.dumps(body.predictions, separators=(",", ":")).encode()
-        ).hexdigest()
+        stored = packed.to_bytes((packed.bit_length() + 7) // 8, "little")
         row = {
             "id": submission,
             "run": run,
             "agent": agent.agent,
             "task": task.name,
             "created_at": now,
-            "digest": f"sha256:{digest}",
-            "packed": packed.to_bytes((packed.bit_length() + 7) // 8, "little"),
+            # Of the packed answers: equal predictions, equal digests, at no cost per answer.
+            "digest": f"sha256:{hashlib.sha256(stored).hexdigest()}",
+            "packed": stored,
             "method": body.method,
             "artifact": body.artifact,
             "status": status.value,

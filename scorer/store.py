@@ -3,17 +3,16 @@
 Triggers refuse UPDATE and DELETE, so nothing once written is ever changed: a run's new
 settings, and a reviewer's new decision, are new rows and the latest one counts.
 
-Writes go through one writer thread that commits whatever is queued in one transaction (group
-commit): with `synchronous=FULL` each commit waits for the disk, and hundreds of agents
-submitting at once would otherwise queue behind one fsync each. A caller's write is durable when
-its await returns.
+Writes are grouped: whatever was queued while one COMMIT waited for the disk goes into the next
+transaction. With `synchronous=FULL` each commit waits for the disk, and hundreds of agents
+submitting at once would otherwise queue behind one flush each. A caller's write is durable
+when its await returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,21 +82,18 @@ Statement = tuple[str, Sequence[Any]]
 class _Job:
     statements: list[Statement]
     future: asyncio.Future[None]
-    loop: asyncio.AbstractEventLoop
 
 
 class Store:
-    """A reader connection for the event loop, a writer connection for the writer thread."""
+    """A reader connection and a writer connection, both used from the event loop; only the
+    writer's COMMIT, which waits for the disk, runs in a thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.reader = open_database(path, SCHEMA + _APPEND_ONLY)
         self._writer = open_database(path)
-        self._jobs: list[_Job] = []
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._write_loop, name="scorer-writer", daemon=True)
-        self._thread.start()
+        self._queue: list[_Job] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def next_id(self, table: str) -> int:
         """The id the next row of `table` gets; ids are assigned by the one process that writes."""
@@ -106,63 +102,54 @@ class Store:
 
     async def write(self, *statements: Statement) -> None:
         """Apply the statements atomically; returns once they are on disk."""
-        loop = asyncio.get_running_loop()
-        job = _Job(list(statements), loop.create_future(), loop)
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("the store is closed")
-            self._jobs.append(job)
-            self._wake.notify()
+        job = _Job(list(statements), asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
         await job.future
 
-    def _write_loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._jobs and not self._closed:
-                    self._wake.wait()
-                jobs, self._jobs = self._jobs, []
-                if not jobs and self._closed:
-                    return
-            self._commit(jobs)
-
-    def _commit(self, jobs: list[_Job]) -> None:
-        outcomes: list[BaseException | None] = []
+    async def _flush(self) -> None:
+        # Whatever queued up while the previous COMMIT waited for the disk goes in the next one.
+        # The statements themselves run here, on the event loop: they only touch SQLite's page
+        # cache, and a writer thread would wait for the interpreter lock once per statement.
         try:
-            self._writer.execute("BEGIN IMMEDIATE")
-            for job in jobs:
-                # A savepoint per job: one bad job fails alone, the others still commit.
-                self._writer.execute("SAVEPOINT job")
+            while self._queue:
+                jobs, self._queue = self._queue, []
                 try:
-                    for sql, parameters in job.statements:
-                        self._writer.execute(sql, parameters)
+                    outcomes = self._apply(jobs)
+                    await asyncio.to_thread(self._writer.execute, "COMMIT")
                 except sqlite3.Error as error:
-                    self._writer.execute("ROLLBACK TO job")
-                    outcomes.append(error)
-                else:
-                    outcomes.append(None)
-                self._writer.execute("RELEASE job")
-            self._writer.execute("COMMIT")
-        except sqlite3.Error as error:
-            if self._writer.in_transaction:
-                self._writer.execute("ROLLBACK")
-            outcomes = [error] * len(jobs)
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            job.loop.call_soon_threadsafe(_settle, job.future, outcome)
+                    if self._writer.in_transaction:
+                        self._writer.execute("ROLLBACK")
+                    outcomes = [error] * len(jobs)
+                for job, outcome in zip(jobs, outcomes, strict=True):
+                    if job.future.done():
+                        continue
+                    if outcome is None:
+                        job.future.set_result(None)
+                    else:
+                        job.future.set_exception(outcome)
+        finally:
+            self._flusher = None
+
+    def _apply(self, jobs: list[_Job]) -> list[sqlite3.Error | None]:
+        outcomes: list[sqlite3.Error | None] = []
+        self._writer.execute("BEGIN IMMEDIATE")
+        for job in jobs:
+            # A savepoint per job: one bad job fails alone, the others still commit.
+            self._writer.execute("SAVEPOINT job")
+            try:
+                for sql, parameters in job.statements:
+                    self._writer.execute(sql, parameters)
+            except sqlite3.Error as error:
+                self._writer.execute("ROLLBACK TO job")
+                outcomes.append(error)
+            else:
+                outcomes.append(None)
+            self._writer.execute("RELEASE job")
+        return outcomes
 
     def close(self) -> None:
-        """Finish queued writes, then close both connections."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
+        """Close both connections; call it once nothing writes any more."""
         self._writer.close()
         self.reader.close()
-
-
-def _settle(future: asyncio.Future[None], outcome: BaseException | None) -> None:
-    if future.done():
-        return
-    if outcome is None:
-        future.set_result(None)
-    else:
-        future.set_exception(outcome)

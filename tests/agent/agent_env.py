@@ -3,10 +3,14 @@ a running service called as an admin."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
+import sys
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key
@@ -16,6 +20,7 @@ ISSUER = CredentialIssuer(SIGNING_KEY)
 NAMESPACE, RUN, AGENT = "research", "w2s-chat", "w2s-chat-0"
 # The agent's own credential: the gateway (here the stand-in) takes it as the API key.
 CREDENTIAL = ISSUER.mint_agent(NAMESPACE, RUN, AGENT)
+REAL_API_KEY = "sk-ant-the-real-key"  # only the gateway holds it
 ADMIN = {"Authorization": f"Bearer {ISSUER.mint_admin('reviewer')}"}
 TASK_LABELS = ["A", "B"]
 TASK_TRUTH = ["A", "B", "B", "A"] * 50
@@ -36,3 +41,30 @@ class Service:
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
+
+
+AGENT_COMMAND = str(Path(sys.executable).parent / "aar-agent")
+
+
+async def start_agent(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        AGENT_COMMAND,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def wait_for(path: Path, process: asyncio.subprocess.Process) -> None:
+    """Until `path` exists; fails at once if the agent exited first (nothing to wait for)."""
+    while not await asyncio.to_thread(path.exists):
+        assert process.returncode is None, f"aar-agent exited {process.returncode} early"
+        await asyncio.sleep(0.05)
+
+
+async def finish(process: asyncio.subprocess.Process) -> tuple[int, list[dict[str, Any]]]:
+    """Wait for the agent to exit; its exit status and log lines (each must be JSON)."""
+    assert process.stdout is not None
+    output = await process.stdout.read()
+    code = await process.wait()
+    return code, [json.loads(line) for line in output.decode().splitlines()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from agent_env import (
     AGENT,
     CREDENTIAL,
     NAMESPACE,
+    REAL_API_KEY,
     RUN,
     SIGNING_KEY,
     TASK_LABELS,
@@ -80,10 +82,18 @@ def make_settings(sandbox_env: dict[str, str]) -> Callable[..., Settings]:
 
 
 def _serve(command: list[str], ready: str, port: int) -> Service:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    """Start a service and wait for the line (on stdout or stderr) saying it listens; the rest
+    of its output is drained so a chatty log can never fill the pipe and stall it."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
-    line = process.stdout.readline()
-    assert ready in line, f"{command[0]} did not start: {line!r}"
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if ready in line:
+            break
+    else:
+        raise AssertionError(f"{command[0]} exited before it served: {''.join(seen)}")
+    threading.Thread(target=process.stdout.read, daemon=True).start()
     return Service(f"http://127.0.0.1:{port}", process)
 
 
@@ -126,5 +136,43 @@ def services(
     scorer.call("PUT", f"/api/v1/runs/{NAMESPACE}/{RUN}", {"task": "w2s-chat"})
     yield forum, scorer
     for service in (forum, scorer):
-        service.process.terminate()
-        service.process.wait(timeout=30)
+        stop(service)
+
+
+def stop(service: Service) -> None:
+    service.process.terminate()
+    service.process.wait(timeout=30)
+
+
+@pytest.fixture
+async def upstream_stub() -> AsyncIterator[tuple[AnthropicStub, str]]:
+    """The stand-in as the gateway's upstream: it takes only the real key, never an agent's."""
+    server = AnthropicStub(api_key=REAL_API_KEY)
+    runner, url = await start(server)
+    yield server, url
+    await runner.cleanup()
+
+
+@pytest.fixture
+def gateway(
+    tmp_path: Path,
+    upstream_stub: tuple[AnthropicStub, str],
+    unused_tcp_port_factory: Callable[[], int],
+) -> Iterator[Service]:
+    """The real gateway (`aar-gateway`) in front of the stand-in, holding the real key."""
+    key, api_key = tmp_path / "gateway-public-key.pem", tmp_path / "anthropic-api-key"
+    key.write_bytes(public_key_pem(SIGNING_KEY))
+    api_key.write_text(REAL_API_KEY)
+    port = unused_tcp_port_factory()
+    service = _serve(
+        [
+            str(Path(sys.executable).parent / "aar-gateway"),
+            *("--host", "127.0.0.1", "--port", str(port), "--upstream", upstream_stub[1]),
+            *("--api-key-file", str(api_key), "--public-key-file", str(key)),
+            *("--data-dir", str(tmp_path / "gateway")),
+        ],
+        "Serving the gateway on",
+        port,
+    )
+    yield service
+    stop(service)

@@ -4,15 +4,16 @@ gateway's answers (errors, a bad credential) end or pause the loop as they shoul
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from aar_agent.config import Settings
-from aar_agent.loop import Agent, FatalError, Outcome
+from aar_agent.loop import ASK_IF_FINISHED, Agent, FatalError, Outcome
 from aar_agent.state import Finished, StateStore
 from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem
 
@@ -55,9 +56,13 @@ async def test_tools_run_and_their_results_flow_back_over_streams(
 
     assert outcome is Outcome.DONE
     requests = stub.requests
-    assert len(requests) == 9
+    assert len(requests) == 10  # the last asks whether the model is finished; it is
     assert all(r["body"]["stream"] is True for r in requests)
     assert all(r["body"]["model"] == "claude-opus-4-6" for r in requests)
+    # Each step's request carries its own Idempotency-Key, for the gateway to replay a retry.
+    keys = [r["headers"]["Idempotency-Key"] for r in requests]
+    assert keys[0].startswith("w2s-chat-0-1-")
+    assert len(set(keys)) == len(keys)
     # Each result answers the call before it, with what the tool actually did.
     assert result_text(requests[1]) == "[exit code 0]"
     assert result_text(requests[2]) == f"{settings.workspace / 'exp'}\nhello\n\n[exit code 0]"
@@ -79,10 +84,10 @@ async def test_tools_run_and_their_results_flow_back_over_streams(
     state = StateStore(settings.state_dir).load()
     assert state is not None
     assert state.finished is Finished.DONE
-    assert state.step == 9
+    assert state.step == 10
     assert state.usage.output_tokens == stub.usage_reported["output_tokens"]
     registry = agent.metrics.registry
-    assert registry.get_sample_value("aar_agent_steps_total") == 9
+    assert registry.get_sample_value("aar_agent_steps_total") == 10
     assert (
         registry.get_sample_value("aar_agent_tool_calls_total", {"tool": "bash", "outcome": "ok"})
         == 3
@@ -91,6 +96,46 @@ async def test_tools_run_and_their_results_flow_back_over_streams(
         registry.get_sample_value("aar_agent_tokens_total", {"kind": "output"})
         == stub.usage_reported["output_tokens"]
     )
+
+
+async def test_several_calls_in_one_turn_run_in_order_and_are_answered_together(
+    stub: AnthropicStub, make_settings: Callable[..., Settings]
+) -> None:
+    stub.script(
+        Reply(
+            content=[
+                {"type": "text", "text": "Three things at once."},
+                {"type": "tool_use", "name": "write_file", "input": {"path": "a", "content": "1"}},
+                {"type": "tool_use", "name": "bash", "input": {"command": "cat a; echo 2 >> a"}},
+                {"type": "tool_use", "name": "read_file", "input": {"path": "a"}},
+            ]
+        ),
+        Reply.text("Done."),
+        Reply.text("Finished."),
+    )
+    _, outcome = await run_agent(make_settings())
+    assert outcome is Outcome.DONE
+    calls = [b for b in stub.requests[1]["body"]["messages"][-2]["content"] if "id" in b]
+    answers = tool_results(stub.requests[1])
+    assert [a["tool_use_id"] for a in answers] == [c["id"] for c in calls]
+    assert [a["content"] for a in answers][1:] == ["1\n[exit code 0]", "     1\t12"]
+
+
+async def test_one_turn_without_a_tool_call_asks_before_ending_the_run(
+    stub: AnthropicStub, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    stub.script(
+        Reply.text("The sweep is running; I will wait for it."),
+        Reply.tool("bash", {"command": "touch carried-on"}),
+        Reply.text("All done."),
+        Reply.text("Yes, finished."),
+    )
+    _, outcome = await run_agent(settings)
+    assert outcome is Outcome.DONE
+    assert len(stub.requests) == 4
+    assert stub.requests[1]["body"]["messages"][-1]["content"][0]["text"] == ASK_IF_FINISHED
+    assert (settings.workspace / "carried-on").exists()
 
 
 async def test_a_bad_tool_call_is_answered_with_an_error_the_model_can_act_on(
@@ -135,14 +180,14 @@ async def test_long_runs_are_trimmed_and_every_request_stays_valid(
     # The stand-in refuses any request whose tool_use/tool_result pairs do not match, so every
     # step reaching it, and the run ending on its own terms, is the validity check.
     assert outcome is Outcome.DONE
-    assert len(stub.requests) == steps + 1
+    assert len(stub.requests) == steps + 2  # and the question whether it is finished
     for request in stub.requests:
         assert conversation_problem(request["body"]["messages"]) is None
     assert agent.metrics.registry.get_sample_value("aar_agent_context_trims_total")
     largest = max(r["body"]["messages"] and len(json.dumps(r["body"])) for r in stub.requests)
     # Without trimming the last request would carry all 30 outputs (over 180k characters).
     assert largest < 4 * (settings.context_tokens - settings.max_tokens)
-    last = stub.requests[-1]["body"]["messages"]
+    last = stub.requests[steps]["body"]["messages"]  # the one answering the last output
     assert "[Context note] steps=" in json.dumps(last[0])
     # The newest output is whole; what was dropped from the context is kept in the transcript.
     assert "step 29 " + "x" * 6000 in json.dumps(last[-1])
@@ -178,11 +223,61 @@ async def test_an_overloaded_api_is_retried_after_a_back_off(
     )
     agent, outcome = await run_agent(make_settings())
     assert outcome is Outcome.DONE
-    assert "after" in result_text(stub.requests[-1])
+    assert "after" in result_text(stub.requests[-2])
     assert (
         agent.metrics.registry.get_sample_value("aar_agent_api_errors_total", {"status": "529"})
         == 1
     )
+
+
+async def test_a_prompt_too_long_refusal_trims_harder_and_carries_on(
+    stub: AnthropicStub, make_settings: Callable[..., Settings]
+) -> None:
+    # The estimate says it fits (a 200k window), but the API counts otherwise: trim and retry.
+    big = "echo $(head -c 30000 /dev/zero | tr '\\0' y)"
+    stub.script(
+        *(Reply.tool("bash", {"command": big}) for _ in range(8)),
+        Reply.failure(400, "invalid_request_error", "prompt is too long: 201000 tokens > 200000"),
+        Reply.tool("bash", {"command": "echo still here"}),
+        Reply.text("Finished."),
+        Reply.text("Finished."),
+    )
+    agent, outcome = await run_agent(make_settings())
+    assert outcome is Outcome.DONE
+    refused, retried = stub.requests[8]["body"], stub.requests[9]["body"]
+    assert retried["messages"] != refused["messages"]
+    assert len(json.dumps(retried["messages"])) < len(json.dumps(refused["messages"])) / 2
+    assert conversation_problem(retried["messages"]) is None
+    assert "still here" in result_text(stub.requests[10])
+    assert agent.metrics.registry.get_sample_value("aar_agent_context_trims_total") == 1
+
+
+class WatchedEvent(asyncio.Event):
+    """The agent's stop event, telling the test when the loop starts waiting on it."""
+
+    def __init__(self, waiting: asyncio.Event) -> None:
+        super().__init__()
+        self.waiting = waiting
+
+    async def wait(self) -> Literal[True]:
+        self.waiting.set()
+        return await super().wait()
+
+
+async def test_sigterm_during_a_back_off_stops_without_waiting_it_out(
+    stub: AnthropicStub, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub.script(*(Reply.failure(529, "overloaded_error", "Overloaded") for _ in range(3)))
+    agent = Agent(make_settings())
+    backing_off = asyncio.Event()
+    monkeypatch.setattr(agent, "_stop", WatchedEvent(backing_off))
+    running = asyncio.create_task(agent.run())
+    # The SDK's two retries fail, then the loop's own back-off (2 s, then longer) begins.
+    await backing_off.wait()
+    agent.request_stop()
+    assert await running is Outcome.STOPPED
+    await agent.close()
+    assert len(stub.requests) == 3
 
 
 async def test_a_refused_credential_ends_the_run_with_the_reason(
@@ -202,7 +297,7 @@ async def test_an_ended_run_does_not_start_again(
     await run_agent(settings)
     _, outcome = await run_agent(settings)
     assert outcome is Outcome.DONE
-    assert len(stub.requests) == 1
+    assert len(stub.requests) == 2  # the answer, and the question whether it is finished
 
 
 def test_workspace_paths_come_from_the_environment(tmp_path: Path) -> None:

@@ -8,41 +8,16 @@ import asyncio
 import json
 import os
 import signal
-import sys
+import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from agent_env import AGENT_COMMAND, finish, start_agent, wait_for
 
 from aar_agent.loop import INTERRUPTED
 from aar_agent.state import StateStore
 from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem
-
-AGENT = str(Path(sys.executable).parent / "aar-agent")
-
-
-async def start_agent(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        AGENT,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-
-
-async def wait_for(path: Path, process: asyncio.subprocess.Process) -> None:
-    """Until `path` exists; fails at once if the agent exited first (nothing to wait for)."""
-    while not await asyncio.to_thread(path.exists):
-        assert process.returncode is None, f"aar-agent exited {process.returncode} early"
-        await asyncio.sleep(0.05)
-
-
-async def finish(process: asyncio.subprocess.Process) -> tuple[int, list[dict[str, Any]]]:
-    """Wait for the agent to exit; its exit status and log lines (each must be JSON)."""
-    assert process.stdout is not None
-    output = await process.stdout.read()
-    code = await process.wait()
-    return code, [json.loads(line) for line in output.decode().splitlines()]
 
 
 def sent(request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -164,6 +139,33 @@ async def test_sigterm_finishes_the_running_step_saves_and_exits(
     assert "next step" in json.dumps(stub.requests[2]["body"]["messages"][-1])
 
 
+async def test_sigterm_while_the_model_answers_still_runs_that_answers_calls(
+    stub: AnthropicStub, sandbox_env: dict[str, str]
+) -> None:
+    workspace = Path(sandbox_env["AAR_WORKSPACE"])
+    asked, signalled = asyncio.Event(), asyncio.Event()
+
+    async def answer_after_the_signal(_: dict[str, Any]) -> Reply:
+        asked.set()
+        await signalled.wait()
+        return Reply.tool("bash", {"command": "echo saved > result.txt"})
+
+    stub.responder = answer_after_the_signal
+    process = await start_agent(sandbox_env)
+    await asyncio.wait_for(asked.wait(), 120)
+    process.send_signal(signal.SIGTERM)
+    # Nothing tells when the process has handled the signal, but it is handled either way: a
+    # signal that arrives once the answer is in would stop the loop just the same.
+    signalled.set()
+    code, logs = await finish(process)
+
+    assert code == 0
+    assert logs[-1]["outcome"] == "stopped"
+    assert (workspace / "result.txt").read_text() == "saved\n"
+    assert len(stub.requests) == 1
+    assert messages_of(workspace)[-1]["content"][0]["content"] == "[exit code 0]"
+
+
 async def test_each_step_logs_one_json_line_with_tokens_tools_and_duration(
     stub: AnthropicStub, sandbox_env: dict[str, str]
 ) -> None:
@@ -171,17 +173,30 @@ async def test_each_step_logs_one_json_line_with_tokens_tools_and_duration(
     code, logs = await finish(await start_agent(sandbox_env))
     assert code == 0
     steps = [line for line in logs if line["message"] == "Step"]
-    assert len(steps) == 2
+    assert len(steps) == 3  # the last answers whether it is finished
     assert steps[0]["tools"] == ["bash"]
-    assert steps[1]["tools"] == []
+    assert steps[1]["tools"] == steps[2]["tools"] == []
     assert sum(s["output_tokens"] for s in steps) == stub.usage_reported["output_tokens"]
     assert all(s["input_tokens"] > 0 and s["duration_s"] >= 0 for s in steps)
+
+
+async def test_a_metrics_port_in_use_is_reported_and_the_run_goes_on(
+    stub: AnthropicStub, sandbox_env: dict[str, str]
+) -> None:
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        port = taken.getsockname()[1]
+        stub.script(Reply.text("Done."), Reply.text("Finished."))
+        code, logs = await finish(await start_agent({**sandbox_env, "AAR_METRICS_PORT": str(port)}))
+    assert code == 0
+    assert logs[0]["level"] == "warning"
+    assert f"Could not serve /metrics on port {port}" in logs[0]["message"]
+    assert logs[-1]["outcome"] == "done"
 
 
 async def test_a_missing_variable_exits_1_naming_it(sandbox_env: dict[str, str]) -> None:
     env = {k: v for k, v in sandbox_env.items() if k != "AAR_AGENT"}
     process = await asyncio.create_subprocess_exec(
-        AGENT,
+        AGENT_COMMAND,
         env={k: v for k, v in {**os.environ, **env}.items() if k != "AAR_AGENT"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

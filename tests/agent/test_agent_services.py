@@ -128,6 +128,8 @@ async def test_posts_submissions_and_artifacts_reach_the_real_services(
     assert str(json.loads(submitted)["id"]) in board
     assert digest(results) in listed
     assert again == "nothing new on the forum"
+    # The forum cursor is saved with the state, so a restarted agent is not shown old news.
+    assert agent.state.forum_cursor == str(posts_seen_last(forum))
     # What the services themselves hold, seen as an admin.
     posts = forum.call("GET", f"/api/v1/posts?run={RUN_KEY}&author=w2s-chat-0")["posts"]
     assert len(posts) == 1
@@ -144,6 +146,11 @@ async def test_posts_submissions_and_artifacts_reach_the_real_services(
     assert (workspace / "fetched" / "code" / "train.py").read_text() == "print(1)\n"
     assert "extracted" in fetched
     assert published.startswith("published code.tar.gz as sha256:")
+
+
+def posts_seen_last(forum: Service) -> int:
+    newest: int = forum.call("GET", f"/api/v1/posts?run={RUN_KEY}&limit=1")["posts"][0]["id"]
+    return newest
 
 
 def _results(request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -185,3 +192,39 @@ async def test_a_spent_budget_ends_the_run_with_a_last_note_on_the_forum(
     finally:
         await again.close()
     assert len(forum.call("GET", f"/api/v1/posts?run={RUN_KEY}&author=w2s-chat-0")["posts"]) == 1
+
+
+async def test_the_scorers_refusals_reach_the_model_in_its_own_words(
+    stub: AnthropicStub,
+    make_settings: Callable[..., Settings],
+    services: tuple[Service, Service],
+) -> None:
+    forum, scorer = services
+    honest = [("B" if t == "A" else "A") if i < 60 else t for i, t in enumerate(TASK_TRUTH)]
+    probe = ["B" if honest[0] == "A" else "A", *honest[1:]]  # one answer flipped
+    stub.script(
+        Reply.tool("write_file", {"path": "honest.json", "content": json.dumps(honest)}),
+        Reply.tool("write_file", {"path": "probe.json", "content": json.dumps(probe)}),
+        Reply.tool("write_file", {"path": "short.txt", "content": "A\nB\n"}),
+        Reply.tool("scorer_submit", {"predictions_path": "honest.json", "method": "baseline"}),
+        Reply.tool("scorer_submit", {"predictions_path": "probe.json", "method": "flip one"}),
+        Reply.tool("scorer_submit", {"predictions_path": "short.txt", "method": "two answers"}),
+        Reply.text("Done."),
+        Reply.text("Finished."),
+    )
+    agent = with_services(make_settings, forum, scorer)
+    try:
+        assert await agent.run() is Outcome.DONE
+    finally:
+        await agent.close()
+    first, second, third = (_results(r)[0] for r in stub.requests[4:7])
+    assert json.loads(first["content"])["status"] == "accepted"
+    # A probe is the scorer's verdict, not a failed call: the model reads why it was refused.
+    refused = json.loads(second["content"])
+    assert refused["status"] == "refused"
+    assert refused["feedback"]["message"].startswith("refused: ")
+    assert "is_error" not in second
+    # A malformed submission is an error, in the scorer's words.
+    assert third["is_error"] is True
+    assert third["content"].startswith("scorer answered 400 to POST /api/v1/submissions: ")
+    assert "predictions" in third["content"]

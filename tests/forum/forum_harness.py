@@ -1,9 +1,10 @@
-"""What forum tests share: the signing key behind their credentials and a handle on a running
-forum. Its own module, not conftest: test folders each have a conftest, and only one can be
-imported by that name."""
+"""What the forum's tests share: credentials, a handle on a running forum, and reading
+server-sent events as a browser's EventSource would. (A module of its own: test modules of
+several folders cannot all import from their `conftest`.)"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,3 +42,30 @@ class Forum:
             assert r.status == 201, await r.text()
             result: dict[str, Any] = await r.json()
             return result
+
+
+async def next_event(response: aiohttp.ClientResponse) -> tuple[str, dict[str, Any]]:
+    """The next event (`id`, parsed `data`), skipping comments and the `retry` field."""
+    fields: dict[str, str] = {}
+    while True:
+        line = (await response.content.readline()).decode()
+        if not line:
+            raise EOFError("the stream ended")
+        line = line.rstrip("\n")
+        if line == "":
+            if "data" in fields:
+                assert fields.get("event") == "post"
+                return fields["id"], json.loads(fields["data"])
+            fields = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        fields[name] = value.removeprefix(" ")
+
+
+async def connected(response: aiohttp.ClientResponse) -> None:
+    """Wait for the stream's opening comment: from then on, no new post is missed."""
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    await response.content.readuntil(b": connected\n\n")

@@ -116,6 +116,7 @@ async def test_bad_queries_and_bodies_say_how_to_fix_them(forum: Forum) -> None:
         ("kind=rumour", "kind must be one of result, hypothesis, insight, error"),
         ("since=yesterday", "since must be an ISO-8601 time or a post id"),
         ("limit=0", "limit must be between 1 and 500"),
+        (f"since={10**30}", "since must be between 0 and"),
     ]:
         status, answer = await get(forum, f"/api/v1/posts?{query}", a1)
         assert status == 400
@@ -125,6 +126,13 @@ async def test_bad_queries_and_bodies_say_how_to_fix_them(forum: Forum) -> None:
     ) as response:
         assert response.status == 400
         assert "title" in (await response.json())["error"]["message"]
+    async with forum.http.post(
+        f"{forum.url}/api/v1/posts",
+        json={"kind": "result", "title": "x", "parent": 10**30},
+        headers=a1,
+    ) as response:
+        assert response.status == 400
+        assert "parent" in (await response.json())["error"]["message"]
     async with forum.http.post(
         f"{forum.url}/api/v1/posts",
         json={"kind": "result", "title": "x", "artifacts": ["sha256:" + "0" * 64]},

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from forum_harness import Forum
-from sse import connected
+from forum_harness import Forum, connected
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV
 

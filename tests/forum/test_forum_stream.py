@@ -7,9 +7,9 @@ import contextlib
 from typing import Any
 
 import pytest
-from forum_harness import Forum
-from sse import connected, next_event
+from forum_harness import Forum, connected, next_event
 
+from aar_forum import app as forum_app
 from aar_forum import stream as stream_module
 
 
@@ -112,3 +112,48 @@ async def test_a_subscriber_that_stops_reading_does_not_hold_up_the_others(
             (await asyncio.wait_for(next_event(again), 10))[1]["id"] for _ in posts[len(received) :]
         ]
     assert received + rest == posts
+
+
+async def test_an_agent_may_hold_only_a_few_streams_open(start_forum: Any) -> None:
+    forum: Forum = await start_forum(streams_per_agent=2)
+    agent = forum.agent("w2s-1")
+    held = [await forum.http.get(f"{forum.url}/api/v1/stream", headers=agent) for _ in range(2)]
+    try:
+        for stream in held:
+            await connected(stream)
+        async with forum.http.get(f"{forum.url}/api/v1/stream", headers=agent) as refused:
+            assert refused.status == 429
+            message = (await refused.json())["error"]["message"]
+            assert "already has 2 streams open" in message
+        # Another agent is not affected, and a closed stream frees its place.
+        async with forum.http.get(
+            f"{forum.url}/api/v1/stream", headers=forum.agent("w2s-2")
+        ) as other:
+            await connected(other)
+        held.pop().close()
+        for _ in range(50):
+            async with forum.http.get(f"{forum.url}/api/v1/stream", headers=agent) as again:
+                if again.status == 200:
+                    await connected(again)
+                    break
+            await asyncio.sleep(0.05)  # the server notices the closed connection shortly
+        else:
+            raise AssertionError("a closed stream never freed its place")
+    finally:
+        for stream in held:
+            stream.close()
+
+
+async def test_an_idle_stream_gets_keepalives(
+    start_forum: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forum_app, "HEARTBEAT_S", 0.05)
+    forum: Forum = await start_forum()
+    async with forum.http.get(f"{forum.url}/api/v1/stream", headers=forum.agent("w2s-1")) as stream:
+        await connected(stream)
+        await asyncio.wait_for(stream.content.readuntil(b": keepalive\n\n"), 10)
+        # A post in between is delivered as usual, and measured.
+        post = await forum.post(forum.agent("w2s-2"), title="between heartbeats")
+        assert (await asyncio.wait_for(next_event(stream), 10))[1]["id"] == post["id"]
+    async with forum.http.get(f"{forum.url}/metrics") as response:
+        assert "aar_forum_stream_delivery_seconds_count 1.0" in await response.text()

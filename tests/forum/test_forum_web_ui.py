@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,12 @@ from aiohttp import web
 from forum_harness import ISSUER, Forum
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from aar_common.anthropic_stub import AnthropicStub, Reply
+from aar_common.anthropic_stub import start as start_stub
 from aar_common.credentials import CredentialVerifier
 from aar_forum.ui import csrf_token
+from aar_gateway.app import Settings as GatewaySettings
+from aar_gateway.app import build_app as build_gateway
 from aar_scorer.service import build_app as build_scorer
 from aar_scorer.store import Store as ScorerStore
 from aar_scorer.tasks import load_tasks, write_task_files
@@ -91,33 +97,58 @@ async def scorer(
 
 
 @pytest.fixture
-async def gateway(unused_tcp_port_factory: Any) -> AsyncIterator[str]:
-    """Spend as the gateway answers it (docs/interfaces.md, `GET /api/v1/spend/...`); it
-    checks the UI forwards the signed-in human's credential."""
-
-    async def spend(request: web.Request) -> web.Response:
-        token = request.headers["Authorization"].removeprefix("Bearer ")
-        assert token.startswith("aar1.")
-        assert request.match_info["run"] == "w2s"
-        totals = {"input_tokens": 1000, "output_tokens": 200, "cache_creation_input_tokens": 0}
-        return web.json_response(
-            {
-                "run": {"usd": 20.75, "requests": 12, **totals},
-                "agents": {
-                    "w2s-1": {"usd": 12.5, "requests": 7, **totals},
-                    "w2s-3": {"usd": 8.25, "requests": 5, **totals},
-                },
-            }
-        )
-
-    app = web.Application()
-    app.router.add_get("/api/v1/spend/{namespace}/{run}", spend)
-    runner = web.AppRunner(app)
+async def gateway(tmp_path: Path, public_key_file: Path) -> AsyncIterator[str]:
+    """The real gateway in front of the Messages-API stand-in; two agents of lab/w2s have
+    spent through it: w2s-1 $7.50 (1M input, 100k output tokens of claude-opus-4-6 at $5 and
+    $25 per million), w2s-3 $1.00 (200k input tokens)."""
+    stub = AnthropicStub(api_key="sk-ant-test")
+    stub_runner, stub_url = await start_stub(stub)
+    (tmp_path / "api-key").write_text("sk-ant-test")
+    settings = GatewaySettings(
+        api_key_file=tmp_path / "api-key",
+        public_key_file=public_key_file,
+        data_dir=tmp_path / "gateway",
+        upstream=stub_url,
+    )
+    runner = web.AppRunner(build_gateway(settings))
     await runner.setup()
-    port = unused_tcp_port_factory()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
+    listener = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, listener).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    admin = {"Authorization": f"Bearer {ISSUER.mint_admin('operator')}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.put(
+            f"{url}/api/v1/budgets/lab/w2s", json={"usd": 100, "agents": {}}, headers=admin
+        ) as response:
+            assert response.status == 200, await response.text()
+        for agent, usage in [("w2s-1", (1_000_000, 100_000)), ("w2s-3", (200_000, 0))]:
+            stub.script(
+                Reply.text(
+                    "ok",
+                    usage={
+                        "input_tokens": usage[0],
+                        "output_tokens": usage[1],
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0,
+                    },
+                )
+            )
+            async with http.post(
+                f"{url}/v1/messages",
+                json={
+                    "model": "claude-opus-4-6",
+                    "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+                headers={
+                    "x-api-key": ISSUER.mint_agent("lab", "w2s", agent),
+                    "anthropic-version": "2023-06-01",
+                },
+            ) as response:
+                assert response.status == 200, await response.text()
+    yield url
     await runner.cleanup()
+    await stub_runner.cleanup()
 
 
 async def sign_in(page: Page, forum: Forum) -> None:
@@ -168,7 +199,13 @@ async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
     assert await attack.locator(".body a").count() == 0
     assert await page.evaluate("window.pwned") is None
 
-    # Filters narrow the feed.
+    # Filters narrow the feed; a signed-out visit to a filtered page comes back to it.
+    await page.context.clear_cookies()
+    await page.goto(f"{forum.url}/?run=lab/other&kind=error")
+    await page.fill("input[name=credential]", ISSUER.mint_admin("alice"))
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(f"{forum.url}/?run=lab/other&kind=error")
+    await expect(page.locator("#feed article h3 a")).to_have_text(["Another run's OOM"])
     await page.goto(f"{forum.url}/?q=reproduced")
     await expect(page.locator("#feed article h3 a")).to_have_text(["Reproduced at 0.79"])
     await page.goto(f"{forum.url}/?run=lab/w2s&kind=result")
@@ -204,12 +241,27 @@ async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
         replies = (await response.json())["replies"]
     assert [reply["author"] for reply in replies] == ["w2s-2", "admin:alice"]
 
+    await page.click("header button[type=submit]")
+    await expect(page).to_have_url(f"{forum.url}/login")
+    await page.goto(f"{forum.url}/")
+    await expect(page).to_have_url(f"{forum.url}/login?next=/")
+
 
 async def test_run_page_shows_spend_leaderboard_review_and_agents(
     start_forum: Any, scorer: str, gateway: str, browser: Browser
 ) -> None:
     forum: Forum = await start_forum(scorer_url=scorer, gateway_url=gateway)
     await forum.post(forum.agent("w2s-1"), kind="result", title="first")
+    async with forum.http.post(
+        f"{forum.url}/api/v1/artifacts",
+        data=b"def loss(): ...",
+        headers={
+            **forum.agent("w2s-2"),
+            "X-Aar-Filename": "loss.py",
+            "X-Aar-Description": "<i>the</i> loss",
+        },
+    ) as response:
+        artifact = await response.json()
     await forum.post(forum.agent("w2s-2"), kind="insight", title="second")
     page = await browser.new_page()
     await sign_in(page, forum)
@@ -217,12 +269,24 @@ async def test_run_page_shows_spend_leaderboard_review_and_agents(
     agents = page.locator("#agents tbody tr")
     await expect(agents.locator("td:first-child")).to_have_text(["w2s-1", "w2s-2", "w2s-3"])
     await expect(page.locator("#agents tr[data-agent=w2s-1] td")).to_contain_text(
-        ["w2s-1", "unavailable", "1", "0", "", "12.50", "7"]
+        ["w2s-1", "unavailable", "1", "0", "", "7.50", "1"]
     )
     # An agent with spend but no post yet, and one with posts but no spend recorded.
     await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(2)).to_have_text("0")
     await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(5)).to_have_text("0.00")
-    await expect(page.locator("#run-spend")).to_have_text("Run total: 20.75 USD over 12 requests.")
+    await expect(page.locator("#run-spend")).to_have_text("Run total: 8.50 USD over 2 requests.")
+    shared = page.locator("#artifacts tbody tr")
+    await expect(shared.locator("td")).to_contain_text(
+        [artifact["digest"][:19], "loss.py", "15", "w2s-2", "<i>the</i> loss"]
+    )
+    # The link downloads the bytes with the UI's cookie.
+    async with page.expect_download() as downloading:
+        await shared.locator("a").click()
+    download = await downloading.value
+    assert download.suggested_filename == "loss.py"
+    saved = await download.path()
+    assert await asyncio.to_thread(Path(saved).read_bytes) == b"def loss(): ..."
+
     # The scorer's own answers: the scored submission, awaiting a human's review.
     board = page.locator("#leaderboard")
     await expect(board.locator("tbody tr")).to_have_count(1)

@@ -5,8 +5,10 @@ edits; the system prompt carries the task, direction and rules."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from aar_agent.config import Settings
 from aar_agent.prompt import system_prompt
 from aar_agent.services import ServiceClient
 from aar_agent.state import RunState
-from aar_agent.tools import Toolbox
+from aar_agent.tools import Toolbox, ToolError, read_predictions
 
 
 @pytest.fixture
@@ -49,6 +51,11 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def wait_until_gone(pid: int) -> None:
+    while alive(pid):
+        time.sleep(0.01)
+
+
 async def test_the_working_directory_carries_over_between_calls_and_restarts(
     settings: Settings,
 ) -> None:
@@ -57,8 +64,12 @@ async def test_the_working_directory_carries_over_between_calls_and_restarts(
         "[exit code 0]",
         False,
     )
-    text, _ = await tools.call("bash", {"command": "pwd"}, "t2")
-    assert text == f"{settings.workspace / 'a' / 'b'}\n\n[exit code 0]"
+    text, _ = await tools.call("bash", {"command": "pwd; echo $HOME; mktemp"}, "t2")
+    lines = text.splitlines()
+    assert lines[0] == str(settings.workspace / "a" / "b")
+    # Home and temporary files are on the workspace: the sandbox's root is read-only.
+    assert lines[1] == str(settings.workspace)
+    assert lines[2].startswith(f"{settings.workspace / '.tmp'}/")
     # A new process reads the directory back from the saved state.
     restarted = toolbox(settings, RunState.model_validate_json(tools.state.model_dump_json()))
     text, _ = await restarted.call("bash", {"command": "pwd; cd .. && exit 4"}, "t3")
@@ -70,6 +81,7 @@ async def test_the_working_directory_carries_over_between_calls_and_restarts(
     assert text.startswith(f"{settings.workspace}\n")
 
 
+@pytest.mark.timeout(60)
 async def test_a_command_past_its_timeout_is_killed_with_its_children(settings: Settings) -> None:
     tools = toolbox(settings)
     text, is_error = await tools.call(
@@ -77,8 +89,10 @@ async def test_a_command_past_its_timeout_is_killed_with_its_children(settings: 
     )
     assert not is_error
     assert "[killed after 1 s timeout" in text
+    # SIGKILL is delivered, not awaited: wait for both to be gone (a hang here fails the test
+    # at its time limit, which is what a command that outlived its timeout would do).
     for name in ("shell", "child"):
-        assert not alive(int((settings.workspace / name).read_text()))
+        await asyncio.to_thread(wait_until_gone, int((settings.workspace / name).read_text()))
 
 
 async def test_a_job_left_in_the_background_does_not_hold_the_call(settings: Settings) -> None:
@@ -103,6 +117,11 @@ async def test_long_output_is_cut_in_the_middle_and_kept_whole_in_a_file(
     assert text.endswith("19999\n20000\n\n[exit code 0]")
     assert f"characters omitted; the full output is in {full}" in text
     assert full.read_text().splitlines() == [str(n) for n in range(1, 20001)]
+    # Any tool's long result is cut the same way.
+    (settings.workspace / "wide.txt").write_text("w" * 50 + "\n" * 100 + "z" * 3000)
+    text, _ = await tools.call("read_file", {"path": "wide.txt"}, "toolu_read")
+    assert "characters omitted; the full output is in" in text
+    assert (settings.state_dir / "outputs" / "toolu_read.log").read_text().endswith("z" * 3000)
     # Short outputs leave no file behind.
     await tools.call("bash", {"command": "echo short"}, "toolu_short")
     assert not (settings.state_dir / "outputs" / "toolu_short.log").exists()
@@ -131,6 +150,13 @@ async def test_file_tools_read_write_and_edit_and_say_how_to_fix_a_bad_call(
     text, is_error = await tools.call("read_file", {"path": "nowhere.txt"}, "5")
     assert is_error
     assert "is not a file" in text
+    # An unexpected failure inside a tool comes back as an error result, not a crash.
+    (settings.workspace / "model.bin").write_bytes(b"\xff\xfe\x00weights")
+    text, is_error = await tools.call(
+        "edit_file", {"path": "model.bin", "old_text": "a", "new_text": "b"}, "6"
+    )
+    assert is_error
+    assert text.startswith("edit_file failed: UnicodeDecodeError")
 
 
 async def test_the_notebook_keeps_entries_in_order_and_finds_them(settings: Settings) -> None:
@@ -144,6 +170,32 @@ async def test_the_notebook_keeps_entries_in_order_and_finds_them(settings: Sett
     text, _ = await tools.call("notebook_read", {"query": "SEED 0"}, "q")
     assert "entry 0" in text
     assert "entry 1" not in text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('["A", "B"]', ["A", "B"]),
+        ("[1, 0, 1]", [1, 0, 1]),
+        ("1\n0\n1\n", [1, 0, 1]),  # numbers stay numbers, as integer labels need
+        ("yes\nno\n\n", ["yes", "no"]),
+    ],
+)
+def test_predictions_are_read_as_a_json_list_or_one_a_line(
+    tmp_path: Path, text: str, expected: list[object]
+) -> None:
+    path = tmp_path / "predictions"
+    path.write_text(text)
+    assert read_predictions(path) == expected
+
+
+def test_a_predictions_file_that_is_no_list_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "predictions.json"
+    path.write_text('{"predictions": [1, 0]}')
+    with pytest.raises(ToolError, match="is not a list; write one list of predictions"):
+        read_predictions(path)
+    with pytest.raises(ToolError, match="write your predictions there first"):
+        read_predictions(tmp_path / "missing.json")
 
 
 async def test_services_the_sandbox_was_not_given_are_named(settings: Settings) -> None:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from aar_common import credentials
 from aar_common.cli import main as aar
 from aar_common.credentials import (
     CredentialError,
@@ -91,3 +92,19 @@ def test_cli_generates_keys_and_mints_credentials(
     assert public.verify(token).subject == "alice"
     with pytest.raises(SystemExit, match="--namespace, --run and --agent"):
         aar(["credential", "mint", "--signing-key", key, "--run", "r"])
+
+
+def test_a_remembered_credential_still_expires_and_memory_stays_bounded(
+    signing_key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(credentials, "VERIFIED_CACHE_SIZE", 8)
+    verifier = CredentialVerifier(public_key_pem(signing_key))
+    issuer = CredentialIssuer(signing_key)
+    token = issuer.mint_admin("bob", ttl_seconds=60)
+    issued = verifier.verify(token).issued_at
+    assert verifier.verify(token, now=issued + 59).name == "admin:bob"  # answered from memory
+    with pytest.raises(CredentialError, match="expired"):
+        verifier.verify(token, now=issued + 60)
+    for index in range(20):
+        verifier.verify(issuer.mint_agent("ns", "run", f"run-{index}"))
+    assert len(verifier._verified) == 8

@@ -7,6 +7,7 @@ import pytest
 from aar_forum.ratelimit import RateLimiter
 from aar_forum.render import markdown
 from aar_forum.store import fts_query, normalise_time
+from aar_forum.ui import _local
 
 
 @pytest.mark.parametrize(
@@ -66,3 +67,17 @@ def test_rate_limiter_allows_a_burst_then_the_rate() -> None:
     assert limiter.take("b", now=0.0) == 0.0  # keys are independent
     assert limiter.take("a", now=1.0) == 0.0
     assert RateLimiter(per_minute=0, burst=1).take("a") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("/runs/lab/w2s?x=1&y=2", "/runs/lab/w2s?x=1&y=2"),
+        ("//evil.example/", "/"),
+        ("/\\evil.example/", "/"),
+        ("https://evil.example/", "/"),
+        ("", "/"),
+    ],
+)
+def test_after_login_only_a_path_on_this_site_is_followed(given: str, kept: str) -> None:
+    assert _local(given) == kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aar_forum.ui import dollars
 from aar_forum.upstream import rows
 
 
@@ -30,3 +31,9 @@ def test_other_services_answers_become_tables_of_text() -> None:
     assert table[1]["review"] == '{"decision":"approve"}'
     assert table[1]["counted"] == "true"
     assert rows([]) == ([], [])
+
+
+def test_dollars_read_as_the_gateway_sends_them() -> None:
+    assert dollars("7.500000000") == "7.50"  # an exact decimal string
+    assert dollars(12.5) == "12.50"
+    assert dollars("n/a") == "n/a"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -192,10 +193,45 @@ async def test_an_exchange_is_recorded_once_and_totals_reload_equal_to_the_ledge
 
     reopened = Store(tmp_path / "gateway.sqlite3")
     try:
-        assert reopened.ledger_size() == 4
+        assert await reopened.ledger_size() == 4
         assert reopened.spent("ns/r").cost_nano == sum(175 + i for i in range(4))
         assert reopened.spent("ns/r").output_tokens == 20
         assert reopened.spent("ns/r", "r-1").requests == 2
         assert set(reopened.agents_of("ns/r")) == {"r-0", "r-1"}
+    finally:
+        reopened.close()
+
+
+async def test_exchanges_recorded_while_a_commit_is_on_disk_go_in_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "gateway.sqlite3")
+    batches: list[int] = []
+    write = store._write_exchanges
+
+    def counted(batch: list[Exchange]) -> list[bool]:
+        batches.append(len(batch))
+        return write(batch)
+
+    monkeypatch.setattr(store, "_write_exchanges", counted)
+    usage = Usage(input_tokens=3, output_tokens=2)
+    recorded = [
+        store.record(Exchange(f"gw_{i}", "ns/r", "r-0", "m", "v", usage, 1000 + i))
+        for i in range(50)
+    ]
+    assert store.spent("ns/r").cost_nano == sum(1000 + i for i in range(50))  # counted at once
+    assert all(await asyncio.gather(*recorded))
+    assert sum(batches) == 50
+    assert batches[0] == 1  # the first went alone; the rest queued behind its fsync
+    assert len(batches) < 50
+    # A stop with writes still queued finishes them before the database closes.
+    for i in range(50, 60):
+        store.record(Exchange(f"gw_{i}", "ns/r", "r-0", "m", "v", usage, 1000 + i))
+    store.close()
+    reopened = Store(tmp_path / "gateway.sqlite3")
+    try:
+        assert await reopened.ledger_size() == 60
+        assert reopened.spent("ns/r").cost_nano == sum(1000 + i for i in range(60))
+        assert reopened.spent("ns/r", "r-0").requests == 60
     finally:
         reopened.close()

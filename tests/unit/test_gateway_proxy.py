@@ -28,6 +28,7 @@ from aar_common.anthropic_stub import USAGE_FIELDS, AnthropicStub, Reply, start
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_devcluster.paths import BinariesMissingError, binary
 from aar_gateway.app import Settings, build_app
+from aar_gateway.app import main as gateway_main
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -328,7 +329,7 @@ async def test_a_model_without_a_price_is_refused_before_it_costs_anything(
     gateway: Gateway,
 ) -> None:
     async with gateway.client() as client:
-        with pytest.raises(anthropic.BadRequestError) as refused:
+        with pytest.raises(anthropic.PermissionDeniedError) as refused:
             await client.messages.create(model="claude-next-9", max_tokens=10, messages=HI)
         # A dated snapshot of a priced model is priced as its family.
         await client.messages.create(model="claude-haiku-4-5-20251001", max_tokens=10, messages=HI)
@@ -396,7 +397,7 @@ async def test_an_unreachable_or_silent_upstream_is_a_retryable_502_or_504(
         write_keys(instance.directory)
         await instance.start()
         await instance.budget(1.0)
-    stub[0].script(Reply.text("too late", delay=3))
+    stub[0].script(Reply.text("too late", delay=1))
     try:
         for instance, status, kind in (
             (unreachable, 502, "api_error"),
@@ -597,6 +598,7 @@ async def test_when_spend_cannot_be_written_the_gateway_refuses_further_requests
 ) -> None:
     async with gateway.client() as client:
         await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+        await gateway.spend()  # the first request's row is written (just after its answer)
         with sqlite3.connect(gateway.directory / "data" / "gateway.sqlite3") as db:
             db.execute("DROP TABLE ledger")  # the volume lost the ledger under the gateway
         await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
@@ -635,17 +637,28 @@ def helm_template(repo_root: Path, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
-def test_the_chart_leaves_the_gateway_out_unless_enabled_and_then_needs_the_key_secret(
+def gateway_objects(rendered: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rendered objects that belong to the gateway, by kind and name."""
+    return {
+        (o["kind"], o["metadata"]["name"]): o
+        for o in yaml.safe_load_all(rendered)
+        if o and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway"
+    }
+
+
+def test_the_chart_deploys_the_gateway_by_default_and_refuses_it_without_a_key_secret(
     repo_root: Path,
 ) -> None:
     default = helm_template(repo_root)
     assert default.returncode == 0, default.stderr
-    # Other components may name the gateway's URL; no object of the gateway's own is rendered.
-    names = {o["metadata"]["name"] for o in yaml.safe_load_all(default.stdout) if o}
-    assert not {name for name in names if name.startswith("aar-gateway")}
-    keyless = helm_template(repo_root, "--set", "gateway.enabled=true")
+    pod = gateway_objects(default.stdout)[("Deployment", "aar-gateway")]["spec"]["template"]
+    (key,) = [v for v in pod["spec"]["volumes"] if v["name"] == "api-key"]
+    assert key["secret"]["secretName"] == "anthropic-api-key"
+    keyless = helm_template(repo_root, "--set", "gateway.apiKey.existingSecret=")
     assert keyless.returncode != 0
     assert "gateway.apiKey.existingSecret: name the Secret" in keyless.stderr
+    disabled = helm_template(repo_root, "--set", "gateway.enabled=false")
+    assert gateway_objects(disabled.stdout) == {}
     unknown = helm_template(repo_root, "--set", "gateway.apikey.existingSecret=x")
     assert "additional properties 'apikey' not allowed" in unknown.stderr
 
@@ -657,11 +670,7 @@ async def test_the_gateway_serves_as_the_chart_configures_it(
     values.write_text(CHART_VALUES + f"  upstream: {stub[1]}\n")
     rendered = helm_template(repo_root, "-f", str(values))
     assert rendered.returncode == 0, rendered.stderr
-    objects = {
-        (o["kind"], o["metadata"]["name"]): o
-        for o in yaml.safe_load_all(rendered.stdout)
-        if o and o["metadata"]["name"].startswith("aar-gateway")
-    }
+    objects = gateway_objects(rendered.stdout)
     assert set(objects) == {
         ("Deployment", "aar-gateway"),
         ("Service", "aar-gateway"),
@@ -820,9 +829,11 @@ async def test_an_sdk_retry_after_its_timeout_is_billed_once_with_a_key_and_as_p
     gateway: Gateway, key: str | None
 ) -> None:
     # The first attempt outlives the SDK's timeout; the upstream generates it all the same.
-    gateway.stub.responder = lambda _: Reply.text("slow but sure", usage=USAGE, delay=1.0)
+    # The SDK gives up on the first attempt after 1 s, retries 0.4 to 0.5 s later and waits 1 s
+    # more; the upstream answers the first at 1.6 s: well inside the retry's wait, either way.
+    gateway.stub.responder = lambda _: Reply.text("slow but sure", usage=USAGE, delay=1.6)
     headers = {"Idempotency-Key": key} if key else {}
-    async with gateway.client(max_retries=1, timeout=0.4) as client:
+    async with gateway.client(max_retries=1, timeout=1.0) as client:
         if key:  # the retry waits for the attempt in flight and gets its answer
             message = await client.messages.create(
                 model=MODEL, max_tokens=10, messages=HI, extra_headers=headers
@@ -832,7 +843,7 @@ async def test_an_sdk_retry_after_its_timeout_is_billed_once_with_a_key_and_as_p
             with pytest.raises(anthropic.APITimeoutError):
                 await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
     upstream_exchanges = 1 if key else 2
-    for _ in range(300):  # the abandoned exchanges finish upstream, and are metered
+    for _ in range(500):  # the abandoned exchanges finish upstream, and are metered
         spend = await gateway.spend()
         if spend["run"]["requests"] >= upstream_exchanges:
             break
@@ -840,3 +851,33 @@ async def test_an_sdk_retry_after_its_timeout_is_billed_once_with_a_key_and_as_p
     assert len(gateway.stub.requests) == gateway.stub.messages_answered == upstream_exchanges
     assert spend["run"]["requests"] == upstream_exchanges
     assert Decimal(spend["run"]["usd"]) == upstream_exchanges * dollars(USAGE)
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"AAR_ANTHROPIC_API_KEY_FILE": None}, "--api-key-file or $AAR_ANTHROPIC_API_KEY_FILE"),
+        ({"AAR_ANTHROPIC_API_KEY_FILE": "/nonexistent/key"}, "cannot read the Anthropic API key"),
+        ({"AAR_CREDENTIAL_PUBLIC_KEY_FILE": "/nonexistent"}, "aar-credential-public-key"),
+        ({"AAR_GATEWAY_PRICES_FILE": "prices.yaml"}, "must be a mapping with a 'version'"),
+    ],
+)
+def test_a_misconfigured_gateway_exits_saying_what_to_fix(
+    tmp_path: Path,
+    change: dict[str, str | None],
+    complaint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_keys(tmp_path)
+    (tmp_path / "prices.yaml").write_text("models: {}\n")
+    monkeypatch.chdir(tmp_path)
+    for name, value in {**process_env(tmp_path, "http://127.0.0.1:1"), **change}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        gateway_main(["--port", str(free_port())])
+    assert exited.value.code != 0
+    assert complaint in f"{exited.value.code} {capsys.readouterr().err}"

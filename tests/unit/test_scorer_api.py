@@ -363,3 +363,47 @@ async def test_the_review_cli_lists_shows_and_decides(
         return str(failed.value)
 
     assert "the scorer answered 404: no submission 99999" in await asyncio.to_thread(refused)
+
+
+async def test_flagged_probes_get_feedback_but_count_only_when_approved(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    clock = Clock()
+    flagging = TASK | {"probing": {"min_distance": 50, "walk_distance": 50, "action": "flag"}}
+    runner, store = await start(tmp_path, flagging, clock)
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    admin = {"Authorization": f"Bearer {ISSUER.mint_admin('reviewer')}"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            scorer = Scorer(f"http://127.0.0.1:{unused_tcp_port}", http, clock, admin)
+            await scorer.call(
+                "PUT", "/api/v1/runs/lab/run-a", admin, {"task": "toy", "review_required": False}
+            )
+            base = guess(100, 1)
+            _, first = await scorer.submit(agent("a1"), base)
+            # 40 wrong answers made right: better, and too close to the first to be anything
+            # but a probe.
+            improved = list(base)
+            for position in [i for i, t in enumerate(TRUTH) if base[i] != t][:40]:
+                improved[position] = TRUTH[position]
+            _, probe = await scorer.submit(agent("a1"), improved)
+            assert probe["status"] == "flagged"
+            assert "flagged for review: differs from submission" in probe["feedback"]["message"]
+            # Accepted submissions count without review; the flagged one, better, does not.
+            _, best, _ = await scorer.call("GET", "/api/v1/runs/lab/run-a/best", admin)
+            assert best["submission"] == first["id"]
+            _, queue, _ = await scorer.call("GET", "/api/v1/review", admin)
+            assert [(e["id"], e["probe"]["reason"]) for e in queue["pending"]] == [
+                (probe["id"], "near_duplicate")
+            ]
+            await scorer.call(
+                "POST",
+                f"/api/v1/review/{probe['id']}",
+                admin,
+                {"decision": "approve", "comment": "fine"},
+            )
+            _, best, _ = await scorer.call("GET", "/api/v1/runs/lab/run-a/best", admin)
+            assert best["submission"] == probe["id"]
+    finally:
+        await runner.cleanup()
+        store.close()

@@ -21,7 +21,7 @@ def flipped(answers: list[int], positions: range | list[int]) -> list[int]:
 
 
 def test_one_flipped_answer_is_a_near_duplicate() -> None:
-    index = ProbeIndex(Probing(min_distance=10))
+    index = ProbeIndex(Probing(min_distance=10), SIZE, 2)
     base = random.Random(1).choices([0, 1], k=SIZE)
     assert index.check(PACKER.pack(base)).reason is None
     index.add(1, PACKER.pack(base), 1)
@@ -34,7 +34,7 @@ def test_one_flipped_answer_is_a_near_duplicate() -> None:
 
 def test_independent_submissions_are_not_probes() -> None:
     rng = random.Random(2)
-    index = ProbeIndex(Probing())
+    index = ProbeIndex(Probing(), SIZE, 2)
     for submission in range(300):
         packed = PACKER.pack([rng.randrange(2) for _ in range(SIZE)])
         verdict = index.check(packed)
@@ -44,7 +44,7 @@ def test_independent_submissions_are_not_probes() -> None:
 
 
 def test_a_walk_of_small_steps_is_caught_at_its_configured_length() -> None:
-    index = ProbeIndex(Probing(min_distance=10, walk_distance=40, walk_length=4))
+    index = ProbeIndex(Probing(min_distance=10, walk_distance=40, walk_length=4), SIZE, 2)
     current = random.Random(3).choices([0, 1], k=SIZE)
     reasons = []
     for step in range(5):
@@ -58,7 +58,7 @@ def test_a_walk_of_small_steps_is_caught_at_its_configured_length() -> None:
 
 def test_hundreds_of_earlier_submissions_find_the_nearest() -> None:
     rng = random.Random(4)
-    index = ProbeIndex(Probing())
+    index = ProbeIndex(Probing(), SIZE, 2)
     earlier = [[rng.randrange(2) for _ in range(SIZE)] for _ in range(400)]
     for submission, answers in enumerate(earlier):
         index.add(submission, PACKER.pack(answers), 1)

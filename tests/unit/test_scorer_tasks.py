@@ -3,14 +3,22 @@ so that scoring and Hamming distances by bit operations agree with plain countin
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aar_scorer.packing import Packer, hamming
-from aar_scorer.tasks import TaskConfigError, load_tasks, split_positions, write_task_files
+from aar_scorer.packing import Packer
+from aar_scorer.probing import ProbeIndex
+from aar_scorer.tasks import (
+    Probing,
+    TaskConfigError,
+    load_tasks,
+    split_positions,
+    write_task_files,
+)
 
 SEED = "an-unguessable-split-seed"
 
@@ -111,7 +119,9 @@ def test_hamming_on_packed_answers_counts_differing_answers() -> None:
         a = [rng.choice(packer.labels) for _ in range(257)]
         b = [rng.choice(packer.labels) if rng.random() < 0.1 else x for x in a]
         expected = sum(x != y for x, y in zip(a, b, strict=True))
-        assert hamming(packer.pack(a), packer.pack(b)) == expected
+        index = ProbeIndex(Probing(), 257, len(packer.labels))
+        index.add(1, packer.pack(a), 1)
+        assert index.check(packer.pack(b)).distance == expected
 
 
 def test_json_types_are_kept_apart() -> None:
@@ -119,3 +129,11 @@ def test_json_types_are_kept_apart() -> None:
     assert packer.pack([1, "2"]) != packer.pack(["2", 1])
     with pytest.raises(ValueError, match='answer 0 is "1", which is not one of'):
         packer.pack(["1", "2"])
+
+
+@pytest.mark.parametrize("bad", [2, -1, 300, "1"])
+def test_an_answer_that_is_no_label_is_named_by_position(bad: int | str) -> None:
+    packer = Packer([3, 0, 1])
+    assert packer.indices([0, 1, 3]) == bytes([1, 2, 0])
+    with pytest.raises(ValueError, match=f"answer 2 is {json.dumps(bad)}, which is not one of"):
+        packer.pack([0, 1, bad, 3])

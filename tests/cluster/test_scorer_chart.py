@@ -1,4 +1,4 @@
-"""The chart's scorer namespace, against a real apiserver: only the scorer's ServiceAccount can
+"""The chart's scorer, against a real apiserver. Only the scorer's ServiceAccount can
 read the hidden labels; an agent's and the operator's cannot get, list or watch its Secrets.
 Every check is a request made as that ServiceAccount (impersonation), not a reading of YAML."""
 
@@ -131,3 +131,28 @@ def test_the_rendered_tasks_file_is_what_the_scorer_loads(
     assert task.spec.quota.per_agent == 5
     assert task.spec.feedback.step == 0.02
     assert task.size == 100
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--set", "scorer.labelSecret=typo", "additional properties 'labelSecret' not allowed"),
+        (
+            "--set-json",
+            'scorer.tasks=[{"name": "t", "labels": [0, 1], "baselines": {"weak": 0.5}}]',
+            "missing property 'ceiling'",
+        ),
+        (
+            "--set-json",
+            'scorer.tasks=[{"name": "t", "labels": [0, 1], '
+            '"baselines": {"weak": 0.5, "ceiling": 0.9}, "probing": {"action": "ignore"}}]',
+            "value must be one of 'refuse', 'flag'",
+        ),
+    ],
+)
+def test_the_chart_refuses_scorer_values_it_does_not_know(
+    chart: Chart, flag: str, value: str, message: str
+) -> None:
+    with pytest.raises(ToolError) as refused:
+        chart.template(flag, value)
+    assert message in refused.value.stderr

@@ -1,0 +1,402 @@
+"""What the scorer's safety costs: 900 concurrent agents submitting 2,567-answer predictions over
+real HTTP, to the real `aar-scorer` process (credentials, quotas, probe detection against every
+earlier submission of the run, the Ladder, a durable SQLite row) and, side by side in the same
+run, to a scoring-only baseline on the same HTTP stack (aar_common.web, the same request model,
+the same packed scoring, nothing else).
+
+    .venv/bin/python bench/scorer.py [--agents 900] [--runs 100] [--seconds 15]
+
+Two figures per server:
+- saturation: every agent submits again as soon as its answer arrives (closed loop); sustained
+  submissions/s, and the latency that queueing behind 899 other agents gives;
+- target load: agents submit at random times (Poisson) at a total rate of half the baseline's
+  sustained rate, the throughput the scorer must reach; p50/p99 latency, measured from when each
+  submission was due, so a late client counts against the server.
+
+Also the server's CPU time per submission (from /proc), which, unlike the rates, does not depend
+on what else a shared machine runs. Each phase runs `--rounds` times per server, alternating
+which goes first; the figures are the medians. Prints the figures, then one JSON object with
+them as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from aar_common.credentials import (
+    CredentialIssuer,
+    CredentialVerifier,
+    generate_signing_key,
+    public_key_pem,
+)
+from aar_common.web import json_response, make_app, read_model, serve
+from aar_scorer.service import SubmissionRequest
+from aar_scorer.tasks import Task, load_tasks, write_task_files
+
+ANSWERS = 2567
+P99_TARGET_MS = 50.0
+THROUGHPUT_TARGET = 0.5  # of the baseline's
+
+
+def _baseline_app(tasks: dict[str, Task], verifier: CredentialVerifier) -> web.Application:
+    """Scoring only: parse, validate, pack and score; no credential, quota, probe or storage."""
+
+    async def score(request: web.Request) -> web.Response:
+        body = await read_model(request, SubmissionRequest)
+        task = tasks[body.task]
+        public, private = task.accuracies(task.packer.pack(body.predictions))
+        return json_response({"public": public, "private": private})
+
+    app = make_app(verifier, CollectorRegistry(), client_max_size=ANSWERS * 64 + 256 * 1024)
+    app.router.add_post("/api/v1/submissions", score)
+    return app
+
+
+def _serve_baseline(tasks_file: str, public_key: str, port: int) -> None:
+    app = _baseline_app(
+        load_tasks(Path(tasks_file)), CredentialVerifier.from_file(Path(public_key))
+    )
+    asyncio.run(
+        serve(
+            app, host="127.0.0.1", port=port, ready=lambda a: print(f"Serving on {a}", flush=True)
+        )
+    )
+
+
+@dataclass
+class Load:
+    """One load-generating process's share: whole runs, so a run's submissions stay distinct."""
+
+    url: str
+    agents: list[tuple[str, int]]  # (credential, run index)
+    seed: int
+    seconds: float
+    warmup: float
+    rate: float | None  # total submissions/s of this share (open loop), or None (closed loop)
+    pool: int
+
+
+def _bodies(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    bodies = []
+    for _ in range(count):
+        bits = rng.getrandbits(ANSWERS)
+        predictions = [(bits >> i) & 1 for i in range(ANSWERS)]
+        bodies.append(
+            json.dumps(
+                {"task": "bench", "predictions": predictions, "method": "bench", "artifact": None}
+            ).encode()
+        )
+    return bodies
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection, written by hand: the load generator shares two cores
+    with the servers, and a full HTTP client per request would measure the client."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+
+async def _generate(load: Load) -> dict[str, Any]:
+    bodies = _bodies(load.seed, load.pool)
+    host, port, path = _split(load.url)
+    sent: dict[int, int] = {}  # per run: submissions so far, each with a body new to the run
+    idle: dict[str, list[_Connection]] = {}  # per agent: its open connection, when not in use
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.5
+    measure_from, end = start + load.warmup, start + load.warmup + load.seconds
+
+    async def submit(credential: str, run: int, due: float) -> None:
+        count = sent.get(run, 0)
+        sent[run] = count + 1
+        body = bodies[(run * 131 + count) % len(bodies)]
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {credential}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        pool = idle.setdefault(credential, [])
+        try:
+            connection = (
+                pool.pop() if pool else _Connection(*await asyncio.open_connection(host, port))
+            )
+            status, answer = await connection.post(request)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            # Counted, not measured; the next submission opens a new connection.
+            statuses["connection_error"] = statuses.get("connection_error", 0) + 1
+            return
+        done = loop.time()
+        pool.append(connection)
+        key = str(status)
+        if status == 200 and b'"status"' in answer:
+            key = json.loads(answer)["status"]
+        statuses[key] = statuses.get(key, 0) + 1
+        if measure_from <= due and done <= end:
+            latencies.append(done - due)
+
+    async def closed(credential: str, run: int) -> None:
+        # Agents join over the first half of the warm-up, not in one burst of 900 connects.
+        joins = start + random.Random(credential).uniform(0, load.warmup / 2)
+        await asyncio.sleep(max(0.0, joins - loop.time()))
+        while loop.time() < end:
+            await submit(credential, run, loop.time())
+
+    async def opened(credential: str, run: int, rate: float) -> None:
+        # An agent submits when its next submission is due, or, if its previous one is still
+        # unanswered then, as soon as it is answered; the wait counts in the latency.
+        rng = random.Random(f"{credential}{load.seed}")
+        due = start + rng.expovariate(rate)
+        while due < end:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            await submit(credential, run, due)
+            due += rng.expovariate(rate)
+
+    if load.rate is None:
+        await asyncio.gather(*(closed(c, r) for c, r in load.agents))
+    else:
+        each = load.rate / len(load.agents)
+        await asyncio.gather(*(opened(c, r, each) for c, r in load.agents))
+    for pool in idle.values():
+        for connection in pool:
+            connection.writer.close()
+    return {"latencies": latencies, "statuses": statuses}
+
+
+def _split(url: str) -> tuple[str, int, str]:
+    address, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = address.partition(":")
+    return host, int(port), "/" + path
+
+
+def _worker(load: Load) -> dict[str, Any]:
+    return asyncio.run(_generate(load))
+
+
+def _drive(
+    url: str,
+    agents: list[tuple[str, int]],
+    args: argparse.Namespace,
+    rate: float | None,
+    phase: int,
+) -> dict[str, Any]:
+    """Run the load from `args.clients` processes and combine what they measured."""
+    shares: list[list[tuple[str, int]]] = [[] for _ in range(args.clients)]
+    for credential, run in agents:
+        shares[run % args.clients].append((credential, run))
+    loads = [
+        Load(
+            url,
+            share,
+            # New bodies every phase: a body sent again to a run is a duplicate and is refused.
+            seed=phase * args.clients + index,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            rate=None if rate is None else rate * len(share) / len(agents),
+            pool=args.pool,
+        )
+        for index, share in enumerate(shares)
+    ]
+    with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
+        parts = pool.map(_worker, loads)
+    latencies = sorted(x for part in parts for x in part["latencies"])
+    statuses: dict[str, int] = {}
+    for part in parts:
+        for key, count in part["statuses"].items():
+            statuses[key] = statuses.get(key, 0) + count
+    return {
+        "per_s": round(len(latencies) / args.seconds, 1),
+        "p50_ms": round(1000 * statistics.median(latencies), 2),
+        "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
+        "statuses": statuses,
+    }
+
+
+def _start(command: list[str], expect: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if expect not in line:
+        process.kill()
+        raise SystemExit(f"bench: {command[0]} did not start: {line!r}")
+    return process
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time a process has used (user + system, all its threads): unlike wall time, what a
+    submission costs the server does not depend on what else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", type=int, default=900)
+    parser.add_argument("--runs", type=int, default=100, help="agents are spread over this many")
+    parser.add_argument("--seconds", type=float, default=15, help="measured, per phase")
+    parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--clients", type=int, default=2, help="load-generating processes")
+    parser.add_argument("--rounds", type=int, default=2, help="per server and phase; medians")
+    parser.add_argument("--pool", type=int, default=3000, help="distinct bodies per client")
+    parser.add_argument("--serve-baseline", nargs=3, metavar=("TASKS", "KEY", "PORT"))
+    args = parser.parse_args()
+    if args.serve_baseline:
+        tasks_file, key_file, port = args.serve_baseline
+        _serve_baseline(tasks_file, key_file, int(port))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="aar-bench-scorer-") as directory:
+        root = Path(directory)
+        key = generate_signing_key()
+        issuer = CredentialIssuer(key)
+        (root / "public-key.pem").write_bytes(public_key_pem(key))
+        unlimited = {"per_agent": 10**9, "per_run": 10**9}
+        task = {
+            "name": "bench",
+            "labels": [0, 1],
+            "baselines": {"weak": 0.6, "ceiling": 0.8},
+            "quota": unlimited,
+        }
+        labels = random.Random(0).choices([0, 1], k=ANSWERS)
+        tasks_file = write_task_files(root / "tasks", [(task, labels, "bench-split-seed-0")])
+        agents = [
+            (
+                issuer.mint_agent("bench", f"run-{index % args.runs}", f"agent-{index}"),
+                index % args.runs,
+            )
+            for index in range(args.agents)
+        ]
+        scorer_port, baseline_port = _free_port(), _free_port()
+        scorer = _start(
+            [
+                str(Path(sys.executable).parent / "aar-scorer"),
+                "--tasks", str(tasks_file),
+                "--data-dir", str(root / "data"),
+                "--public-key", str(root / "public-key.pem"),
+                "--host", "127.0.0.1",
+                "--port", str(scorer_port),
+            ],
+            "Serving bench",
+        )  # fmt: skip
+        baseline = _start(
+            [sys.executable, __file__, "--serve-baseline", str(tasks_file),
+             str(root / "public-key.pem"), str(baseline_port)],
+            "Serving on",
+        )  # fmt: skip
+        try:
+            admin = {"Authorization": f"Bearer {issuer.mint_admin('bench')}"}
+
+            async def register() -> None:
+                async with aiohttp.ClientSession() as http:
+                    for run in range(args.runs):
+                        async with http.put(
+                            f"http://127.0.0.1:{scorer_port}/api/v1/runs/bench/run-{run}",
+                            json={"task": "bench", "review_required": False},
+                            headers=admin,
+                        ) as response:
+                            response.raise_for_status()
+
+            asyncio.run(register())
+            urls = {
+                "baseline": f"http://127.0.0.1:{baseline_port}/api/v1/submissions",
+                "scorer": f"http://127.0.0.1:{scorer_port}/api/v1/submissions",
+            }
+            figures: dict[str, Any] = {"agents": args.agents, "runs": args.runs,
+                                       "answers": ANSWERS, "seconds": args.seconds}  # fmt: skip
+            phases = iter(range(1000))
+            pids = {"baseline": baseline.pid, "scorer": scorer.pid}
+
+            def measure(kind: str, rate: float | None) -> None:
+                # Alternate which server goes first, round by round: the machine's other load
+                # drifts, and neither side should always get the quieter slot.
+                rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+                for round_ in range(args.rounds):
+                    order = list(urls) if round_ % 2 == 0 else list(reversed(urls))
+                    for name in order:
+                        cpu = _cpu_seconds(pids[name])
+                        result = _drive(urls[name], agents, args, rate, next(phases))
+                        answered = sum(
+                            n for key, n in result["statuses"].items() if key != "connection_error"
+                        )
+                        result["cpu_ms"] = 1000 * (_cpu_seconds(pids[name]) - cpu) / answered
+                        rounds[name].append(result)
+                        print(
+                            f"{name:>8} {kind:<10} round {round_ + 1}: "
+                            f"{result['per_s']:7.1f} submissions/s, p50 {result['p50_ms']:7.1f} "
+                            f"ms, p99 {result['p99_ms']:7.1f} ms, server CPU "
+                            f"{result['cpu_ms']:.2f} ms each ({result['statuses']})"
+                        )
+                for name, results in rounds.items():
+                    figures[f"{name}_{kind}"] = {
+                        figure: round(statistics.median(r[figure] for r in results), 2)
+                        for figure in ("per_s", "p50_ms", "p99_ms", "cpu_ms")
+                    }
+
+            measure("saturation", None)
+            rate = THROUGHPUT_TARGET * figures["baseline_saturation"]["per_s"]
+            figures["target_rate_per_s"] = round(rate, 1)
+            measure("target", rate)
+        finally:
+            for process in (scorer, baseline):
+                process.terminate()
+                process.wait(timeout=30)
+    ratio = figures["scorer_saturation"]["per_s"] / figures["baseline_saturation"]["per_s"]
+    figures["throughput_ratio"] = round(ratio, 3)
+    cpu_ratio = figures["scorer_saturation"]["cpu_ms"] / figures["baseline_saturation"]["cpu_ms"]
+    figures["cpu_ratio"] = round(cpu_ratio, 3)
+    figures["p99_target_ms"] = P99_TARGET_MS
+    # The machine's load when the run ended: on a shared machine, the context of every figure.
+    figures["load_average_1m"] = round(os.getloadavg()[0], 2)
+    figures["cpus"] = os.cpu_count()
+    figures["meets_throughput_target"] = ratio >= THROUGHPUT_TARGET
+    figures["meets_p99_target"] = figures["scorer_target"]["p99_ms"] < P99_TARGET_MS
+    print(
+        f"server CPU per submission at saturation: scorer "
+        f"{figures['scorer_saturation']['cpu_ms']:.2f} ms, baseline "
+        f"{figures['baseline_saturation']['cpu_ms']:.2f} ms ({cpu_ratio:.2f}x)"
+    )
+    print(
+        f"scorer sustains {ratio:.0%} of the baseline's submissions/s "
+        f"(target {THROUGHPUT_TARGET:.0%}); at {rate:.0f}/s its p99 is "
+        f"{figures['scorer_target']['p99_ms']:.1f} ms (target under {P99_TARGET_MS:.0f} ms)"
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

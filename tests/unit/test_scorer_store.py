@@ -1,0 +1,47 @@
+"""The store groups concurrent writes into shared commits; a bad write fails alone, and every
+write that returned is in the file when it is opened again."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from aar_scorer.store import Store
+
+INSERT_RUN = (
+    "INSERT INTO runs (run, task, review_required, registered_by, created_at) "
+    "VALUES (?, ?, 1, 'test', 0)"
+)
+
+
+async def test_concurrent_writes_commit_and_a_bad_one_fails_alone(tmp_path: Path) -> None:
+    store = Store(tmp_path / "scorer.db")
+
+    async def writer(index: int) -> None:
+        for round_ in range(5):
+            await store.write((INSERT_RUN, (f"lab/run-{index}-{round_}", "toy")))
+
+    bad = store.write((INSERT_RUN, ("lab/ok-part", "toy")), ("INSERT INTO nowhere VALUES (1)", ()))
+    results = await asyncio.gather(
+        *(writer(index) for index in range(200)), bad, return_exceptions=True
+    )
+    store.close()
+
+    assert results[:200] == [None] * 200
+    assert isinstance(results[200], sqlite3.OperationalError)
+    reopened = Store(tmp_path / "scorer.db")
+    runs = [row[0] for row in reopened.reader.execute("SELECT run FROM runs")]
+    reopened.close()
+    assert len(runs) == 1000
+    assert "lab/ok-part" not in runs  # the failed write left nothing half-done
+
+
+async def test_rows_refuse_to_change(tmp_path: Path) -> None:
+    store = Store(tmp_path / "scorer.db")
+    await store.write((INSERT_RUN, ("lab/run", "toy")))
+    with pytest.raises(sqlite3.IntegrityError, match="runs are append-only"):
+        await store.write(("UPDATE runs SET task = 'other'", ()))
+    store.close()
