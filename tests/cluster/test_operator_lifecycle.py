@@ -347,3 +347,28 @@ def test_agent_hours_are_banked_and_capped(kubectl: Tool, aar_operator: Operator
     assert condition(stopped, "Ready")["reason"] == "BudgetExhausted"
     eventually(lambda: of_run(kubectl, "pods", "hours") == [], what="every Pod deleted")
     assert of_run(kubectl, "persistentvolumeclaims", "hours") == agents("hours", 2, "-workspace")
+
+
+def test_a_child_name_taken_by_someone_else_is_left_alone_and_reported(
+    kubectl: Tool, aar_operator: OperatorProcess
+) -> None:
+    kubectl.run("create", "serviceaccount", "taken-0")
+    kubectl.apply(run("taken", 2))
+    eventually(
+        lambda: names(kubectl, "pods", "aar.dev/agent=taken-1") == ["taken-1"], what="agent 1"
+    )
+    ready = eventually(
+        lambda: (
+            (c := condition(kubectl.json("get", "asb", "taken-0"), "Ready")).get("reason")
+            == "ChildConflict"
+            and c
+        ),
+        what="Ready=False ChildConflict",
+    )
+    assert (
+        "ServiceAccount taken-0 exists and is not owned by AgentSandbox taken-0" in ready["message"]
+    )
+    untouched = kubectl.json("get", "serviceaccount", "taken-0")["metadata"]
+    assert "ownerReferences" not in untouched
+    assert "aar.dev/run" not in untouched.get("labels", {})
+    assert names(kubectl, "pods", "aar.dev/agent=taken-0") == []
