@@ -372,3 +372,34 @@ def test_a_child_name_taken_by_someone_else_is_left_alone_and_reported(
     assert "ownerReferences" not in untouched
     assert "aar.dev/run" not in untouched.get("labels", {})
     assert names(kubectl, "pods", "aar.dev/agent=taken-0") == []
+
+
+def test_a_pod_the_apiserver_refuses_is_reported_on_the_sandbox(
+    kubectl: Tool, aar_operator: OperatorProcess
+) -> None:
+    sandbox = {"image": "agent:test", "resources": {"gpu": 1}, "runtimeClassName": "absent"}
+    kubectl.apply(run("refused", 1, sandbox=sandbox))
+
+    def rejected() -> dict[str, Any]:
+        for sandbox in kubectl.json("get", "agentsandboxes")["items"]:
+            if (ready := condition(sandbox, "Ready")).get("reason") == "PodRejected":
+                return ready
+        return {}
+
+    ready = eventually(rejected, what="Ready=False PodRejected on the sandbox")
+    assert 'RuntimeClass "absent" not found' in ready["message"]
+    assert of_run(kubectl, "pods", "refused") == []
+    events = kubectl.json("get", "events", "--field-selector", "involvedObject.name=refused-0")
+    assert any(e["type"] == "Warning" and e["reason"] == "PodRejected" for e in events["items"])
+
+    # Once the cluster has what the Pod asks for, the next reconcile creates it.
+    kubectl.apply(
+        {
+            "apiVersion": "node.k8s.io/v1",
+            "kind": "RuntimeClass",
+            "metadata": {"name": "absent"},
+            "handler": "runsc",
+        }
+    )
+    eventually(lambda: of_run(kubectl, "pods", "refused") == ["refused-0"], what="the Pod")
+    kubectl.run("delete", "runtimeclass", "absent")
