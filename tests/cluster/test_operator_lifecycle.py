@@ -251,7 +251,8 @@ def test_a_passed_deadline_stops_the_run_and_keeps_workspaces(
 def test_operator_killed_mid_reconcile_converges_after_restart(
     kubectl: Tool, aar_operator: OperatorProcess
 ) -> None:
-    count = 40
+    # Enough agents that a fast machine cannot make every Pod between two polls of kubectl.
+    count = 120
     kubectl.apply(run("crash", count))
     # Kill it while it is half-way: some sandboxes made, not all of their Pods.
     eventually(
