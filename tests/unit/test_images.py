@@ -273,6 +273,19 @@ def test_the_wheel_stage_copies_every_package_folder(
     assert any("pip wheel" in run for run in wheel.all("RUN"))
 
 
+def test_the_wheel_the_images_install_holds_every_subpackage(
+    pyproject: dict[str, Any], repo_root: Path
+) -> None:
+    # setuptools packs only the packages pyproject lists: a missing subpackage works in an
+    # editable install and breaks the image at its first import.
+    setuptools = pyproject["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    for package, folder in setuptools["package-dir"].items():
+        for marker in (repo_root / folder).rglob("__init__.py"):
+            parts = marker.parent.relative_to(repo_root / folder).parts
+            assert ".".join((package, *parts)) in listed, f"pyproject does not list {marker}"
+
+
 @pytest.mark.parametrize(
     ("name", "extras"),
     [
