@@ -62,6 +62,18 @@ def _stale_controller(obj: dict[str, Any], desired: dict[str, Any]) -> bool:
     )
 
 
+def _foreign(current: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Someone else's: controlled by another owner, or uncontrolled and not labelled for ours
+    (an uncontrolled object labelled for this agent is adopted, e.g. a workspace kept by its
+    run after a scale-down)."""
+    controller = controller_uid(current)
+    if controller is None:
+        agent = current["metadata"].get("labels", {}).get("aar.dev/agent")
+        return bool(agent != desired["metadata"]["labels"].get("aar.dev/agent"))
+    ours = desired["metadata"]["ownerReferences"][0]["uid"]
+    return controller != ours and not _stale_controller(current, desired)
+
+
 def _merge_owners(
     current: list[dict[str, Any]], desired: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -81,7 +93,8 @@ def _differs(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
         if isinstance(value, dict) and isinstance(current.get(key), dict):
             if _differs(current[key], value):
                 return True
-        elif current.get(key) != value:
+        elif current.get(key) != value and not (value in ([], {}) and key not in current):
+            # The apiserver drops empty lists and maps (e.g. a NetworkPolicy's `ingress: []`).
             return True
     return False
 
@@ -118,18 +131,10 @@ async def ensure(
         else:
             changes.add("Created", ref)
             return Outcome(created, "Created")
-    owner_uid = desired["metadata"]["ownerReferences"][0]["uid"]
-    if controller_uid(current) not in (owner_uid, None) and not _stale_controller(current, desired):
+    if _foreign(current, desired):
         message = (
             f"{ref.kind} {ref.name} exists and is not owned by "
             f"{owner_body['kind']} {owner_body['metadata']['name']}; delete or rename it"
-        )
-        return Outcome(current, conflict=message)
-    if controller_uid(current) is None and current["metadata"].get("labels", {}).get(
-        "aar.dev/agent"
-    ) != desired["metadata"]["labels"].get("aar.dev/agent"):
-        message = (
-            f"{ref.kind} {ref.name} exists and was not made for this agent; delete or rename it"
         )
         return Outcome(current, conflict=message)
     extra = dict(update or {})

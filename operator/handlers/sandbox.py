@@ -12,7 +12,7 @@ from aar_operator import builders, metrics
 from aar_operator.builders import Owner, Sandbox
 from aar_operator.children import Changes, controller_uid, ensure, ensure_secret
 from aar_operator.context import Context
-from aar_operator.kube import Ref
+from aar_operator.kube import ApiError, Ref
 from aar_operator.models import (
     AgentSandboxSpec,
     SandboxStatus,
@@ -34,6 +34,10 @@ from aar_operator.status import (
     state_of,
     validate_sandbox,
 )
+
+POD_REJECTED = "PodRejected"
+# Answers that mean the API server will not take this Pod as it is (not a passing failure).
+REFUSED = frozenset({400, 403, 422})
 
 
 def _run_owner(body: kopf.Body) -> Owner | None:
@@ -90,6 +94,7 @@ async def reconcile_sandbox(context: Context, body: kopf.Body) -> dict[str, Any]
         known = previous.observed_generation > 0
         kube, config = context.kube, context.config
         conflicts: list[str] = []
+        rejected = ""
         changes = Changes()
 
         outcome = await ensure(
@@ -136,14 +141,31 @@ async def reconcile_sandbox(context: Context, body: kopf.Body) -> dict[str, Any]
                 changes.add("Deleted" if stop_reason else "Replaced", pod_ref)
                 pod = None
             if pod is None and not stop_reason:
-                outcome = await ensure(kube, body, changes, desired_pod, known=False)
-                conflicts.append(outcome.conflict)
-                pod = None if outcome.conflict else outcome.object
+                try:
+                    outcome = await ensure(kube, body, changes, desired_pod, known=False)
+                except ApiError as error:
+                    # Admission said no (a missing RuntimeClass, a quota, a policy): retrying
+                    # cannot help until someone acts, so say so where they look.
+                    if error.status not in REFUSED:
+                        raise
+                    rejected = f"the API server refused Pod {pod_ref.name}: {error.message}"
+                    await kube.event(body, "Warning", POD_REJECTED, rejected)
+                else:
+                    conflicts.append(outcome.conflict)
+                    pod = None if outcome.conflict else outcome.object
         await changes.post(kube, body)
         conflict = "; ".join(c for c in conflicts if c)
 
         conditions = _conditions(
-            previous, pod, stop_reason, own_budget, conflict, spec.suspend, now, generation
+            previous,
+            pod,
+            stop_reason,
+            own_budget,
+            conflict or rejected,
+            spec.suspend,
+            now,
+            generation,
+            conflict_reason=POD_REJECTED if rejected and not conflict else "ChildConflict",
         )
         status = SandboxStatus(
             observed_generation=generation,
@@ -198,6 +220,7 @@ def _conditions(
     suspended: bool,
     now: Any,
     generation: int,
+    conflict_reason: str = "ChildConflict",
 ) -> list[Any]:
     conditions = previous.conditions
     scheduled, scheduled_reason, scheduled_message = pod_scheduled(pod)
@@ -232,7 +255,7 @@ def _conditions(
             generation,
         )
     if conflict:
-        ready = (FALSE, "ChildConflict", conflict)
+        ready = (FALSE, conflict_reason, conflict)
     elif stop_reason:
         why = "spec.suspend is true" if suspended and stop_reason == "Suspended" else stop_reason
         ready = (FALSE, stop_reason, f"stopped ({why}); the workspace is kept")

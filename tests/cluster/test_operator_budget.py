@@ -264,3 +264,44 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
     finally:
         operator.stop()
         print(f"--- operator log (tail) ---\n{operator.log()}")
+
+
+def test_a_gateway_that_cannot_be_reached_is_reported_and_the_run_goes_on(
+    control_plane: ControlPlane, kubectl: Tool, namespace: str, crds: None, tmp_path: Path
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    operator = OperatorProcess(
+        control_plane.kubeconfig_path,
+        namespace,
+        tmp_path / "operator.log",
+        environment={
+            "AAR_OPERATOR_SERVICES": "true",
+            "AAR_GATEWAY_URL": nowhere,
+            "AAR_SCORER_URL": nowhere,
+        },
+    )
+    operator.start()
+    try:
+        kubectl.apply(
+            {
+                "apiVersion": "aar.dev/v1alpha1",
+                "kind": "ResearchRun",
+                "metadata": {"name": "offline"},
+                "spec": {"agents": 1, "task": {"name": "w2s-chat"}, "sandbox": {"image": "a:1"}},
+            }
+        )
+        reported = eventually(
+            lambda: (
+                (c := condition(kubectl.json("get", "rr", "offline"), "ServicesReachable"))
+                and c.get("status") == "False"
+                and c
+            ),
+            what="ServicesReachable=False",
+        )
+        assert reported["reason"] == "ServiceError"
+        assert nowhere in reported["message"]
+        # The gateway is fail-closed for runs it does not know, so the agents may start.
+        eventually(lambda: names(kubectl, "pods", "aar.dev/run=offline") == ["offline-0"])
+    finally:
+        operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.log()}")

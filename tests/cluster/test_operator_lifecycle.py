@@ -251,7 +251,7 @@ def test_a_passed_deadline_stops_the_run_and_keeps_workspaces(
 def test_operator_killed_mid_reconcile_converges_after_restart(
     kubectl: Tool, aar_operator: OperatorProcess
 ) -> None:
-    count = 30
+    count = 40
     kubectl.apply(run("crash", count))
     # Kill it while it is half-way: some sandboxes made, not all of their Pods.
     eventually(
@@ -286,7 +286,8 @@ def test_operator_killed_mid_reconcile_converges_after_restart(
             assert [(o["kind"], o["uid"]) for o in controller] == [
                 ("AgentSandbox", sandboxes[agent])
             ]
-    assert partial["agentsandboxes"] <= count
+    # It was killed mid-way: some Pods were still to be made when it died.
+    assert partial["pods"] < count, partial
 
 
 def test_agent_hours_are_banked_and_capped(kubectl: Tool, aar_operator: OperatorProcess) -> None:
@@ -346,3 +347,59 @@ def test_agent_hours_are_banked_and_capped(kubectl: Tool, aar_operator: Operator
     assert condition(stopped, "Ready")["reason"] == "BudgetExhausted"
     eventually(lambda: of_run(kubectl, "pods", "hours") == [], what="every Pod deleted")
     assert of_run(kubectl, "persistentvolumeclaims", "hours") == agents("hours", 2, "-workspace")
+
+
+def test_a_child_name_taken_by_someone_else_is_left_alone_and_reported(
+    kubectl: Tool, aar_operator: OperatorProcess
+) -> None:
+    kubectl.run("create", "serviceaccount", "taken-0")
+    kubectl.apply(run("taken", 2))
+    eventually(
+        lambda: names(kubectl, "pods", "aar.dev/agent=taken-1") == ["taken-1"], what="agent 1"
+    )
+    ready = eventually(
+        lambda: (
+            (c := condition(kubectl.json("get", "asb", "taken-0"), "Ready")).get("reason")
+            == "ChildConflict"
+            and c
+        ),
+        what="Ready=False ChildConflict",
+    )
+    assert (
+        "ServiceAccount taken-0 exists and is not owned by AgentSandbox taken-0" in ready["message"]
+    )
+    untouched = kubectl.json("get", "serviceaccount", "taken-0")["metadata"]
+    assert "ownerReferences" not in untouched
+    assert "aar.dev/run" not in untouched.get("labels", {})
+    assert names(kubectl, "pods", "aar.dev/agent=taken-0") == []
+
+
+def test_a_pod_the_apiserver_refuses_is_reported_on_the_sandbox(
+    kubectl: Tool, aar_operator: OperatorProcess
+) -> None:
+    sandbox = {"image": "agent:test", "resources": {"gpu": 1}, "runtimeClassName": "absent"}
+    kubectl.apply(run("refused", 1, sandbox=sandbox))
+
+    def rejected() -> dict[str, Any]:
+        for sandbox in kubectl.json("get", "agentsandboxes")["items"]:
+            if (ready := condition(sandbox, "Ready")).get("reason") == "PodRejected":
+                return ready
+        return {}
+
+    ready = eventually(rejected, what="Ready=False PodRejected on the sandbox")
+    assert 'RuntimeClass "absent" not found' in ready["message"]
+    assert of_run(kubectl, "pods", "refused") == []
+    events = kubectl.json("get", "events", "--field-selector", "involvedObject.name=refused-0")
+    assert any(e["type"] == "Warning" and e["reason"] == "PodRejected" for e in events["items"])
+
+    # Once the cluster has what the Pod asks for, the next reconcile creates it.
+    kubectl.apply(
+        {
+            "apiVersion": "node.k8s.io/v1",
+            "kind": "RuntimeClass",
+            "metadata": {"name": "absent"},
+            "handler": "runsc",
+        }
+    )
+    eventually(lambda: of_run(kubectl, "pods", "refused") == ["refused-0"], what="the Pod")
+    kubectl.run("delete", "runtimeclass", "absent")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,16 @@ def test_example_run_yields_exactly_the_sandboxes_and_their_children(
     assert f'aar_run_agent_hours{{namespace="{namespace}",run="w2s-chat"}} 0.0' in metrics
     with urllib.request.urlopen(f"http://127.0.0.1:{aar_operator.liveness_port}/healthz") as health:
         assert health.status == 200
+
+    # Idempotent: resyncs (every 2 s here) change nothing that was not asked to change.
+    time.sleep(5)
+    events = kubectl.json("get", "events", "--field-selector", "involvedObject.name=w2s-chat-3")
+    reasons = [
+        e["reason"] for e in events["items"] if e["involvedObject"]["kind"] == "AgentSandbox"
+    ]
+    assert reasons == ["Created"], reasons
+    events = kubectl.json("get", "events", "--field-selector", "involvedObject.name=w2s-chat")
+    assert [e["reason"] for e in events["items"]] == ["Created"]
 
     # Deleting the run deletes everything it made.
     kubectl.run("delete", "researchrun", "w2s-chat", "--wait=false")

@@ -202,3 +202,17 @@ def test_every_child_carries_the_labels() -> None:
             f"app.kubernetes.io/{k}"
             for k in ("name", "instance", "component", "managed-by", "part-of")
         }
+
+
+def test_a_child_as_the_apiserver_returns_it_needs_no_update() -> None:
+    from aar_operator.children import _differs
+
+    wanted = builders.network_policy(sandbox(), CONFIG)
+    # The apiserver drops the empty ingress list and adds fields of its own.
+    stored = {**wanted, "spec": {k: v for k, v in wanted["spec"].items() if k != "ingress"}}
+    stored["metadata"] = {**wanted["metadata"], "uid": "x", "resourceVersion": "7"}
+    assert not _differs(
+        stored, {"spec": wanted["spec"], "metadata": {"labels": wanted["metadata"]["labels"]}}
+    )
+    changed = {**wanted["spec"], "podSelector": {"matchLabels": {"aar.dev/agent": "other"}}}
+    assert _differs(stored, {"spec": changed})
