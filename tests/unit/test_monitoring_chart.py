@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from aar_forum.state import Metrics as ForumMetrics
 from aar_gateway.metrics import Metrics as GatewayMetrics
 from aar_operator import metrics as operator_metrics
 from aar_operator.status import pod_scheduled
+from aar_scorer.probing import ProbeReason
 from aar_scorer.service import Metrics as ScorerMetrics
+from aar_scorer.tasks import ProbeAction
 
 ALL_ON = [
     "--set",
@@ -379,3 +382,123 @@ def test_a_renamed_metric_fails_the_check(series: dict[str, set[str]]) -> None:
         check_query("test", 'aar_budget_remaining_usd{model="x"}', series)
     with pytest.raises(AssertionError, match="groups by"):
         check_query("test", "sum by (model) (aar_budget_remaining_usd)", series)
+
+
+def promtool(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is missing: `make tools` installs Debian's prometheus package")
+    return subprocess.run(
+        [found, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def series_line(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
+    inner = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    return {"series": f"{name}{{{inner}}}", "values": values}
+
+
+def test_promtool_accepts_the_rules_and_their_templates(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    (rule,) = [o for o in rendered if o["kind"] == "PrometheusRule"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = promtool(tmp_path, "check", "rules", "rules.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_alerts_fire_on_the_series_the_components_export(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Prometheus' own rule engine (promtool) evaluates the rules over series labelled as the
+    components label them: a bad join, filter or threshold shows as a missing or extra alert."""
+    (rule,) = [o for o in rendered if o["kind"] == "PrometheusRule"]
+    groups = rule["spec"]["groups"]
+    for group in groups:
+        for item in group["rules"]:
+            # Annotation templates are promtool check's business; here, which alerts fire.
+            item.pop("annotations")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    (_, unschedulable, _) = pod_scheduled({"status": {"conditions": [condition]}})
+    gateway, operator = "aar_budget_remaining_usd", "aar_run_spend_usd"
+    inputs = [
+        # lab/w2s has 5 of its 100 dollars left, lab/ok 80 of 100, lab/done none; an agent's
+        # own spent cap (agent="w2s-0") is not its run's.
+        series_line(gateway, {"run": "lab/w2s", "agent": ""}, "5x40"),
+        series_line(gateway, {"run": "lab/w2s", "agent": "w2s-0"}, "0x40"),
+        series_line(operator, {"namespace": "lab", "run": "w2s"}, "95x40"),
+        series_line(gateway, {"run": "lab/ok", "agent": ""}, "80x40"),
+        series_line(operator, {"namespace": "lab", "run": "ok"}, "20x40"),
+        series_line(gateway, {"run": "lab/done", "agent": ""}, "0x40"),
+        series_line(operator, {"namespace": "lab", "run": "done"}, "100x40"),
+        # A third of lab/w2s's calls come back overloaded (529); lab/ok's all succeed.
+        series_line("aar_llm_requests_total", {"run": "lab/w2s", "status": "200"}, "0+10x40"),
+        series_line("aar_llm_requests_total", {"run": "lab/w2s", "status": "529"}, "0+5x40"),
+        series_line("aar_llm_requests_total", {"run": "lab/ok", "status": "200"}, "0+10x40"),
+        # One walk flagged 25 minutes in.
+        series_line(
+            "aar_scorer_probes_total",
+            {"reason": ProbeReason.WALK.value, "action": ProbeAction.FLAG.value},
+            "0x24 1x16",
+        ),
+        # AgentSandbox reconciles of lab/w2s raise every minute; ResearchRuns take 10-30 s.
+        series_line(
+            "aar_operator_reconcile_errors_total",
+            {"kind": "AgentSandbox", "namespace": "lab", "run": "w2s"},
+            "0+1x40",
+        ),
+        *(
+            series_line(
+                "aar_operator_reconcile_duration_seconds_bucket",
+                {"kind": "ResearchRun", "namespace": "lab", "run": "w2s", "le": le},
+                values,
+            )
+            for le, values in (("10", "0x40"), ("30", "0+1x40"), ("+Inf", "0+1x40"))
+        ),
+        series_line(
+            "aar_operator_sandboxes",
+            {"namespace": "lab", "run": "w2s", "state": unschedulable},
+            "3x40",
+        ),
+        series_line(
+            "aar_operator_sandboxes", {"namespace": "lab", "run": "ok", "state": "Running"}, "9x40"
+        ),
+        series_line("up", {"job": "aar-forum", "namespace": "aar-system"}, "0x40"),
+        series_line("up", {"job": "aar-gateway", "namespace": "aar-system"}, "1x40"),
+    ]
+    expected = {
+        "AarRunBudgetNearlySpent": [{"run": "lab/w2s"}, {"run": "lab/done"}],
+        "AarRunBudgetExhausted": [{"run": "lab/done"}],
+        "AarGatewayUpstreamErrors": [{"run": "lab/w2s"}],
+        "AarScorerProbesFlagged": [{"reason": "walk", "action": "flag"}],
+        "AarOperatorReconcileErrors": [{"kind": "AgentSandbox", "namespace": "lab", "run": "w2s"}],
+        "AarOperatorReconcileSlow": [{"kind": "ResearchRun"}],
+        "AarSandboxesUnschedulable": [{"namespace": "lab", "run": "w2s"}],
+        "AarComponentDown": [{"job": "aar-forum", "namespace": "aar-system"}],
+    }
+    severities = {item["alert"]: item["labels"]["severity"] for g in groups for item in g["rules"]}
+    assert set(expected) == set(severities)
+    checks = [
+        {
+            "eval_time": "30m",
+            "alertname": name,
+            "exp_alerts": [
+                {"exp_labels": {**labels, "severity": severities[name]}} for labels in alerts
+            ],
+        }
+        for name, alerts in expected.items()
+    ]
+    # Before their `for` has passed, the slow-burning alerts stay silent.
+    checks += [
+        {"eval_time": "10m", "alertname": name, "exp_alerts": []}
+        for name in ("AarOperatorReconcileErrors", "AarSandboxesUnschedulable")
+    ]
+    test = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": inputs, "alert_rule_test": checks}],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(test))
+    result = promtool(tmp_path, "test", "rules", "test.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
