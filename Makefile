@@ -5,7 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Installed when pyproject.toml changes; the stamp keeps repeated runs fast.
 STAMP := $(VENV)/.installed
-AS_ROOT := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: demo test test-unit test-cluster lint format tools cluster-up cluster-down cluster-status clean
 
@@ -16,13 +15,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## tools: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm into ~/.cache/aar/bin
-## and promtool (Debian's prometheus package), which evaluates the chart's alert rules in a test
+## tools: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm into ~/.cache/aar/bin;
+## chromium and promtool (Debian's prometheus package) for the web UI and alert-rule tests
 tools: $(STAMP)
 	$(BIN)/aar-devcluster install
-	@command -v promtool >/dev/null || { $(AS_ROOT) apt-get update -q >/dev/null && \
-	  $(AS_ROOT) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	  prometheus >/dev/null; }
 
 ## demo: the main job: the control plane, the operator and services, and a 9-agent run applied
 demo: tools

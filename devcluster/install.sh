@@ -96,6 +96,9 @@ fi
 # The forum's web UI is tested in Debian's headless chromium; no browser can be downloaded at test
 # time, so Playwright drives this one.
 apt_install chromium
+# promtool evaluates the chart's alert rules in a test; policy-rc.d (in apt_install) keeps the
+# package's own Prometheus server from starting.
+apt_install prometheus
 
 say "binaries in $bin:"
 for b in etcd "${kube_components[@]}" kubectl helm; do
