@@ -13,6 +13,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import cast
 
+import numpy as np
+
 # At most 255 labels, so index 255 is free to mark an answer that is no label.
 _NOT_A_LABEL = 255
 
@@ -33,11 +35,6 @@ class Packer:
             for index, label in enumerate(labels):
                 table[int(label)] = index
             self._byte_table = bytes(table)
-        # One translation table per plane: answer index j becomes '1', every other index '0'.
-        self._planes = [
-            bytes(ord("1") if value == j else ord("0") for value in range(256))
-            for j in range(len(labels))
-        ]
 
     def indices(self, answers: Sequence[int | str]) -> bytes:
         """Each answer's index in the label set; a ValueError names the first one not allowed.
@@ -70,11 +67,12 @@ class Packer:
 
     def pack_indices(self, indices: bytes) -> int:
         size = len(indices)
+        codes = np.frombuffer(indices, dtype=np.uint8)
         packed = 0
-        for j, table in enumerate(self._planes):
-            # Reversed so that answer 0 is the least significant bit of its plane.
-            plane = int(indices.translate(table)[::-1], 2)
-            packed |= plane << (j * size)
+        for j in range(len(self.labels)):
+            # Little bit order: answer 0 is the least significant bit of its plane.
+            plane = np.packbits(codes == j, bitorder="little").tobytes()
+            packed |= int.from_bytes(plane, "little") << (j * size)
         return packed
 
     def mask(self, positions: Iterable[int], size: int) -> int:

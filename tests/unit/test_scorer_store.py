@@ -45,3 +45,23 @@ async def test_rows_refuse_to_change(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.IntegrityError, match="runs are append-only"):
         await store.write(("UPDATE runs SET task = 'other'", ()))
     store.close()
+
+
+async def test_writes_arriving_one_by_one_within_the_window_share_a_commit(
+    tmp_path: Path,
+) -> None:
+    # A window far longer than the few loop turns between these writes: they are grouped.
+    store = Store(tmp_path / "scorer.db", group_window=0.5)
+    writes = []
+    for index in range(3):
+        writes.append(asyncio.ensure_future(store.write((INSERT_RUN, (f"lab/run-{index}", "toy")))))
+        await asyncio.sleep(0)
+    await asyncio.gather(*writes)
+    assert store.commits == 1
+    # Without a window, a write that arrives alone commits alone.
+    unwindowed = Store(tmp_path / "other.db", group_window=0)
+    for index in range(3):
+        await unwindowed.write((INSERT_RUN, (f"lab/run-{index}", "toy")))
+    assert unwindowed.commits == 3
+    unwindowed.close()
+    store.close()
