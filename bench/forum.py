@@ -36,6 +36,7 @@ from aar_common.credentials import (
     generate_signing_key,
     public_key_pem,
 )
+from aar_common.ports import free_port
 from aar_forum.models import Kind, PostIn
 from aar_forum.store import Store
 
@@ -340,15 +341,6 @@ def main() -> None:
         finally:
             server.stop()
     print(json.dumps(figures))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import asyncio
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,18 +35,13 @@ from pathlib import Path
 import aiohttp
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
+from aar_common.ports import free_port
 
 ADDED_P50_TARGET_MS = 2.0
 REAL_KEY = "sk-ant-bench"
 MODEL = "claude-opus-4-6"
 BODY = {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 STREAM_TEXT = "weak labels, strong student. " * 14  # 406 characters: 51 deltas of 8
-
-
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
@@ -78,7 +72,7 @@ def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def _stub(started: list[subprocess.Popen[bytes]], chunk_delay: float) -> str:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -100,7 +94,7 @@ def _stub(started: list[subprocess.Popen[bytes]], chunk_delay: float) -> str:
 
 
 def _gateway(started: list[subprocess.Popen[bytes]], directory: Path, upstream: str) -> str:
-    port = _free_port()
+    port = free_port()
     directory.mkdir()
     process = subprocess.Popen(
         [

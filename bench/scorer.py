@@ -27,7 +27,6 @@ import json
 import multiprocessing
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from aar_common.credentials import (
     generate_signing_key,
     public_key_pem,
 )
+from aar_common.ports import free_port
 from aar_common.web import json_response, make_app, read_model, serve
 from aar_scorer.service import SubmissionRequest
 from aar_scorer.tasks import Task, load_tasks, write_task_files
@@ -257,13 +257,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=900)
@@ -301,7 +294,7 @@ def main() -> None:
             )
             for index in range(args.agents)
         ]
-        scorer_port, baseline_port = _free_port(), _free_port()
+        scorer_port, baseline_port = free_port(), free_port()
         scorer = _start(
             [
                 str(Path(sys.executable).parent / "aar-scorer"),

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from aar_common.ports import free_port
 from aar_devcluster import pki
 from aar_devcluster.paths import binary
 
@@ -60,13 +61,6 @@ class State:
     @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.apiserver_port}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def interface_addresses() -> list[str]:

@@ -29,7 +29,8 @@ from pathlib import Path
 import yaml
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
-from aar_devcluster.controlplane import ControlPlane, free_port, write_private
+from aar_common.ports import free_port
+from aar_devcluster.controlplane import ControlPlane, write_private
 from aar_devcluster.paths import bin_dir
 from aar_devcluster.tools import Tool
 

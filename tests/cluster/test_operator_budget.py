@@ -21,9 +21,9 @@ import yaml
 from operator_process import OperatorProcess, eventually, names
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
+from aar_common.ports import free_port
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool
-from aar_operator.local import free_port
 
 BIN = Path(sys.executable).parent
 LABELS = [index % 2 for index in range(40)]

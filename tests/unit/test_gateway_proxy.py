@@ -26,6 +26,7 @@ from aiohttp import web
 
 from aar_common.anthropic_stub import USAGE_FIELDS, AnthropicStub, Reply, start
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
+from aar_common.ports import free_port
 from aar_devcluster.paths import BinariesMissingError, binary
 from aar_gateway.app import Settings, build_app
 from aar_gateway.app import main as gateway_main
@@ -552,12 +553,6 @@ async def serve_process(env: dict[str, str], port: int) -> asyncio.subprocess.Pr
                 await asyncio.sleep(0.1)
     process.kill()
     raise AssertionError("aar-gateway did not answer /healthz")
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def test_a_killed_gateway_process_restarts_with_the_spend_it_reported(
