@@ -21,6 +21,7 @@ from aar_agent.services import ServiceClient, ServiceError
 from aar_agent.shell import run_bash
 from aar_agent.state import RunState
 from aar_agent.telemetry import log
+from aar_common.validation import describe
 
 NOTEBOOK_FILE = "notebook.md"
 _NEW_POSTS = 50  # per forum_new call
@@ -300,11 +301,7 @@ class Toolbox:
         try:
             arguments = tool.input_model.model_validate(raw_input)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in issue['loc']) or 'input'}: {issue['msg']}"
-                for issue in error.errors(include_url=False)
-            )
-            return f"bad input for {name}: {problems}", True
+            return f"bad input for {name}: {describe(error, whole='input')}", True
         try:
             text = await tool.handler(arguments, call_id)
         except (ToolError, ServiceError) as error:

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 
 from aar_common.credentials import CredentialError, CredentialVerifier, Principal, Role
+from aar_common.validation import describe
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -99,11 +100,7 @@ async def read_model(request: web.Request, model: type[Model]) -> Model:
     try:
         return model.model_validate_json(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in issue['loc']) or 'body'}: {issue['msg']}"
-            for issue in error.errors(include_url=False)
-        )
-        fail(400, f"invalid request body: {problems}")
+        fail(400, f"invalid request body: {describe(error)}")
 
 
 def json_response(

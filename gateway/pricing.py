@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from aar_common.validation import describe
+
 NANO_PER_USD = 10**9
 
 # The table shipped with this version of aar; a configured table replaces entries by model.
@@ -188,10 +190,7 @@ def load_table(path: Path | None) -> PriceTable:
     try:
         override = PriceTable.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in issue['loc'])}: {issue['msg']}"
-            for issue in error.errors(include_url=False)
-        )
+        problems = describe(error, whole="top level")
         raise PricingError(f"price table {path} is invalid: {problems}") from error
     return PriceTable(
         version=override.version,

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from aar_common.validation import describe
 from aar_scorer.packing import Packer
 
 
@@ -181,11 +182,7 @@ def _parse(model: type[BaseModel], data: object, where: str) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in issue['loc']) or 'top level'}: {issue['msg']}"
-            for issue in error.errors(include_url=False)
-        )
-        raise TaskConfigError(f"{where}: {problems}") from None
+        raise TaskConfigError(f"{where}: {describe(error, whole='top level')}") from None
 
 
 def load_tasks(config_path: Path) -> dict[str, Task]:
