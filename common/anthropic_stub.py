@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
 import math
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,6 +319,16 @@ async def start(
     await runner.setup()
     await web.SockSite(runner, listener).start()
     return runner, f"http://{host}:{listener.getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def serving(stub: AnthropicStub) -> AsyncIterator[str]:
+    """Serve `stub` on a free loopback port for the duration of the block; yields its URL."""
+    runner, url = await start(stub)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
 
 
 def main() -> None:

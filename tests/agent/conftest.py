@@ -25,7 +25,7 @@ from agent_env import (
 )
 
 from aar_agent.config import Settings, settings_from_env
-from aar_common.anthropic_stub import AnthropicStub, start
+from aar_common.anthropic_stub import AnthropicStub, serving
 from aar_common.credentials import public_key_pem
 from aar_scorer.tasks import write_task_files
 
@@ -33,9 +33,8 @@ from aar_scorer.tasks import write_task_files
 @pytest.fixture
 async def served_stub() -> AsyncIterator[tuple[AnthropicStub, str]]:
     server = AnthropicStub(api_key=CREDENTIAL)
-    runner, url = await start(server)
-    yield server, url
-    await runner.cleanup()
+    async with serving(server) as url:
+        yield server, url
 
 
 @pytest.fixture
@@ -148,9 +147,8 @@ def stop(service: Service) -> None:
 async def upstream_stub() -> AsyncIterator[tuple[AnthropicStub, str]]:
     """The stand-in as the gateway's upstream: it takes only the real key, never an agent's."""
     server = AnthropicStub(api_key=REAL_API_KEY)
-    runner, url = await start(server)
-    yield server, url
-    await runner.cleanup()
+    async with serving(server) as url:
+        yield server, url
 
 
 @pytest.fixture

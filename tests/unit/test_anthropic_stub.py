@@ -9,17 +9,16 @@ from collections.abc import AsyncIterator
 import anthropic
 import pytest
 
-from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem, start
+from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem, serving
 
 
 @pytest.fixture
 async def stub() -> AsyncIterator[tuple[AnthropicStub, anthropic.AsyncAnthropic]]:
     server = AnthropicStub(api_key="real-key")
-    runner, url = await start(server)
-    client = anthropic.AsyncAnthropic(api_key="real-key", base_url=url, max_retries=0)
-    yield server, client
-    await client.close()
-    await runner.cleanup()
+    async with serving(server) as url:
+        client = anthropic.AsyncAnthropic(api_key="real-key", base_url=url, max_retries=0)
+        yield server, client
+        await client.close()
 
 
 async def test_sdk_reads_a_scripted_tool_call_and_its_usage(

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from aar_common.anthropic_stub import USAGE_FIELDS, AnthropicStub, Reply, start
+from aar_common.anthropic_stub import USAGE_FIELDS, AnthropicStub, Reply, serving
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_common.ports import free_port
 from aar_devcluster.paths import BinariesMissingError, binary
@@ -130,9 +130,8 @@ def write_keys(directory: Path) -> None:
 @pytest.fixture
 async def stub() -> AsyncIterator[tuple[AnthropicStub, str]]:
     server = AnthropicStub(api_key=REAL_KEY)
-    runner, url = await start(server)
-    yield server, url
-    await runner.cleanup()
+    async with serving(server) as url:
+        yield server, url
 
 
 @pytest.fixture
