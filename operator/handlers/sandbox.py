@@ -161,11 +161,11 @@ async def reconcile_sandbox(context: Context, body: kopf.Body) -> dict[str, Any]
             pod,
             stop_reason,
             own_budget,
-            conflict or rejected,
+            conflict,
+            rejected,
             spec.suspend,
             now,
             generation,
-            conflict_reason=POD_REJECTED if rejected and not conflict else "ChildConflict",
         )
         status = SandboxStatus(
             observed_generation=generation,
@@ -217,10 +217,10 @@ def _conditions(
     stop_reason: str,
     own_budget: Any,
     conflict: str,
+    rejected: str,
     suspended: bool,
     now: Any,
     generation: int,
-    conflict_reason: str = "ChildConflict",
 ) -> list[Any]:
     conditions = previous.conditions
     scheduled, scheduled_reason, scheduled_message = pod_scheduled(pod)
@@ -255,7 +255,9 @@ def _conditions(
             generation,
         )
     if conflict:
-        ready = (FALSE, conflict_reason, conflict)
+        ready = (FALSE, "ChildConflict", conflict)
+    elif rejected:
+        ready = (FALSE, POD_REJECTED, rejected)
     elif stop_reason:
         why = "spec.suspend is true" if suspended and stop_reason == "Suspended" else stop_reason
         ready = (FALSE, stop_reason, f"stopped ({why}); the workspace is kept")
