@@ -150,10 +150,21 @@ class Store:
             self._flusher = None
 
     def _apply(self, jobs: list[_Job]) -> list[sqlite3.Error | None]:
+        """Run the jobs' statements in one open transaction; one bad job fails alone."""
+        self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            # Writes the service makes are valid, so all of them go in one pass at first...
+            for job in jobs:
+                for sql, parameters in job.statements:
+                    self._writer.execute(sql, parameters)
+        except sqlite3.Error:
+            # ...and only when one fails are they redone one savepoint each, to find which.
+            self._writer.execute("ROLLBACK")
+        else:
+            return [None] * len(jobs)
         outcomes: list[sqlite3.Error | None] = []
         self._writer.execute("BEGIN IMMEDIATE")
         for job in jobs:
-            # A savepoint per job: one bad job fails alone, the others still commit.
             self._writer.execute("SAVEPOINT job")
             try:
                 for sql, parameters in job.statements:

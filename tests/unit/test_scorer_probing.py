@@ -70,3 +70,49 @@ def test_hundreds_of_earlier_submissions_find_the_nearest() -> None:
         3,
         ProbeReason.NEAR_DUPLICATE,
     )
+
+
+def test_submissions_sharing_their_first_answers_are_still_told_apart() -> None:
+    # The first pass compares only the first answers; submissions built to agree there must
+    # still be compared in full, and a near one among them found.
+    rng = random.Random(5)
+    shared = [rng.randrange(2) for _ in range(1000)]
+    index = ProbeIndex(Probing(min_distance=10, walk_distance=40), SIZE, 2)
+    earlier = [shared + [rng.randrange(2) for _ in range(SIZE - 1000)] for _ in range(50)]
+    for submission, answers in enumerate(earlier):
+        verdict = index.check(PACKER.pack(answers))
+        assert (verdict.nearest, verdict.reason) == (None, None)
+        index.add(submission, PACKER.pack(answers), verdict.walk_length)
+
+    verdict = index.check(PACKER.pack(flipped(earlier[33], [1500, 2000, 2566])))
+
+    assert (verdict.nearest, verdict.distance, verdict.reason) == (
+        33,
+        3,
+        ProbeReason.NEAR_DUPLICATE,
+    )
+
+
+def test_a_change_inside_the_first_answers_counts_like_any_other() -> None:
+    base = random.Random(6).choices([0, 1], k=SIZE)
+    index = ProbeIndex(Probing(min_distance=10, walk_distance=40), SIZE, 2)
+    index.add(7, PACKER.pack(base), 1)
+
+    assert index.check(PACKER.pack(flipped(base, range(0, 30)))).distance == 30
+    assert index.check(PACKER.pack(flipped(base, range(0, 41)))).nearest is None  # not close
+
+
+def test_close_submissions_of_a_task_with_more_than_two_answers_are_found() -> None:
+    packer = Packer(["a", "b", "c", "d"])
+    rng = random.Random(7)
+    index = ProbeIndex(Probing(min_distance=10, walk_distance=40), 500, 4)
+    earlier = [[rng.choice("abcd") for _ in range(500)] for _ in range(100)]
+    for submission, answers in enumerate(earlier):
+        index.add(submission, packer.pack(answers), 1)
+    changed = list(earlier[60])
+    for position in (0, 100, 499):
+        changed[position] = "a" if changed[position] != "a" else "b"
+
+    verdict = index.check(packer.pack(changed))
+
+    assert (verdict.nearest, verdict.distance) == (60, 3)

@@ -65,3 +65,27 @@ async def test_writes_arriving_one_by_one_within_the_window_share_a_commit(
     assert unwindowed.commits == 3
     unwindowed.close()
     store.close()
+
+
+async def test_a_failing_write_fails_alone_in_its_group(tmp_path: Path) -> None:
+    store = Store(tmp_path / "scorer.db", group_window=0.5)
+    writes = [
+        asyncio.ensure_future(store.write((INSERT_RUN, ("lab/first", "toy")))),
+        # Two statements, the second refused: the first must not stay either.
+        asyncio.ensure_future(
+            store.write(
+                (INSERT_RUN, ("lab/half", "toy")),
+                ("UPDATE runs SET task = 'other'", ()),
+            )
+        ),
+        asyncio.ensure_future(store.write((INSERT_RUN, ("lab/last", "toy")))),
+    ]
+    outcomes = await asyncio.gather(*writes, return_exceptions=True)
+
+    assert outcomes[0] is None
+    assert outcomes[2] is None
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    runs = [row["run"] for row in store.reader.execute("SELECT run FROM runs ORDER BY id")]
+    assert runs == ["lab/first", "lab/last"]
+    assert store.commits == 1
+    store.close()
