@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
-from aar_scorer.store import Store
+from aar_scorer.store import CHECKPOINT_EVERY_COMMITS, Store
 
 INSERT_RUN = (
     "INSERT INTO runs (run, task, review_required, registered_by, created_at) "
@@ -89,3 +90,27 @@ async def test_a_failing_write_fails_alone_in_its_group(tmp_path: Path) -> None:
     assert runs == ["lab/first", "lab/last"]
     assert store.commits == 1
     store.close()
+
+
+async def test_the_loop_commits_and_a_thread_copies_the_wal_back(tmp_path: Path) -> None:
+    store = Store(tmp_path / "scorer.db", group_window=0)
+    executed_on: dict[str, set[int]] = {}
+    for connection in (store._writer, store._checkpointer):
+        connection.set_trace_callback(
+            lambda sql: executed_on.setdefault(sql.split("(")[0], set()).add(threading.get_ident())
+        )
+    database = tmp_path / "scorer.db"
+    before = database.stat().st_size
+
+    for index in range(2 * CHECKPOINT_EVERY_COMMITS):
+        await store.write((INSERT_RUN, (f"lab/run-{index}", "toy")))
+    store.close()  # waits for a checkpoint under way
+
+    assert executed_on["COMMIT"] == {threading.get_ident()}
+    assert threading.get_ident() not in executed_on["PRAGMA wal_checkpoint"]
+    # The writer never checkpoints on its own, so rows reached the database file through the
+    # checkpoints alone.
+    assert database.stat().st_size > before
+    reopened = Store(database)
+    assert reopened.next_id("runs") == 2 * CHECKPOINT_EVERY_COMMITS + 1
+    reopened.close()
