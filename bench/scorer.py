@@ -11,7 +11,10 @@ Two figures per server:
   submissions/s, and the latency that queueing behind 899 other agents gives;
 - target load: agents submit at random times (Poisson) at a total rate of half the baseline's
   sustained rate, the throughput the scorer must reach; p50/p99 latency, measured from when each
-  submission was due, so a late client counts against the server.
+  submission was due, so a late client counts against the server;
+- capacity: the highest such rate at which p99 stays under 50 ms and every submission due is
+  answered, found by bisection between 0 and the server's saturated rate (its first step is the
+  target rate), with shorter phases.
 
 Also the server's CPU time per submission (from /proc), which, unlike the rates, does not depend
 on what else a shared machine runs. Each phase runs `--rounds` times per server, alternating
@@ -266,6 +269,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="load-generating processes")
     parser.add_argument("--rounds", type=int, default=2, help="per server and phase; medians")
     parser.add_argument("--pool", type=int, default=3000, help="distinct bodies per client")
+    parser.add_argument("--search-steps", type=int, default=4, help="bisection steps, capacity")
+    parser.add_argument("--search-seconds", type=float, default=6, help="measured, per step")
     parser.add_argument("--serve-baseline", nargs=3, metavar=("TASKS", "KEY", "PORT"))
     args = parser.parse_args()
     if args.serve_baseline:
@@ -360,10 +365,30 @@ def main() -> None:
                         for figure in ("per_s", "p50_ms", "p99_ms", "cpu_ms")
                     }
 
+            def capacity(name: str) -> float:
+                """The highest offered rate at which p99 stays under target, by bisection."""
+                step_args = argparse.Namespace(**vars(args))
+                step_args.seconds, step_args.warmup = args.search_seconds, 2
+                low, high = 0.0, figures[f"{name}_saturation"]["per_s"]
+                for _ in range(args.search_steps):
+                    offered = (low + high) / 2
+                    result = _drive(urls[name], agents, step_args, offered, next(phases))
+                    # Answered as fast as due, or the p99 of a short phase would hide a queue
+                    # that keeps growing.
+                    within = result["p99_ms"] < P99_TARGET_MS and result["per_s"] >= 0.95 * offered
+                    print(
+                        f"{name:>8} capacity   at {offered:7.1f}/s: p99 {result['p99_ms']:7.1f} "
+                        f"ms, answered {result['per_s']:7.1f}/s: {'within' if within else 'over'}"
+                    )
+                    low, high = (offered, high) if within else (low, offered)
+                return low
+
             measure("saturation", None)
             rate = THROUGHPUT_TARGET * figures["baseline_saturation"]["per_s"]
             figures["target_rate_per_s"] = round(rate, 1)
             measure("target", rate)
+            for name in urls:
+                figures[f"{name}_capacity_per_s"] = round(capacity(name), 1)
         finally:
             for process in (scorer, baseline):
                 process.terminate()
@@ -378,6 +403,10 @@ def main() -> None:
     figures["cpus"] = os.cpu_count()
     figures["meets_throughput_target"] = ratio >= THROUGHPUT_TARGET
     figures["meets_p99_target"] = figures["scorer_target"]["p99_ms"] < P99_TARGET_MS
+    # Both at once: the rate the scorer answers within the p99 target, against the baseline's
+    # sustained rate.
+    capacity_ratio = figures["scorer_capacity_per_s"] / figures["baseline_saturation"]["per_s"]
+    figures["capacity_ratio"] = round(capacity_ratio, 3)
     print(
         f"server CPU per submission at saturation: scorer "
         f"{figures['scorer_saturation']['cpu_ms']:.2f} ms, baseline "
@@ -387,6 +416,11 @@ def main() -> None:
         f"scorer sustains {ratio:.0%} of the baseline's submissions/s "
         f"(target {THROUGHPUT_TARGET:.0%}); at {rate:.0f}/s its p99 is "
         f"{figures['scorer_target']['p99_ms']:.1f} ms (target under {P99_TARGET_MS:.0f} ms)"
+    )
+    print(
+        f"scorer keeps p99 under {P99_TARGET_MS:.0f} ms up to "
+        f"{figures['scorer_capacity_per_s']:.0f}/s = {capacity_ratio:.0%} of the baseline's "
+        f"sustained rate (baseline: up to {figures['baseline_capacity_per_s']:.0f}/s)"
     )
     print(json.dumps(figures))
 
