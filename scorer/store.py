@@ -137,14 +137,13 @@ class Store:
         await job.future
 
     async def _flush(self) -> None:
-        # Whatever queued up while the previous COMMIT waited for the disk goes in the next one.
-        # The statements themselves run here, on the event loop: they only touch SQLite's page
-        # cache, and a writer thread would wait for the interpreter lock once per statement.
+        # Whatever queued up during the window goes into one transaction, run here on the event
+        # loop (see the module's docstring for why the COMMIT is not handed to a thread).
         loop = asyncio.get_running_loop()
         try:
             while self._queue:
-                # Not longer than the window after the oldest write: the ones queued while the
-                # previous COMMIT waited for the disk have waited already.
+                # Not longer than the window after the oldest write: writes queued while the
+                # previous group was committed have waited already.
                 delay = self._queue[0].queued + self.group_window - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -183,20 +182,17 @@ class Store:
         try:
             # Writes the service makes are valid, so all of them go in one pass at first...
             for job in jobs:
-                for sql, parameters in job.statements:
-                    self._writer.execute(sql, parameters)
+                self._execute(job)
+            return [None] * len(jobs)
         except sqlite3.Error:
             # ...and only when one fails are they redone one savepoint each, to find which.
             self._writer.execute("ROLLBACK")
-        else:
-            return [None] * len(jobs)
         outcomes: list[sqlite3.Error | None] = []
         self._writer.execute("BEGIN IMMEDIATE")
         for job in jobs:
             self._writer.execute("SAVEPOINT job")
             try:
-                for sql, parameters in job.statements:
-                    self._writer.execute(sql, parameters)
+                self._execute(job)
             except sqlite3.Error as error:
                 self._writer.execute("ROLLBACK TO job")
                 outcomes.append(error)
@@ -204,6 +200,10 @@ class Store:
                 outcomes.append(None)
             self._writer.execute("RELEASE job")
         return outcomes
+
+    def _execute(self, job: _Job) -> None:
+        for sql, parameters in job.statements:
+            self._writer.execute(sql, parameters)
 
     def close(self) -> None:
         """Close the connections; call it once nothing writes any more."""
