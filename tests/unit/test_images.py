@@ -1,5 +1,6 @@
-"""The Dockerfiles under images/, checked against what runs them without building them (no Docker
-engine here): the chart's Deployments, the operator's sandbox Pod and pyproject's console scripts.
+"""The images' targets in images/Dockerfile, checked against what runs them without building them
+(no Docker engine here): the chart's Deployments, the operator's sandbox Pod and pyproject's
+console scripts.
 """
 
 from __future__ import annotations
@@ -84,27 +85,25 @@ def parse_dockerfile(text: str) -> list[Stage]:
 
 @dataclass
 class Image:
+    """One build target: its own stage and those it builds on, merged oldest first."""
+
     name: str
     dockerfile: Path
-    stages: list[Stage]
+    stages: list[Stage]  # every stage of the file
+    final: Stage
     global_args: dict[str, str]
 
-    @property
-    def final(self) -> Stage:
-        return self.stages[-1]
-
     def exec_form(self, keyword: str) -> list[str] | None:
-        """ENTRYPOINT or CMD of the final stage; shell form is refused (signals miss the app)."""
+        """ENTRYPOINT or CMD of the target; shell form is refused (signals miss the app)."""
         arguments = self.final.last(keyword)
         if arguments is None:
             return None
         value = json.loads(arguments)
-        assert isinstance(value, list), f"{self.dockerfile}: {keyword} must be in exec form"
+        assert isinstance(value, list), f"target {self.name}: {keyword} must be in exec form"
         return [str(v) for v in value]
 
 
-def load_image(repo_root: Path, name: str) -> Image:
-    dockerfile = repo_root / "images" / name / "Dockerfile"
+def load_image(dockerfile: Path, name: str) -> Image:
     text = dockerfile.read_text()
     before_from = text[: text.index("\nFROM ")]
     global_args = dict(
@@ -112,12 +111,21 @@ def load_image(repo_root: Path, name: str) -> Image:
         for line in before_from.splitlines()
         if line.startswith("ARG ")
     )
-    return Image(name, dockerfile, parse_dockerfile(text), global_args)
+    stages = parse_dockerfile(text)
+    by_name = {stage.name: stage for stage in stages if stage.name}
+    assert name in by_name, f"{dockerfile} has no target {name!r}"
+    chain = [by_name[name]]
+    while chain[-1].base in by_name:
+        chain.append(by_name[chain[-1].base])
+    final = Stage(chain[-1].base, name)
+    for stage in reversed(chain):
+        final.instructions += stage.instructions
+    return Image(name, dockerfile, stages, final, global_args)
 
 
 @pytest.fixture(scope="module")
 def images(repo_root: Path) -> dict[str, Image]:
-    return {name: load_image(repo_root, name) for name in IMAGES}
+    return {name: load_image(repo_root / "images" / "Dockerfile", name) for name in IMAGES}
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +187,13 @@ def test_every_component_the_chart_deploys_has_an_image(
     deployments: dict[str, dict[str, Any]], repo_root: Path
 ) -> None:
     assert set(deployments) == set(CHART_COMPONENTS)
+    targets = {s.name for s in parse_dockerfile((repo_root / "images" / "Dockerfile").read_text())}
     for component, deployment in deployments.items():
         repository = container_of(deployment)["image"].rsplit(":", 1)[0]
-        folder = repository.removeprefix("aar-")
-        assert (repo_root / "images" / folder / "Dockerfile").is_file(), (
-            f"the chart deploys {repository} for {component} but images/{folder}/Dockerfile "
-            "does not exist"
+        target = repository.removeprefix("aar-")
+        assert target in targets, (
+            f"the chart deploys {repository} for {component} but images/Dockerfile has no "
+            f"target {target!r}"
         )
 
 
@@ -206,7 +215,7 @@ def test_the_entrypoint_is_a_console_script(
     name: str, images: dict[str, Image], pyproject: dict[str, Any]
 ) -> None:
     entrypoint = images[name].exec_form("ENTRYPOINT")
-    assert entrypoint, f"images/{name}/Dockerfile has no ENTRYPOINT"
+    assert entrypoint, f"target {name} has no ENTRYPOINT"
     if name == "agent":
         # Background jobs the agent's shell leaves behind are reaped by tini, never by Python.
         assert entrypoint[:2] == ["/usr/bin/tini", "--"]
@@ -245,8 +254,13 @@ def test_every_copy_source_is_in_the_build_context(
         for line in (repo_root / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    copies = [a for stage in images[name].stages for a in stage.all("COPY") + stage.all("ADD")]
-    assert copies, f"images/{name}/Dockerfile copies nothing"
+    image = images[name]
+    # The target's own stages, and the stages it copies from.
+    sources_of = {f"--from={stage.name}": stage for stage in image.stages if stage.name}
+    own = image.final.all("COPY") + image.final.all("ADD")
+    copied_from = [sources_of[w] for a in own for w in a.split() if w in sources_of]
+    assert copied_from, f"target {name} installs no wheel (no COPY --from=wheel)"
+    copies = own + [a for stage in copied_from for a in stage.all("COPY") + stage.all("ADD")]
     for arguments in copies:
         words = arguments.split()
         if any(word.startswith("--from=") for word in words):
@@ -254,18 +268,17 @@ def test_every_copy_source_is_in_the_build_context(
         sources = [w for w in words if not w.startswith("--")][:-1]
         for source in sources:
             path = source.rstrip("/")
-            assert (repo_root / path).exists(), f"images/{name}: COPY {source}: no such path"
+            assert (repo_root / path).exists(), f"{name}: COPY {source}: no such path"
             assert not any(fnmatch.fnmatch(path, pattern) for pattern in ignored), (
-                f"images/{name}: COPY {source}, but .dockerignore leaves it out of the context"
+                f"{name}: COPY {source}, but .dockerignore leaves it out of the context"
             )
 
 
-@pytest.mark.parametrize("name", IMAGES)
 def test_the_wheel_stage_copies_every_package_folder(
-    name: str, images: dict[str, Image], pyproject: dict[str, Any]
+    images: dict[str, Image], pyproject: dict[str, Any]
 ) -> None:
     # setuptools refuses to build when a package's folder is missing, so the wheel needs them all.
-    (wheel,) = [s for s in images[name].stages if s.name == "wheel"]
+    (wheel,) = [s for s in images["operator"].stages if s.name == "wheel"]
     copied = {a.split()[0].rstrip("/") for a in wheel.all("COPY")}
     folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     assert folders <= copied
@@ -304,7 +317,7 @@ def test_the_image_installs_its_extras_into_slim_python_311(
     assert re.fullmatch(r"python:3\.11-slim(-\w+)?", image.global_args["PYTHON_IMAGE"])
     installs = " ".join(image.final.all("RUN"))
     match = re.search(r"/wheels/aar-\*\.whl\)\[([a-z,]+)\]", installs)
-    assert match, f"images/{name} does not install the wheel with an extra"
+    assert match, f"target {name} does not install the wheel with an extra"
     assert set(match.group(1).split(",")) == extras
     assert extras <= set(pyproject["project"]["optional-dependencies"])
 
@@ -317,7 +330,7 @@ def test_the_image_runs_as_the_uid_its_pod_runs_as(
     sandbox_pod: dict[str, Any],
 ) -> None:
     user = images[name].final.last("USER")
-    assert user is not None, f"images/{name}/Dockerfile never sets USER: it would run as root"
+    assert user is not None, f"target {name} never sets USER: it would run as root"
     # Numeric, so the kubelet can check runAsNonRoot without reading /etc/passwd.
     assert re.fullmatch(r"\d+:\d+", user), f"USER {user} must be numeric uid:gid"
     uid = int(user.split(":")[0])
@@ -329,7 +342,7 @@ def test_the_image_runs_as_the_uid_its_pod_runs_as(
         pod_spec = deployments[name]["spec"]["template"]["spec"]
     assert uid == run_as_user(pod_spec, pod_spec["containers"][0])
     created = " ".join(images[name].final.all("RUN"))
-    assert f"--uid {uid} " in created, f"images/{name} runs as {uid} but creates no such user"
+    assert f"--uid {uid} " in created, f"target {name} runs as {uid} but creates no such user"
 
 
 @pytest.mark.parametrize("name", CHART_COMPONENTS)
