@@ -9,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from aar_common.sqlite import open_database
+from aar_common.sqlite import open_database, transaction
 from aar_forum.models import Artifact, Kind, Post, PostIn
 
 P = ParamSpec("P")
@@ -146,21 +145,11 @@ class Store:
         self._executor.shutdown(wait=True)
         self.connection.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.connection
-        except BaseException:
-            self.connection.execute("ROLLBACK")
-            raise
-        self.connection.execute("COMMIT")
-
     # Posts
 
     def add_post(self, run: str, author: str, post: PostIn) -> Post:
         """Store a post; its parent and artifacts must exist in the same run (ValueError)."""
-        with self._transaction() as db:
+        with transaction(self.connection) as db:
             if post.parent is not None:
                 row = db.execute("SELECT run FROM posts WHERE id = ?", (post.parent,)).fetchone()
                 if row is None or row["run"] != run:
@@ -303,7 +292,7 @@ class Store:
     def add_artifact(self, artifact: Artifact) -> tuple[Artifact, bool]:
         """Record an artifact; if the run has that digest already, the existing record and
         False (uploads are immutable: a second upload changes nothing)."""
-        with self._transaction() as db:
+        with transaction(self.connection) as db:
             existing = db.execute(
                 "SELECT * FROM artifacts WHERE run = ? AND digest = ?",
                 (artifact.run, artifact.digest),
@@ -361,7 +350,7 @@ class Store:
 
     def delete_artifact(self, run: str, digest: str) -> bool:
         """Forget a run's artifact; True when no run refers to those bytes any more."""
-        with self._transaction() as db:
+        with transaction(self.connection) as db:
             db.execute("DELETE FROM artifacts WHERE run = ? AND digest = ?", (run, digest))
             left = db.execute("SELECT 1 FROM artifacts WHERE digest = ? LIMIT 1", (digest,))
             return left.fetchone() is None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from aar_common.sqlite import open_database
+from aar_common.sqlite import open_database, transaction
 from aar_gateway.pricing import Usage
 
 SCHEMA = """
@@ -268,7 +267,7 @@ class Store:
         return await loop.run_in_executor(self._writer, partial(job, *args))
 
     def _write_budget(self, run: str, budget: Budget) -> None:
-        with self._transaction():
+        with transaction(self._db):
             self._db.execute(
                 "INSERT INTO budgets (run, cap_nano, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(run) DO UPDATE SET cap_nano = excluded.cap_nano, "
@@ -282,7 +281,7 @@ class Store:
             )
 
     def _write_exchanges(self, batch: list[Exchange]) -> list[bool]:
-        with self._transaction():
+        with transaction(self._db):
             return [self._insert_exchange(exchange) for exchange in batch]
 
     def _insert_exchange(self, exchange: Exchange) -> bool:
@@ -361,22 +360,6 @@ class Store:
     def _count_ledger(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM ledger").fetchone()[0])
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
 
 def _nothing() -> None:
     return None
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, error: object, trace: object) -> None:
-        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
