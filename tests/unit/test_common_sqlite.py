@@ -17,9 +17,13 @@ def test_a_transaction_commits_together_or_not_at_all(tmp_path: Path) -> None:
     with transaction(database) as db:
         db.execute("INSERT INTO notes (text) VALUES ('kept')")
 
-    with pytest.raises(sqlite3.IntegrityError), transaction(database) as db:
-        db.execute("INSERT INTO notes (text) VALUES ('undone with the next one')")
-        db.execute("INSERT INTO notes (text) VALUES (NULL)")
+    def insert_then_fail() -> None:
+        with transaction(database) as db:
+            db.execute("INSERT INTO notes (text) VALUES ('undone with the next one')")
+            db.execute("INSERT INTO notes (text) VALUES (NULL)")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        insert_then_fail()
 
     assert not database.in_transaction
     database.close()
