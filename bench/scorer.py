@@ -50,7 +50,7 @@ from aar_common.credentials import (
 )
 from aar_common.ports import free_port
 from aar_common.web import json_response, make_app, read_model, serve
-from aar_scorer.service import SubmissionRequest
+from aar_scorer.intake import SubmissionRequest
 from aar_scorer.tasks import Task, load_tasks, write_task_files
 
 ANSWERS = 2567
@@ -254,10 +254,17 @@ def _start(command: list[str], expect: str) -> subprocess.Popen[str]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time a process has used (user + system, all its threads): unlike wall time, what a
-    submission costs the server does not depend on what else the machine runs."""
+    """CPU time a server has used (user + system, all its threads, and its live child processes:
+    the scorer's intake workers): unlike wall time, what a submission costs the server does not
+    depend on what else the machine runs."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return own + sum(_cpu_seconds(child) for child in children)
 
 
 def main() -> None:

@@ -91,12 +91,17 @@ def authenticate(request: web.Request, *, admin: bool = False) -> Principal:
     return principal
 
 
-async def read_model(request: web.Request, model: type[Model]) -> Model:
-    """Parse and validate a JSON body; a 400 names each field that is wrong."""
+async def read_body(request: web.Request) -> bytes:
+    """The request's body; a 413 when it is larger than the application allows."""
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge as error:
         fail(413, f"{error.text}; send a smaller body")
+
+
+async def read_model(request: web.Request, model: type[Model]) -> Model:
+    """Parse and validate a JSON body; a 400 names each field that is wrong."""
+    raw = await read_body(request)
     try:
         return model.model_validate_json(raw)
     except ValidationError as error:

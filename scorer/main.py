@@ -11,12 +11,20 @@ from pathlib import Path
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV, CredentialVerifier
 from aar_common.web import serve
+from aar_scorer.intake import IntakeError
 from aar_scorer.service import build_app
 from aar_scorer.store import Store
 from aar_scorer.tasks import TaskConfigError, load_tasks
 
 TASKS_FILE_ENV = "AAR_SCORER_TASKS_FILE"
 DATA_DIR_ENV = "AAR_DATA_DIR"
+INTAKE_WORKERS_ENV = "AAR_SCORER_INTAKE_WORKERS"
+
+
+def _worker_count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text} is not a worker count; pass 0 or more")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--unix-socket", type=Path, help="serve on this Unix socket instead")
+    parser.add_argument(
+        "--intake-workers",
+        type=_worker_count,
+        default=os.environ.get(INTAKE_WORKERS_ENV, "1"),
+        help="processes that parse submissions beside the one that decides; 0 parses on the "
+        f"event loop (default ${INTAKE_WORKERS_ENV} or 1)",
+    )
     return parser
 
 
@@ -57,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TaskConfigError as error:
         raise SystemExit(f"aar-scorer: {error}") from error
     store = Store(Path(args.data_dir) / "scorer.db")
-    app = build_app(tasks, store, verifier)
+    app = build_app(tasks, store, verifier, intake_workers=args.intake_workers)
 
     def ready(address: str) -> None:
         names = ", ".join(sorted(tasks)) or "no tasks (list them in the tasks file)"
@@ -67,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(
             serve(app, host=args.host, port=args.port, unix_socket=args.unix_socket, ready=ready)
         )
+    except IntakeError as error:
+        raise SystemExit(f"aar-scorer: {error}") from error
     finally:
         store.close()
     return 0

@@ -19,10 +19,11 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field
 
 from aar_common.credentials import CredentialVerifier, Principal, Role
-from aar_common.web import authenticate, fail, json_response, make_app, read_model
+from aar_common.web import authenticate, fail, json_response, make_app, read_body, read_model
+from aar_scorer.intake import BodyError, Intake, IntakeUnavailableError, ParsedSubmission, TaskFacts
 from aar_scorer.ladder import Ladder, level
 from aar_scorer.probing import ProbeIndex, ProbeReason, Verdict
 from aar_scorer.review import ReviewBook
@@ -34,15 +35,6 @@ class Status(StrEnum):
     ACCEPTED = "accepted"
     FLAGGED = "flagged"
     REFUSED = "refused"
-
-
-class SubmissionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str = Field(min_length=1)
-    predictions: list[StrictInt | StrictStr] = Field(min_length=1)
-    method: str = Field(min_length=1, max_length=20_000, description="what was done")
-    artifact: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
 
 
 class FeedbackOut(BaseModel):
@@ -89,6 +81,11 @@ class Metrics:
             ["reason", "action"],
             registry=registry,
         )
+        self.intake_restarts = Counter(
+            "aar_scorer_intake_restarts",
+            "Intake workers started again after one exited (its submissions were answered 503)",
+            registry=registry,
+        )
         self.latency = Histogram(
             "aar_scorer_scoring_seconds",
             "Time from a submission's arrival to its durable answer",
@@ -121,11 +118,13 @@ class Scorer:
         tasks: dict[str, Task],
         store: Store,
         metrics: Metrics,
+        intake: Intake,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.tasks = tasks
         self.store = store
         self.metrics = metrics
+        self.intake = intake
         self.clock = clock
         self.reviews = ReviewBook(store.reader, tasks)
         self.runs: dict[str, RunState] = {}
@@ -201,22 +200,15 @@ class Scorer:
             )
         return state
 
-    async def submit(self, agent: Principal, body: SubmissionRequest) -> SubmissionResponse:
+    async def submit(self, agent: Principal, body: ParsedSubmission) -> SubmissionResponse:
         run = agent.run_key
         state = self.run_state(run)
         task = self.known_task(body.task)
         if task is not state.task:
             fail(400, f"run {run} is registered for task {state.task.name}, not {task.name}")
-        if len(body.predictions) != task.size:
-            fail(
-                400,
-                f"predictions has {len(body.predictions)} answers; task {task.name} needs "
-                f"exactly {task.size}, one per item in the task bundle's order",
-            )
-        try:
-            packed = task.packer.pack(body.predictions)
-        except ValueError as error:
-            fail(400, f"predictions: {error}")
+        if body.packed is None:
+            fail(400, body.answer_error or "predictions: not packed")
+        packed = body.packed
 
         now = self.clock()
         quota = task.spec.quota
@@ -340,7 +332,7 @@ async def _submit(request: web.Request) -> web.Response:
     started = time.perf_counter()
     try:
         agent = _agent(request)
-        body = await read_model(request, SubmissionRequest)
+        body = await _read_submission(request, scorer.intake)
         answer = await scorer.submit(agent, body)
     except web.HTTPException as error:
         if 400 <= error.status < 500 and error.status != 429:
@@ -348,6 +340,17 @@ async def _submit(request: web.Request) -> web.Response:
         raise
     scorer.metrics.latency.observe(time.perf_counter() - started)
     return json_response(answer)
+
+
+async def _read_submission(request: web.Request, intake: Intake) -> ParsedSubmission:
+    raw = await read_body(request)
+    try:
+        parsed = await intake.parse(raw)
+    except IntakeUnavailableError as error:
+        fail(503, str(error), headers={"retry-after": "1"})
+    if isinstance(parsed, BodyError):
+        fail(400, parsed.message)
+    return parsed
 
 
 async def _task(request: web.Request) -> web.Response:
@@ -456,13 +459,31 @@ def build_app(
     store: Store,
     verifier: CredentialVerifier,
     clock: Callable[[], float] = time.time,
+    intake_workers: int = 0,
 ) -> web.Application:
-    """The scorer as an aiohttp application; the caller owns the store and closes it."""
+    """The scorer as an aiohttp application; the caller owns the store and closes it. With
+    `intake_workers`, submissions are parsed in that many worker processes (aar_scorer.intake),
+    started and stopped with the application."""
     registry = CollectorRegistry()
     largest = max((task.size for task in tasks.values()), default=0)
     # Room for the longest task's answers as JSON strings, the method and the envelope.
     app = make_app(verifier, registry, client_max_size=largest * 64 + 256 * 1024)
-    app[SCORER_KEY] = Scorer(tasks, store, Metrics(registry), clock)
+    metrics = Metrics(registry)
+    intake = Intake(
+        {name: TaskFacts(task.spec.labels, task.size) for name, task in tasks.items()},
+        intake_workers,
+        metrics.intake_restarts,
+    )
+    app[SCORER_KEY] = Scorer(tasks, store, metrics, intake, clock)
+
+    async def start_intake(_: web.Application) -> None:
+        await intake.start()
+
+    async def stop_intake(_: web.Application) -> None:
+        await intake.close()
+
+    app.on_startup.append(start_intake)
+    app.on_cleanup.append(stop_intake)
     app.router.add_get("/api/v1/tasks/{task}", _task)
     app.router.add_post("/api/v1/submissions", _submit)
     app.router.add_get("/api/v1/submissions/{id}", _submission)

@@ -88,10 +88,11 @@ BEGIN SELECT RAISE(ABORT, '{table} are append-only: add a row instead'); END;
 Statement = tuple[str, Sequence[Any]]
 
 # How long a write may wait for others to share its commit. A commit costs about as much CPU as
-# scoring a submission and stalls the event loop for the flush; at a thousand submissions a
-# second, 10 ms groups about ten into each, for a few milliseconds of latency, well inside the
-# scorer's 50 ms target.
-GROUP_WINDOW_SECONDS = 0.010
+# scoring a submission and stalls the event loop for the flush; at two thousand submissions a
+# second, 3 ms groups about six into each, for a few milliseconds of latency, well inside the
+# scorer's 50 ms target. (With parsing on the event loop the scorer had no CPU to spare and
+# waited 10 ms; with intake workers, latency is worth more than the commits it saves.)
+GROUP_WINDOW_SECONDS = 0.003
 
 # Commits between checkpoints, about SQLite's own default of 1,000 WAL pages.
 CHECKPOINT_EVERY_COMMITS = 100
