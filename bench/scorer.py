@@ -5,6 +5,11 @@ run, to a scoring-only baseline on the same HTTP stack (aar_common.web, the same
 the same packed scoring, nothing else).
 
     .venv/bin/python bench/scorer.py [--agents 900] [--runs 100] [--seconds 15]
+                                     [--intake-workers 1]
+
+The scorer runs as deployed: one deciding process and `--intake-workers` processes that parse
+submissions (aar_scorer.intake; 0 parses on the event loop, as the baseline does). The baseline
+is one process. Server CPU figures include the intake workers.
 
 Two figures per server:
 - saturation: every agent submits again as soon as its answer arrives (closed loop); sustained
@@ -34,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,15 +189,21 @@ async def _generate(load: Load) -> dict[str, Any]:
             await submit(credential, run, due)
             due += rng.expovariate(rate)
 
+    # This process's CPU over the measured window, not counting making the bodies.
+    cpu: list[float] = []
+    loop.call_at(measure_from, lambda: cpu.append(time.process_time()))
+    loop.call_at(end, lambda: cpu.append(time.process_time()))
     if load.rate is None:
         await asyncio.gather(*(closed(c, r) for c, r in load.agents))
     else:
         each = load.rate / len(load.agents)
         await asyncio.gather(*(opened(c, r, each) for c, r in load.agents))
+    if len(cpu) < 2:  # the last agent was done before the window's end
+        cpu.append(time.process_time())
     for pool in idle.values():
         for connection in pool:
             connection.writer.close()
-    return {"latencies": latencies, "statuses": statuses}
+    return {"latencies": latencies, "statuses": statuses, "cpu_seconds": cpu[1] - cpu[0]}
 
 
 def _split(url: str) -> tuple[str, int, str]:
@@ -240,6 +252,10 @@ def _drive(
         "p50_ms": round(1000 * statistics.median(latencies), 2),
         "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
         "statuses": statuses,
+        # The load generators share the machine with the server: context for every latency.
+        "client_cpu_ms": round(
+            1000 * sum(part["cpu_seconds"] for part in parts) / max(1, len(latencies)), 3
+        ),
     }
 
 
@@ -253,10 +269,10 @@ def _start(command: list[str], expect: str) -> subprocess.Popen[str]:
     return process
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time a server has used (user + system, all its threads, and its live child processes:
-    the scorer's intake workers): unlike wall time, what a submission costs the server does not
-    depend on what else the machine runs."""
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time a server has used (user + system, all its threads): its own, and its live child
+    processes' (the scorer's intake workers). Unlike wall time, what a submission costs the
+    server does not depend on what else the machine runs."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     children = [
@@ -264,7 +280,7 @@ def _cpu_seconds(pid: int) -> float:
         for task in Path(f"/proc/{pid}/task").iterdir()
         for child in (task / "children").read_text().split()
     ]
-    return own + sum(_cpu_seconds(child) for child in children)
+    return own, sum(sum(_cpu_seconds(child)) for child in children)
 
 
 def main() -> None:
@@ -278,6 +294,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=3000, help="distinct bodies per client")
     parser.add_argument("--search-steps", type=int, default=4, help="bisection steps, capacity")
     parser.add_argument("--search-seconds", type=float, default=6, help="measured, per step")
+    parser.add_argument(
+        "--intake-workers", type=int, default=1, help="the scorer's, as `aar-scorer` takes it"
+    )
     parser.add_argument("--serve-baseline", nargs=3, metavar=("TASKS", "KEY", "PORT"))
     args = parser.parse_args()
     if args.serve_baseline:
@@ -315,6 +334,7 @@ def main() -> None:
                 "--public-key", str(root / "public-key.pem"),
                 "--host", "127.0.0.1",
                 "--port", str(scorer_port),
+                "--intake-workers", str(args.intake_workers),
             ],
             "Serving bench",
         )  # fmt: skip
@@ -342,7 +362,8 @@ def main() -> None:
                 "scorer": f"http://127.0.0.1:{scorer_port}/api/v1/submissions",
             }
             figures: dict[str, Any] = {"agents": args.agents, "runs": args.runs,
-                                       "answers": ANSWERS, "seconds": args.seconds}  # fmt: skip
+                                       "answers": ANSWERS, "seconds": args.seconds,
+                                       "scorer_intake_workers": args.intake_workers}  # fmt: skip
             phases = iter(range(1000))
             pids = {"baseline": baseline.pid, "scorer": scorer.pid}
 
@@ -353,24 +374,32 @@ def main() -> None:
                 for round_ in range(args.rounds):
                     order = list(urls) if round_ % 2 == 0 else list(reversed(urls))
                     for name in order:
-                        cpu = _cpu_seconds(pids[name])
+                        own, workers = _cpu_seconds(pids[name])
                         result = _drive(urls[name], agents, args, rate, next(phases))
                         answered = sum(
                             n for key, n in result["statuses"].items() if key != "connection_error"
                         )
-                        result["cpu_ms"] = 1000 * (_cpu_seconds(pids[name]) - cpu) / answered
+                        own_after, workers_after = _cpu_seconds(pids[name])
+                        result["cpu_ms"] = (
+                            1000 * (own_after + workers_after - own - workers) / answered
+                        )
+                        result["intake_cpu_ms"] = 1000 * (workers_after - workers) / answered
                         rounds[name].append(result)
                         print(
                             f"{name:>8} {kind:<10} round {round_ + 1}: "
                             f"{result['per_s']:7.1f} submissions/s, p50 {result['p50_ms']:7.1f} "
                             f"ms, p99 {result['p99_ms']:7.1f} ms, server CPU "
-                            f"{result['cpu_ms']:.2f} ms each ({result['statuses']})"
+                            f"{result['cpu_ms']:.2f} ms each (intake workers "
+                            f"{result['intake_cpu_ms']:.2f}), load generators "
+                            f"{result['client_cpu_ms']:.2f} ms ({result['statuses']})"
                         )
                 for name, results in rounds.items():
                     figures[f"{name}_{kind}"] = {
                         figure: round(statistics.median(r[figure] for r in results), 2)
-                        for figure in ("per_s", "p50_ms", "p99_ms", "cpu_ms")
-                    }
+                        for figure in (
+                            "per_s", "p50_ms", "p99_ms", "cpu_ms", "intake_cpu_ms", "client_cpu_ms"
+                        )
+                    }  # fmt: skip
 
             def capacity(name: str) -> float:
                 """The highest offered rate at which p99 stays under target, by bisection."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,11 @@ from aar_common.credentials import CredentialError, CredentialVerifier, Principa
 from aar_common.validation import describe
 
 Model = TypeVar("Model", bound=BaseModel)
+
+# Allocations between young-generation collections, and collections between older ones, for a
+# serving process (see serve()): a tenth of the collector's work of CPython's (700, 10, 10) at a
+# thousand requests a second.
+GC_THRESHOLDS = (7000, 10, 10)
 
 VERIFIER_KEY = web.AppKey("verifier", CredentialVerifier)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -167,6 +173,13 @@ async def serve(
     """Serve until SIGTERM or SIGINT, then finish in-flight requests and run cleanups."""
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
+    # What exists now (modules, the app, state loaded at start) lives as long as the process.
+    # Frozen, the collector never walks it again: under load, a full collection of it stalled
+    # the event loop for tens of milliseconds, each time in some request's latency. Requests
+    # make almost no reference cycles, and hundreds in flight keep thousands of young objects
+    # alive, which CPython's default of a collection every 700 allocations walked over and over.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     site: web.BaseSite
     if unix_socket is not None:
         site = web.UnixSite(runner, str(unix_socket))

@@ -90,8 +90,8 @@ Statement = tuple[str, Sequence[Any]]
 # How long a write may wait for others to share its commit. A commit costs about as much CPU as
 # scoring a submission and stalls the event loop for the flush; at two thousand submissions a
 # second, 3 ms groups about six into each, for a few milliseconds of latency, well inside the
-# scorer's 50 ms target. (With parsing on the event loop the scorer had no CPU to spare and
-# waited 10 ms; with intake workers, latency is worth more than the commits it saves.)
+# scorer's 50 ms target. A longer window saves commits but adds its length to every answer; with
+# parsing in intake workers (aar_scorer.intake) the event loop has CPU to spare for the commits.
 GROUP_WINDOW_SECONDS = 0.003
 
 # Commits between checkpoints, about SQLite's own default of 1,000 WAL pages.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -16,7 +18,7 @@ from aar_common.credentials import (
     generate_signing_key,
     public_key_pem,
 )
-from aar_common.web import authenticate, json_response, make_app, read_model
+from aar_common.web import GC_THRESHOLDS, authenticate, json_response, make_app, read_model
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -95,3 +97,34 @@ async def test_health_and_metrics_are_served(base_url: str) -> None:
             assert "aar_test_things_total 1.0" in await response.text()
         async with http.get(f"{base_url}/admin", headers=admin) as response:
             assert response.status == 200
+
+
+_SERVE_AND_REPORT = """
+import asyncio, gc, os, signal
+from prometheus_client import CollectorRegistry
+from aar_common.credentials import CredentialVerifier, generate_signing_key, public_key_pem
+from aar_common.web import make_app, serve
+
+app = make_app(CredentialVerifier(public_key_pem(generate_signing_key())), CollectorRegistry())
+
+def ready(address):
+    print(gc.get_freeze_count(), *gc.get_threshold(), flush=True)
+    # Once serve() listens for it: a stop as the cluster sends it.
+    asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGTERM)
+
+asyncio.run(serve(app, host="127.0.0.1", port=0, ready=ready))
+"""
+
+
+def test_a_serving_process_keeps_what_it_started_with_out_of_collections() -> None:
+    # In a process of its own: the collector's settings are process-wide.
+    reported = subprocess.run(
+        [sys.executable, "-c", _SERVE_AND_REPORT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    frozen, *thresholds = map(int, reported)
+    assert frozen > 10_000  # the imported modules, the app
+    assert tuple(thresholds) == GC_THRESHOLDS
