@@ -21,8 +21,10 @@ Two figures per server:
   answered, found by bisection between 0 and the server's saturated rate (its first step is the
   target rate), with shorter phases.
 
-Also the server's CPU time per submission (from /proc), which, unlike the rates, does not depend
-on what else a shared machine runs. Each phase runs `--rounds` times per server, alternating
+Also the server's CPU time per submission (from /proc; for the scorer, with its intake workers'
+share), which, unlike the rates, does not depend on what else a shared machine runs, and the load
+generators' own CPU per submission over the measured window: they share the machine's cores
+with the servers. Each phase runs `--rounds` times per server, alternating
 which goes first; the figures are the medians. Prints the figures, then one JSON object with
 them as the last line.
 """

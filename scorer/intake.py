@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<II")  # payload length, request number
 
+# How long a worker may hold a submission before it counts as stuck (parsing takes a
+# millisecond).
+_ANSWER_SECONDS = 30.0
 # Frame number of the tasks' facts, and of a worker's answer that it has loaded them.
 _READY = 0
 # How long a worker may take to import and load the tasks.
@@ -136,8 +139,10 @@ class _Worker(asyncio.Protocol):
         self.process = process
         # True once the worker has loaded the tasks, False if it exited before.
         self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.pending: dict[int, asyncio.Future[ParsedSubmission | BodyError]] = {}
+        # Request number -> (its answer, loop time it was sent), oldest first.
+        self.pending: dict[int, tuple[asyncio.Future[ParsedSubmission | BodyError], float]] = {}
         self._on_lost = on_lost
+        self._lost_because = "exited"
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
 
@@ -146,12 +151,23 @@ class _Worker(asyncio.Protocol):
         self._transport = transport
 
     def send(self, number: int, raw: bytes) -> asyncio.Future[ParsedSubmission | BodyError]:
-        future: asyncio.Future[ParsedSubmission | BodyError] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self.pending[number] = future
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ParsedSubmission | BodyError] = loop.create_future()
+        self.pending[number] = (future, loop.time())
         self.write_frame(number, raw)
         return future
+
+    def waiting_since(self) -> float | None:
+        """When the oldest unanswered submission was sent (loop time), or None."""
+        for _, sent in self.pending.values():
+            return sent
+        return None
+
+    def abandon(self, why: str) -> None:
+        """Kill the worker; what it holds is answered 503 saying `why`, and another starts."""
+        self._lost_because = why
+        if self.process.returncode is None:
+            self.process.kill()
 
     def write_frame(self, number: int, payload: bytes) -> None:
         assert self._transport is not None
@@ -170,7 +186,7 @@ class _Worker(asyncio.Protocol):
                 self.ready.set_result(True)
             else:
                 outcome = _decode(pickle.loads(self._buffer[offset + _HEADER.size : end]))
-                future = self.pending.pop(number, None)
+                future, _ = self.pending.pop(number, (None, 0.0))
                 if future is not None and not future.done():
                     future.set_result(outcome)
             offset = end
@@ -180,12 +196,12 @@ class _Worker(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_result(False)
         pending, self.pending = self.pending, {}
-        for future in pending.values():
+        for future, _ in pending.values():
             if not future.done():
                 future.set_exception(
                     IntakeUnavailableError(
-                        "the scorer's intake worker holding this submission exited; nothing was "
-                        "stored, send it again"
+                        f"the scorer's intake worker holding this submission {self._lost_because};"
+                        " nothing was stored, send it again"
                     )
                 )
         self._on_lost(self)
@@ -211,11 +227,16 @@ class Intake:
         self._number = _READY
         self._restarting: set[asyncio.Task[None]] = set()
         self._has_worker = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
         self._closing = False
+        # A worker that holds a submission this long without answering is stuck: it is killed.
+        self.answer_timeout = _ANSWER_SECONDS
 
     async def start(self) -> None:
         """Start the workers; returns once each has loaded the tasks."""
         workers = [await self._start_worker() for _ in range(self._wanted)]
+        if workers:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         for worker in workers:
             try:
                 ready = await asyncio.wait_for(asyncio.shield(worker.ready), _READY_SECONDS)
@@ -252,8 +273,9 @@ class Intake:
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._restarting:
-            task.cancel()
+        for task in [*self._restarting, self._watchdog]:
+            if task is not None:
+                task.cancel()
         workers, self._workers = self._workers, []
         for worker in workers:
             worker.close()  # the worker exits when its socket closes
@@ -303,6 +325,15 @@ class Intake:
         )
         self._restarting.add(task)
         task.add_done_callback(self._restarting.discard)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.answer_timeout / 2))
+            now = asyncio.get_running_loop().time()
+            for worker in self._workers:
+                since = worker.waiting_since()
+                if since is not None and now - since > self.answer_timeout:
+                    worker.abandon(f"did not answer within {self.answer_timeout:g} s")
 
     async def _restart(self, worker: _Worker, pause: float) -> None:
         await asyncio.sleep(pause)

@@ -196,6 +196,21 @@ async def test_a_worker_that_dies_costs_a_retry_not_a_submission(
     assert "aar_scorer_intake_restarts_total 1.0" in await server.metrics()
 
 
+async def test_a_stuck_worker_is_replaced(servers: dict[int, Server]) -> None:
+    server = servers[1]
+    scorer = server.app[SCORER_KEY]
+    scorer.intake.answer_timeout = 0.5
+    [pid] = intake_workers()
+    os.kill(pid, signal.SIGSTOP)  # alive, and never answering
+    body = {"task": "intake", "predictions": answers(60), "method": "m"}
+    status, answer, _ = await server.post(agent("i1"), body)
+    assert status == 503
+    assert "did not answer within 0.5 s; nothing was stored" in answer["error"]["message"]
+    status, answer, _ = await server.post(agent("i1"), body)
+    assert status == 200, answer
+    assert intake_workers() != [pid]
+
+
 async def test_workers_stop_with_the_scorer(tmp_path: Path) -> None:
     runner, store = await serve(tmp_path, free_port(), workers=2)
     pids = intake_workers()
