@@ -291,7 +291,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100, help="agents are spread over this many")
     parser.add_argument("--seconds", type=float, default=15, help="measured, per phase")
     parser.add_argument("--warmup", type=float, default=3)
-    parser.add_argument("--clients", type=int, default=2, help="load-generating processes")
+    # One is enough to saturate either server on a 2-core machine (it spends a fifth of the
+    # server's CPU per submission), and each more competes with the servers for the cores.
+    parser.add_argument("--clients", type=int, default=1, help="load-generating processes")
     parser.add_argument("--rounds", type=int, default=2, help="per server and phase; medians")
     parser.add_argument("--pool", type=int, default=3000, help="distinct bodies per client")
     parser.add_argument("--search-steps", type=int, default=4, help="bisection steps, capacity")
