@@ -13,8 +13,8 @@ there, in the order the parsed submissions come back.
 
 Frames on the socket, both ways: a header (payload length, request number) and the payload. The
 first frame carries the tasks' facts, and the worker's answer to it says it is ready; then the
-event loop sends each body as it came and the worker answers with a pickled tuple (the fields of
-a `ParsedSubmission`, or a `BodyError`'s message). A worker that exits is started again; the
+event loop sends each body as it came and the worker answers with a pickled `ParsedSubmission`
+or `BodyError`. A worker that exits is started again; the
 submissions it held are answered 503 with `retry-after`, never parsed on the event loop instead
 (a body that brought a worker down must not reach the deciding process).
 """
@@ -172,25 +172,17 @@ class _Worker(asyncio.Protocol):
     def write_frame(self, number: int, payload: bytes) -> None:
         assert self._transport is not None
         # One write, one system call: the copy of the body costs less than a second send.
-        self._transport.write(_HEADER.pack(len(payload), number) + payload)
+        self._transport.write(_frame(number, payload))
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        offset = 0
-        while len(self._buffer) - offset >= _HEADER.size:
-            length, number = _HEADER.unpack_from(self._buffer, offset)
-            end = offset + _HEADER.size + length
-            if len(self._buffer) < end:
-                break
+        for number, payload in _take_frames(self._buffer):
             if number == _READY:
                 self.ready.set_result(True)
-            else:
-                outcome = _decode(pickle.loads(self._buffer[offset + _HEADER.size : end]))
-                future, _ = self.pending.pop(number, (None, 0.0))
-                if future is not None and not future.done():
-                    future.set_result(outcome)
-            offset = end
-        del self._buffer[:offset]
+                continue
+            future, _ = self.pending.pop(number, (None, 0.0))
+            if future is not None and not future.done():
+                future.set_result(pickle.loads(payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
@@ -287,8 +279,9 @@ class Intake:
         with theirs:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-m",
-                "aar_scorer.intake",
+                "-c",
+                # Imported, not run as __main__: its classes then unpickle as the scorer's.
+                "from aar_scorer.intake import main; raise SystemExit(main())",
                 "--fd",
                 str(theirs.fileno()),
                 pass_fds=[theirs.fileno()],
@@ -350,22 +343,24 @@ async def _reap(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
-# What crosses the socket is plain tuples: a worker runs this module as __main__, so its classes
-# would not unpickle as the scorer's.
-_Encoded = tuple[str] | tuple[str, str, str | None, int | None, str | None]
+def _frame(number: int, payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload), number) + payload
 
 
-def _encode(parsed: ParsedSubmission | BodyError) -> _Encoded:
-    if isinstance(parsed, BodyError):
-        return (parsed.message,)
-    return (parsed.task, parsed.method, parsed.artifact, parsed.packed, parsed.answer_error)
-
-
-def _decode(encoded: _Encoded) -> ParsedSubmission | BodyError:
-    if len(encoded) == 1:
-        return BodyError(encoded[0])
-    task, method, artifact, packed, answer_error = encoded
-    return ParsedSubmission(task, method, artifact, packed, answer_error)
+def _take_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """The whole frames at the start of `buffer` (number, payload), removed from it; a frame
+    that has not fully arrived stays."""
+    frames = []
+    offset = 0
+    while len(buffer) - offset >= _HEADER.size:
+        length, number = _HEADER.unpack_from(buffer, offset)
+        end = offset + _HEADER.size + length
+        if len(buffer) < end:
+            break
+        frames.append((number, bytes(buffer[offset + _HEADER.size : end])))
+        offset = end
+    del buffer[:offset]
+    return frames
 
 
 def _serve(connection: socket.socket) -> None:
@@ -378,29 +373,21 @@ def _serve(connection: socket.socket) -> None:
             return  # the scorer closed its end, or exited
         buffer += chunk
         answers = []
-        offset = 0
-        while len(buffer) - offset >= _HEADER.size:
-            length, number = _HEADER.unpack_from(buffer, offset)
-            end = offset + _HEADER.size + length
-            if len(buffer) < end:
-                break
-            payload = bytes(buffer[offset + _HEADER.size : end])
-            offset = end
+        for number, payload in _take_frames(buffer):
             if parser is None:  # the first frame is the tasks' public facts
                 facts = json.loads(payload)
                 parser = Parser({name: TaskFacts(*f) for name, f in facts.items()})
-                answers.append(_HEADER.pack(0, _READY))
+                answers.append(_frame(_READY, b""))
                 continue
-            answer = pickle.dumps(_encode(parser.parse(payload)), protocol=pickle.HIGHEST_PROTOCOL)
-            answers.append(_HEADER.pack(len(answer), number) + answer)
-        del buffer[:offset]
+            parsed = parser.parse(payload)
+            answers.append(_frame(number, pickle.dumps(parsed, protocol=pickle.HIGHEST_PROTOCOL)))
         if answers:
             connection.sendall(b"".join(answers))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m aar_scorer.intake",
+        prog="aar_scorer.intake",
         description="an aar-scorer intake worker; aar-scorer starts these itself",
     )
     parser.add_argument("--fd", type=int, required=True, help="the socket to the scorer")
@@ -414,7 +401,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         _serve(connection)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
