@@ -1,7 +1,7 @@
 """What the scorer's safety costs: 900 concurrent agents submitting 2,567-answer predictions over
 real HTTP, to the real `aar-scorer` process (credentials, quotas, probe detection against every
 earlier submission of the run, the Ladder, a durable SQLite row) and, side by side in the same
-run, to a scoring-only baseline on the same HTTP stack (aar_common.web, the same request model,
+run, to a scoring-only baseline on the same HTTP stack (aar_common.web, the same intake parser,
 the same packed scoring, nothing else).
 
     .venv/bin/python bench/scorer.py [--agents 900] [--runs 100] [--seconds 15]
@@ -57,8 +57,8 @@ from aar_common.credentials import (
     public_key_pem,
 )
 from aar_common.ports import free_port
-from aar_common.web import json_response, make_app, read_model, serve
-from aar_scorer.intake import SubmissionRequest
+from aar_common.web import json_response, make_app, read_body, serve
+from aar_scorer.intake import BodyError, Parser, TaskFacts
 from aar_scorer.tasks import Task, load_tasks, write_task_files
 
 ANSWERS = 2567
@@ -67,12 +67,15 @@ THROUGHPUT_TARGET = 0.5  # of the baseline's
 
 
 def _baseline_app(tasks: dict[str, Task], verifier: CredentialVerifier) -> web.Application:
-    """Scoring only: parse, validate, pack and score; no credential, quota, probe or storage."""
+    """Scoring only: parse, validate and pack (the scorer's intake code, run in this process) and
+    score; no credential, quota, probe or storage."""
+    parser = Parser({name: TaskFacts(task.spec.labels, task.size) for name, task in tasks.items()})
 
     async def score(request: web.Request) -> web.Response:
-        body = await read_model(request, SubmissionRequest)
-        task = tasks[body.task]
-        public, private = task.accuracies(task.packer.pack(body.predictions))
+        parsed = parser.parse(await read_body(request))
+        if isinstance(parsed, BodyError) or parsed.packed is None:
+            return json_response({"error": str(parsed)}, status=400)
+        public, private = tasks[parsed.task].accuracies(parsed.packed)
         return json_response({"public": public, "private": private})
 
     app = make_app(verifier, CollectorRegistry(), client_max_size=ANSWERS * 64 + 256 * 1024)
