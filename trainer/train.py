@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from pydantic import BaseModel, ConfigDict, Field
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm  # type: ignore[import-untyped]
 from transformers import PreTrainedTokenizerBase
 
@@ -81,12 +82,27 @@ def encode(
     return [list(ids) for ids in encoded["input_ids"]]
 
 
-def _autocast(
-    device: torch.device, options: ModelOptions
-) -> contextlib.AbstractContextManager[None]:
-    if resolve_precision(options.precision, device) == "bf16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# PyTorch prefers cuDNN's attention on Hopper GPUs, but cuDNN builds an execution plan for
+# every new input shape, and length-bucketed batches bring a new shape almost every step. On an
+# H200 that doubled the time of a first epoch over 1,024 examples for the Qwen1.5-0.5B shape
+# (6.8 s against 3.4 s), and with every shape already planned it gained 2 % at most (4B shape:
+# 10.6k against 10.4-10.6k tokens/s). The backward pass runs the kernel its forward pass chose.
+GPU_ATTENTION_KERNELS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+@contextlib.contextmanager
+def forward_context(device: torch.device, options: ModelOptions) -> Iterator[None]:
+    """The precision and attention kernels of a forward pass on `device`."""
+    with contextlib.ExitStack() as stack:
+        if resolve_precision(options.precision, device) == "bf16-mixed":
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        if device.type == "cuda":
+            stack.enter_context(sdpa_kernel(GPU_ATTENTION_KERNELS))
+        yield
 
 
 def _logits(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -177,7 +193,7 @@ def fit(
         for batch in iterate(encoded, plan, pad_token_id, device):
             if step >= total:
                 break
-            with _autocast(device, options.model):
+            with forward_context(device, options.model):
                 logits = _logits(model, batch.input_ids, batch.attention_mask)
             batch_targets = targets[batch.indices]
             if options.loss == "aux-conf":
@@ -237,7 +253,7 @@ def predict_probs(
         disable=not progress,
         leave=False,
     ):
-        with _autocast(device, options.model):
+        with forward_context(device, options.model):
             probs = _logits(model, batch.input_ids, batch.attention_mask).softmax(-1).cpu()
         if out is None:
             out = torch.empty((len(encoded), probs.shape[-1]))

@@ -13,8 +13,9 @@ import torch
 from aar_trainer.batching import collate, plan_batches
 from aar_trainer.bundle import Bundle, BundleError, Example, Manifest, write_bundle
 from aar_trainer.formats import convert, to_examples
+from aar_trainer.models import ModelOptions
 from aar_trainer.pipeline import accuracy, confident_subset, pgr
-from aar_trainer.train import aux_confidence_loss, soft_cross_entropy
+from aar_trainer.train import aux_confidence_loss, forward_context, soft_cross_entropy
 
 
 def _examples(count: int, prefix: str) -> list[Example]:
@@ -93,6 +94,21 @@ def test_collate_right_pads_and_masks() -> None:
     assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert (batch.real_tokens, batch.padded_tokens) == (4, 6)
+
+
+def test_forward_context_keeps_cudnn_attention_off_on_a_gpu_only() -> None:
+    # cuDNN plans every new batch shape; bucketed batches bring one almost every step.
+    cuda = torch.backends.cuda
+    assert cuda.cudnn_sdp_enabled()
+    with forward_context(torch.device("cuda"), ModelOptions(precision="bf16")):
+        assert not cuda.cudnn_sdp_enabled()
+        assert cuda.flash_sdp_enabled()
+        assert cuda.mem_efficient_sdp_enabled()
+    assert cuda.cudnn_sdp_enabled()
+    with forward_context(torch.device("cpu"), ModelOptions(precision="bf16-mixed")):
+        assert cuda.cudnn_sdp_enabled()
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.parametrize(
