@@ -444,9 +444,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args)
     except BundleError as error:
-        print(f"aar-train: {error}", file=sys.stderr)
-        return 2
+        return _fail(error)
+    except RuntimeError as error:
+        # Imported here: torch loads only for the commands that train.
+        from aar_trainer.train import GPUMemoryError
+
+        if isinstance(error, GPUMemoryError):
+            return _fail(error)
+        raise
     return result
+
+
+def _fail(error: Exception) -> int:
+    print(f"aar-train: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm  # type: ignore[import-untyped]
 from transformers import PreTrainedTokenizerBase
 
-from aar_trainer.batching import iterate, plan_batches
+from aar_trainer.batching import Batch, iterate, plan_batches
 from aar_trainer.bundle import Example
 from aar_trainer.models import ModelOptions, resolve_precision
 
@@ -103,6 +103,37 @@ def forward_context(device: torch.device, options: ModelOptions) -> Iterator[Non
         if device.type == "cuda":
             stack.enter_context(sdpa_kernel(GPU_ATTENTION_KERNELS))
         yield
+
+
+class GPUMemoryError(RuntimeError):
+    """A batch did not fit in GPU memory; the message names the settings that make it fit."""
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(
+    batch: Batch, options: TrainOptions, *, training: bool
+) -> Iterator[None]:
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        rows, width = batch.input_ids.shape
+        if training:
+            fixes = [f"a smaller --max-tokens (now {options.max_tokens})"]
+            if not options.model.gradient_checkpointing:
+                fixes.append("--gradient-checkpointing")
+            if options.model.precision != "bf16":
+                fixes.append("--precision bf16 (bf16 weights and optimizer state)")
+            if not options.model.lora_r:
+                fixes.append("--lora-r 8 (trains adapters only)")
+            doing = "training on"
+        else:
+            fixes = [f"a smaller --max-tokens (now {options.max_tokens}; prediction doubles it)"]
+            doing = "predicting"
+        # `from None`: the CUDA error's traceback would keep the batch's tensors alive.
+        raise GPUMemoryError(
+            f"out of GPU memory {doing} a batch of {rows} x {width} tokens; try "
+            f"{', '.join(fixes)} (under `aar-train w2s`, with the --weak- or --strong- prefix)"
+        ) from None
 
 
 def _logits(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -193,16 +224,17 @@ def fit(
         for batch in iterate(encoded, plan, pad_token_id, device):
             if step >= total:
                 break
-            with forward_context(device, options.model):
-                logits = _logits(model, batch.input_ids, batch.attention_mask)
-            batch_targets = targets[batch.indices]
-            if options.loss == "aux-conf":
-                alpha = options.aux_alpha * min(1.0, step / aux_warmup)
-                loss = aux_confidence_loss(logits, batch_targets, alpha)
-            else:
-                loss = soft_cross_entropy(logits, batch_targets)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
+            with _explain_out_of_memory(batch, options, training=True):
+                with forward_context(device, options.model):
+                    logits = _logits(model, batch.input_ids, batch.attention_mask)
+                batch_targets = targets[batch.indices]
+                if options.loss == "aux-conf":
+                    alpha = options.aux_alpha * min(1.0, step / aux_warmup)
+                    loss = aux_confidence_loss(logits, batch_targets, alpha)
+                else:
+                    loss = soft_cross_entropy(logits, batch_targets)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             real += batch.real_tokens
@@ -253,8 +285,10 @@ def predict_probs(
         disable=not progress,
         leave=False,
     ):
-        with forward_context(device, options.model):
-            probs = _logits(model, batch.input_ids, batch.attention_mask).softmax(-1).cpu()
+        with _explain_out_of_memory(batch, options, training=False):
+            with forward_context(device, options.model):
+                logits = _logits(model, batch.input_ids, batch.attention_mask)
+            probs = logits.softmax(-1).cpu()
         if out is None:
             out = torch.empty((len(encoded), probs.shape[-1]))
         out[batch.indices] = probs

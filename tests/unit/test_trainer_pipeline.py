@@ -18,6 +18,7 @@ from aar_trainer.cli import build_parser, finished_seed, main, w2s_experiment
 from aar_trainer.demo import DEMO_STRONG_OPTIONS, DEMO_WEAK_OPTIONS, make_demo
 from aar_trainer.models import ModelOptions, load_classifier
 from aar_trainer.pipeline import Experiment, train_weak
+from aar_trainer.train import GPUMemoryError, TrainOptions, predict_probs
 
 
 @pytest.fixture(autouse=True)
@@ -196,3 +197,34 @@ def _finished_seed_count(out: Path, argv: list[str]) -> int:
     base = w2s_experiment(build_parser().parse_args(argv))
     seeds = (base.model_copy(update={"seed": seed}) for seed in (0, 1))
     return sum(finished_seed(out, experiment) is not None for experiment in seeds)
+
+
+def test_out_of_gpu_memory_names_the_settings_that_fit(
+    demo: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No GPU here: the CUDA allocator's error is raised where a forward pass raises it there.
+    def out_of_memory(*_: Any) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("aar_trainer.train._logits", out_of_memory)
+    argv = ["weak", "--task", str(demo["task"]), "--model", str(demo["weak"]), "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "weak"), "--max-tokens", "2048"]) == 2
+    error = capsys.readouterr().err
+    assert "aar-train: out of GPU memory training on a batch of " in error
+    for fix in ("a smaller --max-tokens (now 2048)", "--gradient-checkpointing", "--lora-r 8"):
+        assert fix in error
+    # Settings already in use are not suggested again.
+    assert main([*argv, "--out", str(tmp_path / "lora"), "--lora-r", "4"]) == 2
+    assert "--lora-r 8" not in capsys.readouterr().err
+    with pytest.raises(GPUMemoryError, match=r"predicting a batch of 1 x 3 tokens; try a smaller"):
+        predict_probs(
+            torch.nn.Identity(),
+            [[1, 2, 3]],
+            TrainOptions(),
+            pad_token_id=0,
+            device=torch.device("cpu"),
+            progress=False,
+        )
