@@ -21,26 +21,18 @@ import argparse
 import gc
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Batches of many shapes (length bucketing) fragment the CUDA caching allocator's fixed-size
-# segments; expandable segments let the 4B runs reuse freed memory instead of running out.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 import transformers
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    PretrainedConfig,
-)
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
+from aar_trainer import use_cuda_allocator_settings
 from aar_trainer.models import ModelOptions, with_lora
 from aar_trainer.train import TrainOptions, fit
 
@@ -282,6 +274,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (with --tiny)")
     args = parser.parse_args()
+    use_cuda_allocator_settings()  # as `aar-train` runs, for both loops; read when CUDA starts
     if args.tiny:
         device = torch.device("cpu")
         torch.set_num_threads(args.threads)

@@ -24,6 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from aar_trainer import use_cuda_allocator_settings
 from aar_trainer.bundle import Bundle, BundleError, write_scorer_labels
 
 DEFAULT_WEAK = "Qwen/Qwen1.5-0.5B-Chat"
@@ -437,6 +438,7 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    use_cuda_allocator_settings()  # before torch starts CUDA, here and in the seeds' processes
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "task", "unused") is None:

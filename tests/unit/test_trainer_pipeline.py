@@ -5,6 +5,7 @@ real predictions, the scorer's submission format, the CLI's commands, seeds and 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -228,3 +229,15 @@ def test_out_of_gpu_memory_names_the_settings_that_fit(
             device=torch.device("cpu"),
             progress=False,
         )
+
+
+def test_aar_train_sets_the_cuda_allocator_unless_the_user_has(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["weak", "--task", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert main(argv) == 2  # no task there: the command stops early, the setting is made first
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert main(argv) == 2
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
