@@ -8,6 +8,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -122,7 +123,7 @@ def _explain_out_of_memory(
             if not options.model.gradient_checkpointing:
                 fixes.append("--gradient-checkpointing")
             if options.model.precision != "bf16":
-                fixes.append("--precision bf16 (bf16 weights and optimizer state)")
+                fixes.append("--precision bf16 (half the memory; small updates round away)")
             if not options.model.lora_r:
                 fixes.append("--lora-r 8 (trains adapters only)")
             doing = "training on"
@@ -164,10 +165,24 @@ def aux_confidence_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: floa
     return soft_cross_entropy(logits, (1 - alpha) * targets + alpha * hard)
 
 
+# bf16 keeps 8 significant bits: an update under about 1/256 of a weight rounds to nothing.
+# Measured with AdamW at lr 1e-5 on a 1024 x 1024 layer of weights of size 0.02: after 10 steps
+# 85 % of the weights were unchanged, and the mean change was 15 % of fp32 AdamW's.
+_BF16_UPDATES = (
+    "most trained weights are bf16 (--precision bf16): an AdamW update smaller than about 1/256 "
+    "of a weight rounds to nothing, so at lr {lr:g} weights larger than about {size:.1g} hardly "
+    "move. For a full fine-tune that learns what it is told, use --precision auto or bf16-mixed "
+    "(fp32 weights), LoRA (--lora-r: its adapters train in fp32), or a larger --lr"
+)
+
+
 def _optimizer(
     model: torch.nn.Module, options: TrainOptions, device: torch.device
 ) -> torch.optim.Optimizer:
     parameters = [p for p in model.parameters() if p.requires_grad]
+    bf16 = sum(p.numel() for p in parameters if p.dtype == torch.bfloat16)
+    if 2 * bf16 > sum(p.numel() for p in parameters):
+        warnings.warn(_BF16_UPDATES.format(lr=options.lr, size=256 * options.lr), stacklevel=3)
     # Fused AdamW runs one kernel for all parameters on a GPU; it exists only there.
     fused = device.type == "cuda"
     return torch.optim.AdamW(
