@@ -53,8 +53,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         f"--{prefix}precision",
         choices=["auto", "bf16", "bf16-mixed", "fp32"],
         default=None,
-        help="auto: bf16 autocast over fp32 weights on a GPU; bf16: bf16 weights, half the "
-        "memory, but AdamW updates under 1/256 of a weight round away",
+        help="auto: bf16 autocast over fp32 weights on a GPU; bf16: bf16 weights with fp32 "
+        "AdamW moments and stochastic rounding, 12 bytes per parameter instead of 16",
     )
     group.add_argument(f"--{prefix}lora-r", type=int, default=None, help="LoRA rank (0: full)")
     group.add_argument(f"--{prefix}lora-alpha", type=int, default=None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from aar_trainer.cli import build_parser, finished_seed, main, w2s_experiment
 from aar_trainer.demo import DEMO_STRONG_OPTIONS, DEMO_WEAK_OPTIONS, make_demo
 from aar_trainer.models import ModelOptions, load_classifier
 from aar_trainer.pipeline import Experiment, train_weak
-from aar_trainer.train import GPUMemoryError, TrainOptions, fit, predict_probs
+from aar_trainer.train import GPUMemoryError, TrainOptions, predict_probs
 
 
 @pytest.fixture(autouse=True)
@@ -242,38 +241,3 @@ def test_aar_train_sets_the_cuda_allocator_unless_the_user_has(
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert main(argv) == 2
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
-
-
-def test_training_bf16_weights_warns_that_small_updates_round_away(
-    demo: dict[str, Path],
-) -> None:
-    # The effect, with real AdamW steps at a fine-tuning learning rate on weights of size 0.02.
-    start = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) * 0.02
-    moved = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        weight = torch.nn.Parameter(start.to(dtype, copy=True))
-        optimizer = torch.optim.AdamW([weight], lr=1e-5)
-        for step in range(10):
-            noise = torch.randn(256, 256, generator=torch.Generator().manual_seed(step))
-            weight.grad = noise.to(dtype)
-            optimizer.step()
-        moved[dtype] = (weight.detach().float() - start.to(dtype).float()).abs().mean().item()
-    assert moved[torch.bfloat16] < 0.3 * moved[torch.float32]
-
-    cpu = torch.device("cpu")
-    encoded, targets = [[5, 6, 7, 8]] * 4, torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 2)
-    said = {}
-    for precision in ("bf16", "fp32"):
-        model_options = ModelOptions(precision=precision)
-        model = load_classifier(str(demo["strong"]), 2, model_options, cpu, pad_token_id=0)
-        options = TrainOptions(epochs=1, max_batch=4, model=model_options)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fit(
-                model, encoded, targets, options, pad_token_id=0, device=cpu, seed=0, progress=False
-            )
-        said[precision] = [str(w.message) for w in caught if "round" in str(w.message)]
-    assert said["fp32"] == []
-    (message,) = said["bf16"]
-    assert "at lr 1e-05 weights larger than about 0.003 hardly move" in message
-    assert "--precision auto or bf16-mixed" in message
