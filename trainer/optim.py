@@ -9,15 +9,17 @@ moves as far as in fp32. Weights in bf16 (2 bytes), gradients in bf16 (2) and fp
 are 12 bytes per parameter, against 16 for fp32 weights under bf16 autocast.
 
 Parameters are updated in flat chunks of at most `CHUNK_ELEMENTS`, a few kernels per chunk
-rather than several per parameter, with temporaries bounded by the chunk (a parameter larger
-than that is a chunk of its own). A chunk shares one step count, and a parameter without a
-gradient in a step, next to others with one, counts as a zero gradient (its moments decay),
-where torch's AdamW would skip it; in `fit` every trained parameter has a gradient every step.
+rather than several per parameter, with temporaries bounded by the chunk: a parameter larger
+than that (a 4B model's embedding has 389M elements) is cut into pieces. A chunk shares one step
+count, and a parameter without a gradient in a step, next to others with one, counts as a zero
+gradient (its moments decay), where torch's AdamW would skip it; in `fit` every trained
+parameter has a gradient every step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +37,9 @@ def round_stochastically(values: torch.Tensor, generator: torch.Generator) -> to
     noise = torch.randint(
         0, _LOW_HALF, bits.shape, dtype=torch.int32, device=bits.device, generator=generator
     )
-    return ((bits + noise) & -_LOW_HALF).view(torch.float32).to(torch.bfloat16)
+    # In the noise's buffer: one temporary the size of the values, not three.
+    rounded = noise.add_(bits).bitwise_and_(-_LOW_HALF)
+    return rounded.view(torch.float32).to(torch.bfloat16)
 
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):
@@ -64,45 +68,39 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
             # Chunks over every parameter, with or without a gradient this step, so that each
             # chunk keeps its parameters and its moments from step to step.
             for chunk in _chunks(group["params"]):
-                if any(p.grad is not None for p in chunk):
+                if any(piece.param.grad is not None for piece in chunk):
                     self._update(chunk, group)
         return loss
 
-    def _update(self, chunk: list[torch.Tensor], group: dict[str, Any]) -> None:
+    def _update(self, chunk: list[_Piece], group: dict[str, Any]) -> None:
         lr, weight_decay, eps = float(group["lr"]), float(group["weight_decay"]), group["eps"]
         beta1, beta2 = (float(beta) for beta in group["betas"])
-        # A chunk's moments live, flat, in the state of its first parameter.
-        state = self.state[chunk[0]]
-        sizes = [p.numel() for p in chunk]
+        # A chunk's moments live, flat, in the state of its first piece's parameter.
+        first = chunk[0]
+        state = self.state[first.param].setdefault(f"chunk@{first.start}", {})
         if not state:
-            total = sum(sizes)
+            total = sum(piece.stop - piece.start for piece in chunk)
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(total, dtype=torch.float32, device=chunk[0].device)
+            state["exp_avg"] = torch.zeros(total, dtype=torch.float32, device=first.param.device)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         state["step"] += 1
         step = state["step"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
 
-        grads = torch.cat(
-            [p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in chunk]
-        ).float()
-        exp_avg.lerp_(grads, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-        del grads
-        denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
-        weights = torch.cat([p.reshape(-1) for p in chunk]).float()
+        scratch = torch.cat([piece.grad() for piece in chunk]).float()
+        exp_avg.lerp_(scratch, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(scratch, scratch, value=1 - beta2)
+        # The gradients are spent: their buffer takes the denominator.
+        denominator = torch.div(exp_avg_sq, 1 - beta2**step, out=scratch).sqrt_().add_(eps)
+        weights = torch.cat([piece.values() for piece in chunk]).float()
         if weight_decay:
             weights.mul_(1 - lr * weight_decay)
         weights.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
-        del denominator
-        if chunk[0].dtype == torch.bfloat16:
-            updated = round_stochastically(weights, self._generator(weights.device))
-        else:
-            updated = weights
-        parts = [
-            part.view_as(p) for part, p in zip(torch.split(updated, sizes), chunk, strict=True)
-        ]
-        torch._foreach_copy_(chunk, parts)
+        del scratch, denominator
+        if first.param.dtype == torch.bfloat16:
+            weights = round_stochastically(weights, self._generator(weights.device))
+        sizes = [piece.stop - piece.start for piece in chunk]
+        torch._foreach_copy_([piece.values() for piece in chunk], list(torch.split(weights, sizes)))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -110,17 +108,40 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         return self._generators[device]
 
 
-def _chunks(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-    """Runs of parameters of one dtype and device, each under CHUNK_ELEMENTS in all (or one
-    parameter, if it alone is larger)."""
-    chunk: list[torch.Tensor] = []
+@dataclass(frozen=True)
+class _Piece:
+    """Elements start:stop of a parameter, flattened."""
+
+    param: torch.Tensor
+    start: int
+    stop: int
+
+    def values(self) -> torch.Tensor:
+        return self.param.view(-1)[self.start : self.stop]
+
+    def grad(self) -> torch.Tensor:
+        if self.param.grad is None:
+            return self.param.new_zeros(self.stop - self.start)
+        return self.param.grad.reshape(-1)[self.start : self.stop]
+
+
+def _chunks(params: list[torch.Tensor]) -> Iterator[list[_Piece]]:
+    """Runs of parameters of one dtype and device, CHUNK_ELEMENTS elements at most, cutting a
+    parameter into pieces where a chunk fills up."""
+    chunk: list[_Piece] = []
     size = 0
     for parameter in params:
-        same = chunk and (parameter.dtype, parameter.device) == (chunk[0].dtype, chunk[0].device)
-        if chunk and (not same or size + parameter.numel() > CHUNK_ELEMENTS):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(parameter)
-        size += parameter.numel()
+        start = 0
+        while start < parameter.numel():
+            kind = (parameter.dtype, parameter.device)
+            if chunk and (
+                size == CHUNK_ELEMENTS or kind != (chunk[0].param.dtype, chunk[0].param.device)
+            ):
+                yield chunk
+                chunk, size = [], 0
+            stop = min(parameter.numel(), start + CHUNK_ELEMENTS - size)
+            chunk.append(_Piece(parameter, start, stop))
+            size += stop - start
+            start = stop
     if chunk:
         yield chunk
