@@ -60,8 +60,7 @@ def test_fine_tuning_updates_move_bf16_weights_as_far_as_fp32_ones() -> None:
 
 
 def test_fp32_parameters_get_adamws_updates_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Small chunks: parameters are grouped, split at chunk bounds, and one larger than a chunk
-    # goes alone.
+    # Small chunks: parameters are grouped, and the 40 x 40 one is cut across three chunks.
     monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 1000)
     generator = torch.Generator().manual_seed(0)
     shapes = [(10, 10), (30, 20), (5,), (40, 40), (7, 3)]
