@@ -24,7 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from aar_trainer import use_cuda_allocator_settings
+from aar_trainer import GPUMemoryError, use_cuda_allocator_settings
 from aar_trainer.bundle import Bundle, BundleError, write_scorer_labels
 
 DEFAULT_WEAK = "Qwen/Qwen1.5-0.5B-Chat"
@@ -449,21 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--task is required (or set AAR_TASK_DIR)")
     try:
         result: int = args.handler(args)
-    except BundleError as error:
-        return _fail(error)
-    except RuntimeError as error:
-        # Imported here: torch loads only for the commands that train.
-        from aar_trainer.train import GPUMemoryError
-
-        if isinstance(error, GPUMemoryError):
-            return _fail(error)
-        raise
+    except (BundleError, GPUMemoryError) as error:
+        print(f"aar-train: {error}", file=sys.stderr)
+        return 2
     return result
-
-
-def _fail(error: Exception) -> int:
-    print(f"aar-train: {error}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

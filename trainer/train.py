@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm  # type: ignore[import-untyped]
 from transformers import PreTrainedTokenizerBase
 
+from aar_trainer import GPUMemoryError
 from aar_trainer.batching import Batch, iterate, plan_batches
 from aar_trainer.bundle import Example
 from aar_trainer.models import ModelOptions, resolve_precision
@@ -104,10 +105,6 @@ def forward_context(device: torch.device, options: ModelOptions) -> Iterator[Non
         if device.type == "cuda":
             stack.enter_context(sdpa_kernel(GPU_ATTENTION_KERNELS))
         yield
-
-
-class GPUMemoryError(RuntimeError):
-    """A batch did not fit in GPU memory; the message names the settings that make it fit."""
 
 
 @contextlib.contextmanager

@@ -14,12 +14,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from aar_trainer import GPUMemoryError
 from aar_trainer.bundle import Bundle
 from aar_trainer.cli import build_parser, finished_seed, main, w2s_experiment
 from aar_trainer.demo import DEMO_STRONG_OPTIONS, DEMO_WEAK_OPTIONS, make_demo
 from aar_trainer.models import ModelOptions, load_classifier
 from aar_trainer.pipeline import Experiment, train_weak
-from aar_trainer.train import GPUMemoryError, TrainOptions, predict_probs
+from aar_trainer.train import TrainOptions, predict_probs
 
 
 @pytest.fixture(autouse=True)
