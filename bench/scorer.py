@@ -73,8 +73,10 @@ def _baseline_app(tasks: dict[str, Task], verifier: CredentialVerifier) -> web.A
 
     async def score(request: web.Request) -> web.Response:
         parsed = parser.parse(await read_body(request))
-        if isinstance(parsed, BodyError) or parsed.packed is None:
-            return json_response({"error": str(parsed)}, status=400)
+        if isinstance(parsed, BodyError):
+            return json_response({"error": parsed.message}, status=400)
+        if parsed.packed is None:
+            return json_response({"error": parsed.answer_error}, status=400)
         public, private = tasks[parsed.task].accuracies(parsed.packed)
         return json_response({"public": public, "private": private})
 
