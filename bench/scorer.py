@@ -5,11 +5,13 @@ run, to a scoring-only baseline on the same HTTP stack (aar_common.web, the same
 the same packed scoring, nothing else).
 
     .venv/bin/python bench/scorer.py [--agents 900] [--runs 100] [--seconds 15]
-                                     [--intake-workers 1]
+                                     [--intake-workers 2]
 
-The scorer runs as deployed: one deciding process and `--intake-workers` processes that parse
-submissions (aar_scorer.intake; 0 parses on the event loop, as the baseline does). The baseline
-is one process. Server CPU figures include the intake workers.
+The scorer runs as deployed: one deciding process and `--intake-workers` processes that receive
+and parse submissions (aar_scorer.intake; default `aar-scorer`'s; with 0 the deciding process
+receives them itself, as the baseline does). The baseline is one process, so the scorer may use
+more cores than it: the CPU time per submission, side by side, says what the safety costs
+whatever the cores. Server CPU figures include the intake workers.
 
 Two figures per server:
 - saturation: every agent submits again as soon as its answer arrives (closed loop); sustained
@@ -59,6 +61,7 @@ from aar_common.credentials import (
 from aar_common.ports import free_port
 from aar_common.web import json_response, make_app, read_body, serve
 from aar_scorer.intake import BodyError, Parser, TaskFacts
+from aar_scorer.main import DEFAULT_INTAKE_WORKERS
 from aar_scorer.tasks import Task, load_tasks, write_task_files
 
 ANSWERS = 2567
@@ -304,7 +307,10 @@ def main() -> None:
     parser.add_argument("--search-steps", type=int, default=4, help="bisection steps, capacity")
     parser.add_argument("--search-seconds", type=float, default=6, help="measured, per step")
     parser.add_argument(
-        "--intake-workers", type=int, default=1, help="the scorer's, as `aar-scorer` takes it"
+        "--intake-workers",
+        type=int,
+        default=DEFAULT_INTAKE_WORKERS,
+        help="the scorer's, as `aar-scorer` takes it (default its own)",
     )
     parser.add_argument("--serve-baseline", nargs=3, metavar=("TASKS", "KEY", "PORT"))
     args = parser.parse_args()

@@ -9,6 +9,8 @@ import contextlib
 import gc
 import json
 import signal
+import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -26,6 +28,9 @@ Model = TypeVar("Model", bound=BaseModel)
 # serving process (see serve()): a tenth of the collector's work of CPython's (700, 10, 10) at a
 # thousand requests a second.
 GC_THRESHOLDS = (7000, 10, 10)
+# Connections the kernel holds for a server that has not accepted them yet: hundreds of agents
+# reconnect at once after a restart.
+LISTEN_BACKLOG = 1024
 
 VERIFIER_KEY = web.AppKey("verifier", CredentialVerifier)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -85,11 +90,17 @@ def presented_token(request: web.Request) -> str | None:
 
 def authenticate(request: web.Request, *, admin: bool = False) -> Principal:
     """The verified principal of a request, or a 401/403 that says why."""
-    token = presented_token(request)
+    return verify_token(request.app[VERIFIER_KEY], presented_token(request), admin=admin)
+
+
+def verify_token(
+    verifier: CredentialVerifier, token: str | None, *, admin: bool = False
+) -> Principal:
+    """The verified principal of a presented credential, or a 401/403 that says why."""
     if not token:
         fail(401, "missing credential: send 'Authorization: Bearer <aar credential>'")
     try:
-        principal = request.app[VERIFIER_KEY].verify(token)
+        principal = verifier.verify(token)
     except CredentialError as error:
         fail(401, f"invalid credential: {error}")
     if admin and principal.role is not Role.ADMIN:
@@ -147,6 +158,11 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         raise _with_status(error.status, error.reason, None, None) from None
 
 
+def json_errors_app(client_max_size: int = 1024**2) -> web.Application:
+    """An application whose every error answers in aar's JSON shape."""
+    return web.Application(client_max_size=client_max_size, middlewares=[_json_errors])
+
+
 def make_app(
     verifier: CredentialVerifier,
     registry: CollectorRegistry,
@@ -154,12 +170,53 @@ def make_app(
     client_max_size: int = 1024**2,
 ) -> web.Application:
     """An application with the verifier, `/healthz` and `/metrics` in place."""
-    app = web.Application(client_max_size=client_max_size, middlewares=[_json_errors])
+    app = json_errors_app(client_max_size)
     app[VERIFIER_KEY] = verifier
     app[REGISTRY_KEY] = registry
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+def listen(
+    host: str = "0.0.0.0", port: int = 8080, unix_socket: Path | None = None
+) -> socket.socket:
+    """A listening socket on `host`:`port`, or on `unix_socket` (a stale socket file there is
+    replaced); an OSError says why it could not be made."""
+    if unix_socket is None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(unix_socket.stat().st_mode):
+            unix_socket.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(unix_socket))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def address(sock: socket.socket) -> str:
+    """A listening socket's address as a URL (`http://unix:PATH:` for a Unix socket)."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"http://unix:{name if isinstance(name, str) else name.decode()}:"
+    host = f"[{name[0]}]" if sock.family == socket.AF_INET6 else name[0]
+    return f"http://{host}:{name[1]}"
+
+
+def settle_collector() -> None:
+    """Set a serving process's garbage collector up for serving, once it has started."""
+    # What exists now (modules, the app, state loaded at start) lives as long as the process.
+    # Frozen, the collector never walks it again: under load, a full collection of it stalled
+    # the event loop for tens of milliseconds, each time in some request's latency. Requests
+    # make almost no reference cycles, and hundreds in flight keep thousands of young objects
+    # alive, which CPython's default of a collection every 700 allocations walked over and over.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def serve(
@@ -168,26 +225,20 @@ async def serve(
     host: str = "0.0.0.0",
     port: int = 8080,
     unix_socket: Path | None = None,
+    sock: socket.socket | None = None,
     ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and run cleanups."""
+    """Serve on `sock`, or else on a socket made from the address arguments, until SIGTERM or
+    SIGINT, then finish in-flight requests and run cleanups."""
+    if sock is None:
+        sock = listen(host, port, unix_socket)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    # What exists now (modules, the app, state loaded at start) lives as long as the process.
-    # Frozen, the collector never walks it again: under load, a full collection of it stalled
-    # the event loop for tens of milliseconds, each time in some request's latency. Requests
-    # make almost no reference cycles, and hundreds in flight keep thousands of young objects
-    # alive, which CPython's default of a collection every 700 allocations walked over and over.
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    site: web.BaseSite
-    if unix_socket is not None:
-        site = web.UnixSite(runner, str(unix_socket))
-    else:
-        site = web.TCPSite(runner, host, port)
+    settle_collector()
+    site = web.SockSite(runner, sock)
     await site.start()
     if ready is not None:
-        ready(site.name)
+        ready(address(sock))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -10,15 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV, CredentialVerifier
-from aar_common.web import serve
+from aar_common.web import address, listen, serve
 from aar_scorer.intake import IntakeError
-from aar_scorer.service import build_app
+from aar_scorer.service import SCORER_KEY, build_app
 from aar_scorer.store import Store
 from aar_scorer.tasks import TaskConfigError, load_tasks
 
 TASKS_FILE_ENV = "AAR_SCORER_TASKS_FILE"
 DATA_DIR_ENV = "AAR_DATA_DIR"
 INTAKE_WORKERS_ENV = "AAR_SCORER_INTAKE_WORKERS"
+# Two keep two cores busy at full load, with the deciding process beside them (docs/scorer.md).
+DEFAULT_INTAKE_WORKERS = 2
 
 
 def _worker_count(text: str) -> int:
@@ -52,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--intake-workers",
         type=_worker_count,
-        default=os.environ.get(INTAKE_WORKERS_ENV, "1"),
-        help="processes that parse submissions beside the one that decides; 0 parses on the "
-        f"event loop (default ${INTAKE_WORKERS_ENV} or 1)",
+        default=os.environ.get(INTAKE_WORKERS_ENV, str(DEFAULT_INTAKE_WORKERS)),
+        help="processes that receive and parse submissions beside the one that decides; 0 "
+        f"receives them in that one (default ${INTAKE_WORKERS_ENV} or {DEFAULT_INTAKE_WORKERS})",
     )
     return parser
 
@@ -71,17 +73,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = load_tasks(Path(args.tasks))
     except TaskConfigError as error:
         raise SystemExit(f"aar-scorer: {error}") from error
+    try:
+        public = listen(args.host, args.port, args.unix_socket)
+    except OSError as error:
+        where = args.unix_socket or f"{args.host}:{args.port}"
+        raise SystemExit(
+            f"aar-scorer: cannot listen on {where}: {error}; pass another --port or --unix-socket"
+        ) from error
     store = Store(Path(args.data_dir) / "scorer.db")
     app = build_app(tasks, store, verifier, intake_workers=args.intake_workers)
 
-    def ready(address: str) -> None:
+    def ready(_: str) -> None:
         names = ", ".join(sorted(tasks)) or "no tasks (list them in the tasks file)"
-        print(f"Serving {names} on {address}", flush=True)
+        print(f"Serving {names} on {address(public)}", flush=True)
 
     try:
-        asyncio.run(
-            serve(app, host=args.host, port=args.port, unix_socket=args.unix_socket, ready=ready)
-        )
+        with public:
+            serving = app[SCORER_KEY].intake.listen(public)
+            asyncio.run(serve(app, sock=serving, ready=ready))
     except IntakeError as error:
         raise SystemExit(f"aar-scorer: {error}") from error
     finally:

@@ -3,12 +3,15 @@ leaderboard, run registration and the review queue.
 
 Every decision about a submission (quota, probing, the Ladder) is made on the event loop without
 an await in between, so concurrent submissions of one run are decided one after another, and
-the answer goes out only once the submission is on disk.
+the answer goes out only once the submission is on disk. Submissions arrive as `Submission`s,
+received by intake workers or by this process's own handler (aar_scorer.intake).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -22,13 +25,32 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from aar_common.credentials import CredentialVerifier, Principal, Role
-from aar_common.web import authenticate, fail, json_response, make_app, read_body, read_model
-from aar_scorer.intake import BodyError, Intake, IntakeUnavailableError, ParsedSubmission, TaskFacts
+from aar_common.web import (
+    authenticate,
+    error_body,
+    fail,
+    json_response,
+    make_app,
+    read_model,
+    verify_token,
+)
+from aar_scorer.intake import (
+    SUBMISSIONS_PATH,
+    Answer,
+    BodyError,
+    Intake,
+    ParsedSubmission,
+    Submission,
+    TaskFacts,
+    receive,
+)
 from aar_scorer.ladder import Ladder, level
 from aar_scorer.probing import ProbeIndex, ProbeReason, Verdict
 from aar_scorer.review import ReviewBook
 from aar_scorer.store import Store
 from aar_scorer.tasks import ProbeAction, Task
+
+log = logging.getLogger(__name__)
 
 
 class Status(StrEnum):
@@ -83,7 +105,7 @@ class Metrics:
         )
         self.intake_restarts = Counter(
             "aar_scorer_intake_restarts",
-            "Intake workers started again after one exited (its submissions were answered 503)",
+            "Intake workers started again after one exited (the connections it held were closed)",
             registry=registry,
         )
         self.latency = Histogram(
@@ -119,12 +141,14 @@ class Scorer:
         store: Store,
         metrics: Metrics,
         intake: Intake,
+        verifier: CredentialVerifier,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.tasks = tasks
         self.store = store
         self.metrics = metrics
         self.intake = intake
+        self.verifier = verifier
         self.clock = clock
         self.reviews = ReviewBook(store.reader, tasks)
         self.runs: dict[str, RunState] = {}
@@ -199,6 +223,31 @@ class Scorer:
                 "when it starts (PUT /api/v1/runs/{namespace}/{run})",
             )
         return state
+
+    async def answer(self, submission: Submission) -> Answer:
+        """The HTTP answer to a submission, once it is decided and, if stored, on disk."""
+        try:
+            agent = verify_token(self.verifier, submission.token)
+            if agent.role is not Role.AGENT:
+                fail(403, "submissions come from agents; admins review them (/api/v1/review)")
+            if isinstance(submission.parsed, BodyError):
+                fail(submission.parsed.status, submission.parsed.message)
+            decided = await self.submit(agent, submission.parsed)
+        except web.HTTPException as error:
+            if 400 <= error.status < 500 and error.status != 429:
+                self.metrics.submissions.labels("invalid").inc()
+            return Answer(error.status, (error.text or "").encode(), dict(error.headers))
+        except Exception:
+            # Said in the log, and to the client as any server error is; the worker that sent
+            # it must get an answer either way.
+            log.exception("Failed to decide a submission")
+            return Answer(
+                500,
+                json.dumps(error_body(500, "the scorer failed on this submission")).encode(),
+                {"Content-Type": "application/json"},
+            )
+        self.metrics.latency.observe(time.monotonic() - submission.arrived)
+        return Answer(200, decided.model_dump_json().encode(), {"Content-Type": "application/json"})
 
     async def submit(self, agent: Principal, body: ParsedSubmission) -> SubmissionResponse:
         run = agent.run_key
@@ -321,37 +370,11 @@ def _describe(verdict: Verdict, task: Task) -> str:
 SCORER_KEY = web.AppKey("scorer", Scorer)
 
 
-def _agent(request: web.Request) -> Principal:
-    principal = authenticate(request)
-    if principal.role is not Role.AGENT:
-        fail(403, "submissions come from agents; admins review them (/api/v1/review)")
-    return principal
-
-
 async def _submit(request: web.Request) -> web.Response:
+    """Submissions this process receives itself: all of them without intake workers."""
     scorer = request.app[SCORER_KEY]
-    started = time.perf_counter()
-    try:
-        agent = _agent(request)
-        body = await _read_submission(request, scorer.intake)
-        answer = await scorer.submit(agent, body)
-    except web.HTTPException as error:
-        if 400 <= error.status < 500 and error.status != 429:
-            scorer.metrics.submissions.labels("invalid").inc()
-        raise
-    scorer.metrics.latency.observe(time.perf_counter() - started)
-    return json_response(answer)
-
-
-async def _read_submission(request: web.Request, intake: Intake) -> ParsedSubmission:
-    raw = await read_body(request)
-    try:
-        parsed = await intake.parse(raw)
-    except IntakeUnavailableError as error:
-        fail(503, str(error), headers={"retry-after": "1"})
-    if isinstance(parsed, BodyError):
-        fail(400, parsed.message)
-    return parsed
+    answer = await scorer.answer(await receive(request, scorer.intake.parser))
+    return answer.response()
 
 
 async def _task(request: web.Request) -> web.Response:
@@ -462,31 +485,38 @@ def build_app(
     clock: Callable[[], float] = time.time,
     intake_workers: int = 0,
 ) -> web.Application:
-    """The scorer as an aiohttp application; the caller owns the store and closes it. With
-    `intake_workers`, submissions are parsed in that many worker processes (aar_scorer.intake),
-    started and stopped with the application."""
+    """The scorer as an aiohttp application; the caller owns the store and closes it.
+
+    With `intake_workers`, submissions are received in that many worker processes
+    (aar_scorer.intake), started and stopped with the application; the caller then serves the
+    application on `app[SCORER_KEY].intake.listen(public_socket)`, which the workers accept on.
+    """
     registry = CollectorRegistry()
     largest = max((task.size for task in tasks.values()), default=0)
     # Room for the longest task's answers as JSON strings, the method and the envelope.
-    app = make_app(verifier, registry, client_max_size=largest * 64 + 256 * 1024)
+    client_max_size = largest * 64 + 256 * 1024
+    app = make_app(verifier, registry, client_max_size=client_max_size)
     metrics = Metrics(registry)
     intake = Intake(
         {name: TaskFacts(task.spec.labels, task.size) for name, task in tasks.items()},
         intake_workers,
+        client_max_size,
         metrics.intake_restarts,
     )
-    app[SCORER_KEY] = Scorer(tasks, store, metrics, intake, clock)
+    scorer = app[SCORER_KEY] = Scorer(tasks, store, metrics, intake, verifier, clock)
 
     async def start_intake(_: web.Application) -> None:
-        await intake.start()
+        await intake.start(scorer.answer)
 
     async def stop_intake(_: web.Application) -> None:
-        await intake.close()
+        await intake.stop()
 
     app.on_startup.append(start_intake)
-    app.on_cleanup.append(stop_intake)
+    # Before in-flight requests are waited for: the workers finish theirs while this process
+    # still decides.
+    app.on_shutdown.append(stop_intake)
     app.router.add_get("/api/v1/tasks/{task}", _task)
-    app.router.add_post("/api/v1/submissions", _submit)
+    app.router.add_post(SUBMISSIONS_PATH, _submit)
     app.router.add_get("/api/v1/submissions/{id}", _submission)
     app.router.add_get("/api/v1/leaderboard", _leaderboard)
     app.router.add_put("/api/v1/runs/{namespace}/{run}", _register)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -18,7 +21,16 @@ from aar_common.credentials import (
     generate_signing_key,
     public_key_pem,
 )
-from aar_common.web import GC_THRESHOLDS, authenticate, json_response, make_app, read_model
+from aar_common.web import (
+    GC_THRESHOLDS,
+    address,
+    authenticate,
+    json_response,
+    listen,
+    make_app,
+    read_model,
+    serve,
+)
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -128,3 +140,49 @@ def test_a_serving_process_keeps_what_it_started_with_out_of_collections() -> No
     frozen, *thresholds = map(int, reported)
     assert frozen > 10_000  # the imported modules, the app
     assert tuple(thresholds) == GC_THRESHOLDS
+
+
+def test_listen_makes_tcp_and_unix_sockets_and_names_them(tmp_path: Path) -> None:
+    with listen("127.0.0.1", 0) as tcp:
+        port = tcp.getsockname()[1]
+        assert address(tcp) == f"http://127.0.0.1:{port}"
+        # A port in use is an OSError, for the caller to explain.
+        with pytest.raises(OSError, match="in use"):
+            listen("127.0.0.1", port)
+    path = tmp_path / "service.sock"
+    with listen(unix_socket=path) as first:
+        assert address(first) == f"http://unix:{path}:"
+    # A socket file left behind by a process that is gone is replaced; a file of another kind
+    # is never removed.
+    with listen(unix_socket=path) as second:
+        assert address(second) == f"http://unix:{path}:"
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me")
+    with pytest.raises(OSError, match="in use"):
+        listen(unix_socket=other)
+    assert other.read_text() == "keep me"
+
+
+async def test_serve_serves_a_socket_it_is_given(tmp_path: Path) -> None:
+    app = make_app(CredentialVerifier(public_key_pem(KEY)), CollectorRegistry())
+    addresses: list[str] = []
+    path = tmp_path / "given.sock"
+    serving = asyncio.ensure_future(
+        serve(app, sock=listen(unix_socket=path), ready=addresses.append)
+    )
+    try:
+        for _ in range(100):
+            if addresses:
+                break
+            await asyncio.sleep(0.02)
+        assert addresses == [f"http://unix:{path}:"]
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.get("http://service/healthz") as response,
+        ):
+            assert (response.status, await response.text()) == (200, "ok")
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving

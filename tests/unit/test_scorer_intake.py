@@ -1,12 +1,15 @@
-"""Submissions parsed in intake worker processes (aar_scorer.intake), over real HTTP: the same
-answers as parsing on the event loop, and a worker that dies costs a retry, never a submission."""
+"""Submissions received in intake worker processes (aar_scorer.intake), over real HTTP: the same
+answers as receiving them in the deciding process, every other request passed through unchanged,
+and a worker that dies or stops costs at most a retry, never a submission."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,9 +26,10 @@ from aar_common.credentials import (
     public_key_pem,
 )
 from aar_common.ports import free_port
+from aar_common.web import listen
 from aar_scorer.intake import IntakeError
 from aar_scorer.main import main as scorer_main
-from aar_scorer.service import SCORER_KEY, build_app
+from aar_scorer.service import SCORER_KEY, RunRegistration, build_app
 from aar_scorer.store import Store
 from aar_scorer.tasks import load_tasks, write_task_files
 
@@ -58,30 +62,50 @@ class Server:
             return await response.text()
 
 
-async def serve(tmp_path: Path, port: int, workers: int) -> tuple[web.AppRunner, Store]:
+class Served:
+    """A scorer as `aar-scorer` serves it: the workers accept on the public socket, the deciding
+    process serves the socket `Intake.listen` gives it."""
+
+    def __init__(self, runner: web.AppRunner, store: Store, public: socket.socket) -> None:
+        self.runner, self.store, self.public = runner, store, public
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        self.store.close()
+        self.public.close()
+
+
+async def serve(tmp_path: Path, port: int, workers: int) -> Served:
     tasks = load_tasks(write_task_files(tmp_path / "tasks", [(TASK, TRUTH, "intake-test-seed")]))
     store = Store(tmp_path / "data" / "scorer.db")
     app = build_app(
         tasks, store, CredentialVerifier(public_key_pem(KEY)), lambda: 1_800_000_000.0, workers
     )
+    public = listen("127.0.0.1", port)
     runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, store
+    try:
+        serving = app[SCORER_KEY].intake.listen(public)
+        await runner.setup()
+    except BaseException:
+        store.close()
+        public.close()
+        raise
+    await web.SockSite(runner, serving).start()
+    return Served(runner, store, public)
 
 
 @pytest.fixture
 async def servers(tmp_path: Path) -> AsyncIterator[dict[int, Server]]:
-    """The same scorer twice, on stores of their own: parsing on the event loop (0 workers) and
-    in one worker process (1)."""
+    """The same scorer twice, on stores of their own: receiving submissions in the deciding
+    process (0 workers) and in one worker process (1)."""
     started = []
     async with aiohttp.ClientSession() as http:
         servers = {}
         for workers in (0, 1):
             port = free_port()
-            runner, store = await serve(tmp_path / f"workers-{workers}", port, workers)
-            started.append((runner, store))
-            servers[workers] = Server(f"http://127.0.0.1:{port}", http, runner.app)
+            served = await serve(tmp_path / f"workers-{workers}", port, workers)
+            started.append(served)
+            servers[workers] = Server(f"http://127.0.0.1:{port}", http, served.runner.app)
             async with http.put(
                 f"http://127.0.0.1:{port}/api/v1/runs/lab/run-i",
                 json={"task": "intake", "review_required": False},
@@ -89,9 +113,8 @@ async def servers(tmp_path: Path) -> AsyncIterator[dict[int, Server]]:
             ) as response:
                 assert response.status == 200
         yield servers
-    for runner, store in started:
-        await runner.cleanup()
-        store.close()
+    for served in started:
+        await served.stop()
 
 
 def agent(name: str) -> dict[str, str]:
@@ -134,21 +157,81 @@ BODIES: list[Any] = [
 ]
 
 
-async def test_workers_answer_exactly_as_the_event_loop_does(servers: dict[int, Server]) -> None:
+async def test_workers_answer_exactly_as_the_deciding_process_does(
+    servers: dict[int, Server],
+) -> None:
+    for headers in ({}, ADMIN, {"Authorization": "Bearer nonsense"}):
+        inline = await servers[0].post(headers, BODIES[0])
+        worker = await servers[1].post(headers, BODIES[0])
+        assert worker[:2] == inline[:2], headers
     for body in BODIES:
         inline = await servers[0].post(agent("i1"), body)
         worker = await servers[1].post(agent("i1"), body)
         assert worker[:2] == inline[:2], body
+        assert worker[2]["Content-Type"] == inline[2]["Content-Type"]
     # Both rounds stored the same: two accepted, one refused.
     for server in servers.values():
         text = await server.metrics()
         assert 'aar_scorer_submissions_total{result="accepted"} 2.0' in text
         assert 'aar_scorer_submissions_total{result="refused"} 1.0' in text
-        assert 'aar_scorer_submissions_total{result="invalid"} 8.0' in text
+        assert 'aar_scorer_submissions_total{result="invalid"} 11.0' in text
+        assert "aar_scorer_scoring_seconds_count 3.0" in text
+
+
+async def test_a_body_too_large_is_refused_alike(servers: dict[int, Server]) -> None:
+    body = {"task": "intake", "predictions": answers(9), "method": "m" * 2_000_000}
+    inline = await servers[0].post(agent("i1"), body)
+    worker = await servers[1].post(agent("i1"), body)
+    assert worker[:2] == inline[:2]
+    assert worker[0] == 413
+    assert "send a smaller body" in worker[1]["error"]["message"]
+
+
+async def test_every_other_request_is_passed_through_unchanged(
+    servers: dict[int, Server],
+) -> None:
+    await servers[0].post(agent("i1"), BODIES[0])
+    await servers[1].post(agent("i1"), BODIES[0])
+    requests: list[tuple[str, str, dict[str, str], Any]] = [
+        ("GET", "/api/v1/tasks/intake", agent("i1"), None),
+        ("GET", "/api/v1/tasks/nope", agent("i1"), None),
+        ("GET", "/api/v1/leaderboard", agent("i1"), None),
+        ("GET", "/api/v1/leaderboard?run=lab/run-i", ADMIN, None),
+        ("GET", "/api/v1/review?run=lab/run-i", ADMIN, None),
+        ("GET", "/api/v1/review", agent("i1"), None),
+        ("GET", "/api/v1/submissions/1", ADMIN, None),
+        ("POST", "/api/v1/review/1", ADMIN, {"decision": "maybe", "comment": "x"}),
+        ("POST", "/api/v1/review/1", ADMIN, {"decision": "approve", "comment": "checked"}),
+        ("PUT", "/api/v1/runs/lab/run-j", ADMIN, {"task": "intake"}),
+        ("GET", "/api/v1/nowhere", ADMIN, None),
+        ("DELETE", "/api/v1/submissions", ADMIN, None),
+        ("GET", "/healthz", {}, None),
+    ]
+    for method, path, headers, body in requests:
+        answers_ = []
+        for server in servers.values():
+            async with server.http.request(
+                method, server.url + path, headers=headers, json=body
+            ) as response:
+                text = await response.text()
+                answers_.append((response.status, response.content_type, text))
+        inline, worker = answers_
+        assert worker[:2] == inline[:2], path
+        if inline[1] == "application/json":
+            # Review records carry the time they were made; everything else is the same.
+            bodies = [json.loads(inline[2]), json.loads(worker[2])]
+            for body_ in bodies:
+                for review in body_.get("reviews", []):
+                    review.pop("created_at")
+            assert bodies[1] == bodies[0], path
+        else:
+            assert worker[2] == inline[2], path
+    metrics = await servers[1].metrics()
+    assert 'aar_scorer_submissions_total{result="accepted"} 1.0' in metrics
 
 
 async def test_many_submissions_at_once_through_one_worker(servers: dict[int, Server]) -> None:
-    # Frames arrive in the worker several to a read and split across reads.
+    # Frames arrive several to a read and split across reads, both ways.
     bodies = [
         {"task": "intake", "predictions": answers(100 + n), "method": f"m{n}"} for n in range(60)
     ]
@@ -158,65 +241,121 @@ async def test_many_submissions_at_once_through_one_worker(servers: dict[int, Se
     assert [status for status, _, _ in results] == [200] * 60
     assert sorted(answer["id"] for _, answer, _ in results) == list(range(1, 61))
     scorer = servers[1].app[SCORER_KEY]
-    for _, answer, _ in results:
+    for n, (_, answer, _) in enumerate(results):
         row = scorer.store.reader.execute(
-            "SELECT method FROM submissions WHERE id = ?", (answer["id"],)
+            "SELECT method, agent FROM submissions WHERE id = ?", (answer["id"],)
         ).fetchone()
-        assert row["method"] in {b["method"] for b in bodies}
+        # Each answer is the one to its own request.
+        assert (row["method"], row["agent"]) == (f"m{n}", f"a{n}")
+
+
+async def raw_post(port: int, body: Any, connection: Any = None) -> tuple[Any, Any]:
+    """Send a submission on a connection of its own (or the one given); returns the open
+    connection and a task that reads the answer's status line."""
+    reader, writer = connection or await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps(body).encode()
+    writer.write(
+        (
+            f"POST /api/v1/submissions HTTP/1.1\r\nHost: scorer\r\n"
+            f"Authorization: Bearer {ISSUER.mint_agent('lab', 'run-i', 'i1')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        + payload
+    )
+    await writer.drain()
+
+    async def status_and_body() -> tuple[int, bytes]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        return int(head[9:12]), await reader.readexactly(length)
+
+    return (reader, writer), asyncio.ensure_future(status_and_body())
+
+
+def stored(server: Server) -> int:
+    scorer = server.app[SCORER_KEY]
+    return int(scorer.store.reader.execute("SELECT COUNT(*) FROM submissions").fetchone()[0])
 
 
 async def test_a_worker_that_dies_costs_a_retry_not_a_submission(
     servers: dict[int, Server],
 ) -> None:
     server = servers[1]
+    port = int(server.url.rsplit(":", 1)[1])
     [pid] = intake_workers()
-    body = {"task": "intake", "predictions": answers(50), "method": "m"}
-    # Frozen, the worker holds the submission; killed, it never answers it.
+    # A connection the worker has accepted and served once.
+    connection, answer = await raw_post(port, BODIES[0])
+    assert (await answer)[0] == 200
     os.kill(pid, signal.SIGSTOP)
-    held = asyncio.ensure_future(server.post(agent("i1"), body))
-    scorer = server.app[SCORER_KEY]
-    for _ in range(200):
-        if scorer.intake.pending():
-            break
-        await asyncio.sleep(0.01)
-    assert scorer.intake.pending() == 1
+    # Frozen, the worker holds the next submission on that connection, and a new connection
+    # waits, not yet accepted, on the listening socket the worker shares with the scorer.
+    _, held = await raw_post(port, {**BODIES[0], "predictions": answers(50)}, connection)
+    _, queued = await raw_post(port, {**BODIES[0], "predictions": answers(51)})
+    await asyncio.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
-    status, answer, headers = await held
-    assert status == 503
-    assert "send it again" in answer["error"]["message"]
-    assert headers["Retry-After"] == "1"
-    count = scorer.store.reader.execute("SELECT COUNT(*) FROM submissions").fetchone()[0]
-    assert count == 0
-    # A new worker takes over: the same submission, sent again, is scored.
-    status, answer, _ = await server.post(agent("i1"), body)
-    assert status == 200, answer
-    assert answer["status"] == "accepted"
+    # The held one's connection is gone with the worker, and nothing of it was stored.
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        await held
+    # The queued one is accepted and scored by the worker that took over.
+    status, _ = await queued
+    assert status == 200
+    assert stored(server) == 2
     [replacement] = intake_workers()
     assert replacement != pid
+    # Sent again, the held one is scored.
+    _, answer = await raw_post(port, {**BODIES[0], "predictions": answers(50)})
+    assert (await answer)[0] == 200
+    assert stored(server) == 3
     assert "aar_scorer_intake_restarts_total 1.0" in await server.metrics()
 
 
 async def test_a_stuck_worker_is_replaced(servers: dict[int, Server]) -> None:
     server = servers[1]
-    scorer = server.app[SCORER_KEY]
-    scorer.intake.answer_timeout = 0.5
+    server.app[SCORER_KEY].intake.silence_timeout = 0.5
     [pid] = intake_workers()
-    os.kill(pid, signal.SIGSTOP)  # alive, and never answering
-    body = {"task": "intake", "predictions": answers(60), "method": "m"}
-    status, answer, _ = await server.post(agent("i1"), body)
-    assert status == 503
-    assert "did not answer within 0.5 s; nothing was stored" in answer["error"]["message"]
-    status, answer, _ = await server.post(agent("i1"), body)
+    os.kill(pid, signal.SIGSTOP)  # alive, and never answering a ping
+    for _ in range(100):
+        if intake_workers() not in ([pid], []):
+            break
+        await asyncio.sleep(0.05)
+    assert intake_workers() not in ([pid], [])
+    status, answer, _ = await server.post(agent("i1"), BODIES[0])
     assert status == 200, answer
-    assert intake_workers() != [pid]
+
+
+async def test_a_stopping_scorer_answers_what_its_workers_hold(tmp_path: Path) -> None:
+    port = free_port()
+    served = await serve(tmp_path, port, workers=1)
+    scorer = served.runner.app[SCORER_KEY]
+    await scorer.register("lab/run-i", RunRegistration(task="intake"), "reviewer")
+    # The decision waits until the scorer has been told to stop.
+    deciding = asyncio.Event()
+    release = asyncio.Event()
+    submit = scorer.submit
+
+    async def slow_submit(*args: Any) -> Any:
+        deciding.set()
+        await release.wait()
+        return await submit(*args)
+
+    scorer.submit = slow_submit  # type: ignore[method-assign]
+    _, answer = await raw_post(port, BODIES[0])
+    await asyncio.wait_for(deciding.wait(), 10)
+    stopping = asyncio.ensure_future(served.stop())
+    await asyncio.sleep(0.3)
+    assert not stopping.done()  # waiting for the worker, which waits for its answer
+    release.set()
+    status, body = await answer
+    assert status == 200, body
+    await stopping
+    assert intake_workers() == []
 
 
 async def test_workers_stop_with_the_scorer(tmp_path: Path) -> None:
-    runner, store = await serve(tmp_path, free_port(), workers=2)
+    served = await serve(tmp_path, free_port(), workers=2)
     pids = intake_workers()
     assert len(pids) == 2
-    await runner.cleanup()
-    store.close()
+    await served.stop()
     assert intake_workers() == []
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # noqa: ASYNC240
 
@@ -237,3 +376,69 @@ def test_a_negative_worker_count_is_refused_with_how_to_fix_it(
     with pytest.raises(SystemExit):
         scorer_main(["--intake-workers", "-1"])
     assert "--intake-workers: -1 is not a worker count; pass 0 or more" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_refused_with_how_to_fix_it(tmp_path: Path) -> None:
+    key = tmp_path / "public-key.pem"
+    key.write_bytes(public_key_pem(KEY))
+    tasks = write_task_files(tmp_path / "tasks", [(TASK, TRUTH, "intake-test-seed")])
+    with listen("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as refused:
+            scorer_main(
+                ["--tasks", str(tasks), "--data-dir", str(tmp_path / "data"),
+                 "--public-key", str(key), "--host", "127.0.0.1", "--port", str(port)]
+            )  # fmt: skip
+    message = str(refused.value)
+    assert f"cannot listen on 127.0.0.1:{port}" in message
+    assert "pass another --port" in message
+
+
+def children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+async def test_aar_scorer_serves_a_unix_socket_through_its_workers(tmp_path: Path) -> None:
+    key = tmp_path / "public-key.pem"
+    key.write_bytes(public_key_pem(KEY))
+    tasks = write_task_files(tmp_path / "tasks", [(TASK, TRUTH, "intake-test-seed")])
+    path = tmp_path / "scorer.sock"
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "aar-scorer"),
+        "--tasks", str(tasks), "--data-dir", str(tmp_path / "data"), "--public-key", str(key),
+        "--unix-socket", str(path), "--intake-workers", "2",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 60)
+        assert line.decode().strip() == f"Serving intake on http://unix:{path}:"
+        workers = children(process.pid)
+        assert len(workers) == 2
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.put(
+                "http://scorer/api/v1/runs/lab/run-i", json={"task": "intake"}, headers=ADMIN
+            ) as response:
+                assert response.status == 200
+            async with http.post(
+                "http://scorer/api/v1/submissions", json=BODIES[0], headers=agent("i1")
+            ) as response:
+                assert response.status == 200
+                assert (await response.json())["status"] == "accepted"
+            async with http.get("http://scorer/metrics") as response:
+                text = await response.text()
+        assert 'aar_scorer_submissions_total{result="accepted"} 1.0' in text
+        assert "aar_scorer_intake_restarts_total 0.0" in text
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        # The workers went first, and the scorer waited for them.
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # noqa: ASYNC240
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
