@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -79,6 +80,8 @@ _STOP_SECONDS = 15.0
 # A worker that exited before it was ready is started again only after this pause, so one that
 # cannot start (a broken install) does not spin.
 _RESTART_PAUSE_SECONDS = 1.0
+# prctl(2): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 # A request passed on to the deciding process: its answers take milliseconds.
 _PASS_TIMEOUT = aiohttp.ClientTimeout(total=60)
 
@@ -353,6 +356,8 @@ class Intake:
                 str(theirs.fileno()),
                 "--listener",
                 str(self._public.fileno()),
+                "--scorer",
+                str(os.getpid()),
                 pass_fds=[theirs.fileno(), self._public.fileno()],
             )
         _, worker = await asyncio.get_running_loop().connect_accepted_socket(
@@ -586,6 +591,19 @@ async def _work(channel: socket.socket, listener: socket.socket) -> None:
     await runner.cleanup()  # stops accepting, then finishes the submissions in flight
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this worker when the deciding process dies. A worker learns of that
+    from its socket too, but one that is stuck would otherwise hold the port, and a restarted
+    scorer could not listen on it."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("cannot ask to die with the scorer: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="aar_scorer.intake",
@@ -593,11 +611,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--channel", type=int, required=True, help="the socket to the scorer")
     parser.add_argument("--listener", type=int, required=True, help="the scorer's listening socket")
+    parser.add_argument("--scorer", type=int, required=True, help="the deciding process's id")
     args = parser.parse_args(argv)
     # Signals to a terminal's or a container's process group reach the workers too; the
     # deciding process says when they stop, and they stop when it is gone.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    _die_with(args.scorer)
     with contextlib.suppress(ConnectionError):
         asyncio.run(_work(socket.socket(fileno=args.channel), socket.socket(fileno=args.listener)))
     return 0

@@ -5,6 +5,7 @@ and a worker that dies or stops costs at most a retry, never a submission."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -442,3 +443,36 @@ async def test_aar_scorer_serves_a_unix_socket_through_its_workers(tmp_path: Pat
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_workers_die_with_a_killed_scorer_and_free_its_port(tmp_path: Path) -> None:
+    key = tmp_path / "public-key.pem"
+    key.write_bytes(public_key_pem(KEY))
+    tasks = write_task_files(tmp_path / "tasks", [(TASK, TRUTH, "intake-test-seed")])
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "aar-scorer"),
+        "--tasks", str(tasks), "--data-dir", str(tmp_path / "data"), "--public-key", str(key),
+        "--host", "127.0.0.1", "--port", str(port), "--intake-workers", "2",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    await asyncio.wait_for(process.stdout.readline(), 60)
+    workers = children(process.pid)
+    assert len(workers) == 2
+    try:
+        # One worker is stuck: it will never read the end of its socket to the scorer.
+        os.kill(workers[0], signal.SIGSTOP)
+        process.kill()
+        for _ in range(100):
+            if not any(Path(f"/proc/{pid}").exists() for pid in workers):  # noqa: ASYNC240
+                break
+            await asyncio.sleep(0.05)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # noqa: ASYNC240
+        # A scorer started again can listen on the port.
+        listen("127.0.0.1", port).close()
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(process.wait(), 10)
