@@ -323,10 +323,6 @@ class Intake:
                     "in the scorer's own process instead, pass --intake-workers 0"
                 )
 
-    def pids(self) -> list[int]:
-        """Process ids of the running workers."""
-        return [worker.process.pid for worker in self._running]
-
     async def stop(self) -> None:
         """The workers stop accepting connections, finish the submissions they hold (decided
         here meanwhile), and exit."""
@@ -337,8 +333,8 @@ class Intake:
         workers, self._running = self._running, []
         for worker in workers:
             worker.write_frame(_STOP, b"")
+        await asyncio.gather(*(_reap(worker.process, _STOP_SECONDS) for worker in workers))
         for worker in workers:
-            await _reap(worker.process, _STOP_SECONDS)
             worker.close()
 
     async def _start_worker(self) -> _Worker:
@@ -399,16 +395,16 @@ class Intake:
             await asyncio.sleep(min(_PING_SECONDS, self.silence_timeout / 2))
             now = asyncio.get_running_loop().time()
             for worker in self._running:
-                if not worker.ready.done():
-                    continue  # still starting; _READY_SECONDS covers it
-                if now - worker.heard > self.silence_timeout:
+                # One still starting has heard nothing since it was started.
+                limit = self.silence_timeout if worker.ready.done() else _READY_SECONDS
+                if now - worker.heard > limit:
                     log.error(
                         "submission intake worker %d was silent for %g s; killing it",
                         worker.process.pid,
-                        self.silence_timeout,
+                        limit,
                     )
                     worker.kill()
-                else:
+                elif worker.ready.done():
                     worker.write_frame(_PING, b"")
 
     async def _restart(self, worker: _Worker, pause: float) -> None:
@@ -448,6 +444,14 @@ def _take_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
 
 # In a worker process.
 
+# What a worker's client is told when the deciding process is gone: before the submission was
+# handed over, and after.
+_NOT_SENT = "the scorer is restarting; nothing was stored, send it again"
+_SENT_UNANSWERED = (
+    "the scorer stopped before it answered; the submission may have been stored (sent again, it "
+    "is then refused or flagged as a near duplicate): send it again"
+)
+
 
 class _Link(asyncio.Protocol):
     """A worker's end of its socket to the deciding process."""
@@ -471,8 +475,10 @@ class _Link(asyncio.Protocol):
         self._transport.write(_frame(number, payload))
 
     async def ask(self, submission: Submission) -> Answer:
+        """The deciding process's answer; a ConnectionError whose message is for the client if
+        there is none."""
         if self._transport is None or self._transport.is_closing():
-            raise ConnectionError("the deciding process is gone")
+            raise ConnectionError(_NOT_SENT)
         # Numbers are 32 bits; they wrap around, skipping the control frames' numbers.
         self._number = max(_FIRST_SUBMISSION, (self._number + 1) % 0x1_0000_0000)
         number = self._number
@@ -501,7 +507,7 @@ class _Link(asyncio.Protocol):
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(ConnectionError("the deciding process is gone"))
+                future.set_exception(ConnectionError(_SENT_UNANSWERED))
         self.stopping.set()
 
 
@@ -546,8 +552,8 @@ def _worker_app(
         submission = await receive(request, parser)
         try:
             answer = await link.ask(submission)
-        except ConnectionError:
-            fail(503, _GONE, headers={"retry-after": "1"})
+        except ConnectionError as error:
+            fail(503, str(error), headers={"retry-after": "1"})
         return answer.response()
 
     async def pass_on(request: web.Request) -> web.Response:
@@ -562,7 +568,7 @@ def _worker_app(
             ) as upstream:
                 payload = await upstream.read()
         except aiohttp.ClientError:
-            fail(503, _GONE, headers={"retry-after": "1"})
+            fail(503, "the scorer is restarting; send it again", headers={"retry-after": "1"})
         return web.Response(
             status=upstream.status, body=payload, headers=_end_to_end(upstream.headers)
         )
@@ -571,9 +577,6 @@ def _worker_app(
     app.router.add_post(SUBMISSIONS_PATH, submit)
     app.router.add_route("*", "/{path:.*}", pass_on)
     return app
-
-
-_GONE = "the scorer is restarting; nothing was stored, send it again"
 
 
 async def _work(channel: socket.socket, listener: socket.socket) -> None:

@@ -274,8 +274,7 @@ async def raw_post(port: int, body: Any, connection: Any = None) -> tuple[Any, A
 
 
 def stored(server: Server) -> int:
-    scorer = server.app[SCORER_KEY]
-    return int(scorer.store.reader.execute("SELECT COUNT(*) FROM submissions").fetchone()[0])
+    return stored_in(server.app[SCORER_KEY])
 
 
 async def test_a_worker_that_dies_costs_a_retry_not_a_submission(
@@ -476,3 +475,52 @@ async def test_workers_die_with_a_killed_scorer_and_free_its_port(tmp_path: Path
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await asyncio.wait_for(process.wait(), 10)
+
+
+async def test_a_submission_the_scorer_stopped_answering_is_said_to_be_maybe_stored(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    served = await serve(tmp_path, port, workers=1)
+    try:
+        scorer = served.runner.app[SCORER_KEY]
+        await scorer.register("lab/run-i", RunRegistration(task="intake"), "reviewer")
+        deciding, release = asyncio.Event(), asyncio.Event()
+        submit = scorer.submit
+
+        async def slow_submit(*args: Any) -> Any:
+            deciding.set()
+            await release.wait()
+            return await submit(*args)
+
+        scorer.submit = slow_submit  # type: ignore[method-assign]
+        _, answer = await raw_post(port, BODIES[0])
+        await asyncio.wait_for(deciding.wait(), 10)
+        # The worker's socket to the deciding process closes, as when that process dies.
+        [worker] = scorer.intake._running
+        worker.close()
+        status, body = await answer
+        assert status == 503
+        assert "may have been stored" in json.loads(body)["error"]["message"]
+        release.set()
+        for _ in range(100):
+            if stored_in(scorer) == 1:
+                break
+            await asyncio.sleep(0.02)
+        # It was stored; sent again, it is a near duplicate, refused.
+        scorer.submit = submit  # type: ignore[method-assign]
+        for _ in range(100):  # the worker that took over accepts connections
+            if len(intake_workers()) == 1 and scorer.intake._running[0].ready.done():
+                break
+            await asyncio.sleep(0.05)
+        _, answer = await raw_post(port, BODIES[0])
+        status, body = await answer
+        assert status == 200
+        assert json.loads(body)["status"] == "refused"
+        assert stored_in(scorer) == 2
+    finally:
+        await served.stop()
+
+
+def stored_in(scorer: Any) -> int:
+    return int(scorer.store.reader.execute("SELECT COUNT(*) FROM submissions").fetchone()[0])
