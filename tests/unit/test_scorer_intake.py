@@ -251,8 +251,9 @@ async def test_many_submissions_at_once_through_one_worker(servers: dict[int, Se
 
 
 async def raw_post(port: int, body: Any, connection: Any = None) -> tuple[Any, Any]:
-    """Send a submission on a connection of its own (or the one given); returns the open
-    connection and a task that reads the answer's status line."""
+    """Send a submission on a connection of its own (or the one given), written by hand so the
+    test knows which connection holds it; returns the connection and a future of the answer's
+    status and body."""
     reader, writer = connection or await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode()
     writer.write(
