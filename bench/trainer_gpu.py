@@ -303,6 +303,7 @@ def main() -> None:
             print(f"{run.name}: out of GPU memory, left out ({str(error).splitlines()[0]})")
             figures[f"{run.name}_error"] = "out of GPU memory"
             result = None
+        # Out of the except block, whose traceback holds the failed run's tensors.
         if result is None:
             gc.collect()
             torch.cuda.empty_cache()

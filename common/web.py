@@ -113,7 +113,12 @@ async def read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as error:
-        fail(413, f"{error.text}; send a smaller body")
+        fail(413, too_large(error))
+
+
+def too_large(error: web.HTTPRequestEntityTooLarge) -> str:
+    """What a 413 says: the size allowed, the size sent, and the fix."""
+    return f"{error.text}; send a smaller body"
 
 
 async def read_model(request: web.Request, model: type[Model]) -> Model:

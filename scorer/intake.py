@@ -58,6 +58,7 @@ from aar_common.web import (
     presented_token,
     read_body,
     settle_collector,
+    too_large,
 )
 from aar_scorer.packing import Packer
 
@@ -180,17 +181,12 @@ async def receive(request: web.Request, parser: Parser) -> Submission:
     """A submission request as the deciding process takes it: the same in a worker and there."""
     arrived = time.monotonic()
     try:
-        raw = await read_body(request)
-    except web.HTTPException as error:  # too large
-        parsed: ParsedSubmission | BodyError = BodyError(_message(error), error.status)
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as error:
+        parsed: ParsedSubmission | BodyError = BodyError(too_large(error), error.status)
     else:
         parsed = parser.parse(raw)
     return Submission(presented_token(request), parsed, arrived)
-
-
-def _message(error: web.HTTPException) -> str:
-    """The message of an error that `fail` raised."""
-    return str(json.loads(error.text or "{}").get("error", {}).get("message", error.reason))
 
 
 class IntakeError(Exception):

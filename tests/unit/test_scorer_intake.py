@@ -324,28 +324,37 @@ async def test_a_stuck_worker_is_replaced(servers: dict[int, Server]) -> None:
     assert status == 200, answer
 
 
+class HeldDecisions:
+    """Holds each of the scorer's decisions until `release` is set, so that a test can act while
+    a worker waits for one; `deciding` is set once one is held."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.deciding, self.release = asyncio.Event(), asyncio.Event()
+        self._scorer, self._submit = scorer, scorer.submit
+        scorer.submit = self._held
+
+    async def _held(self, *args: Any) -> Any:
+        self.deciding.set()
+        await self.release.wait()
+        return await self._submit(*args)
+
+    def restore(self) -> None:
+        self._scorer.submit = self._submit
+
+
 async def test_a_stopping_scorer_answers_what_its_workers_hold(tmp_path: Path) -> None:
     port = free_port()
     served = await serve(tmp_path, port, workers=1)
     scorer = served.runner.app[SCORER_KEY]
     await scorer.register("lab/run-i", RunRegistration(task="intake"), "reviewer")
     # The decision waits until the scorer has been told to stop.
-    deciding = asyncio.Event()
-    release = asyncio.Event()
-    submit = scorer.submit
-
-    async def slow_submit(*args: Any) -> Any:
-        deciding.set()
-        await release.wait()
-        return await submit(*args)
-
-    scorer.submit = slow_submit  # type: ignore[method-assign]
+    held = HeldDecisions(scorer)
     _, answer = await raw_post(port, BODIES[0])
-    await asyncio.wait_for(deciding.wait(), 10)
+    await asyncio.wait_for(held.deciding.wait(), 10)
     stopping = asyncio.ensure_future(served.stop())
     await asyncio.sleep(0.3)
     assert not stopping.done()  # waiting for the worker, which waits for its answer
-    release.set()
+    held.release.set()
     status, body = await answer
     assert status == 200, body
     await stopping
@@ -486,30 +495,22 @@ async def test_a_submission_the_scorer_stopped_answering_is_said_to_be_maybe_sto
     try:
         scorer = served.runner.app[SCORER_KEY]
         await scorer.register("lab/run-i", RunRegistration(task="intake"), "reviewer")
-        deciding, release = asyncio.Event(), asyncio.Event()
-        submit = scorer.submit
-
-        async def slow_submit(*args: Any) -> Any:
-            deciding.set()
-            await release.wait()
-            return await submit(*args)
-
-        scorer.submit = slow_submit  # type: ignore[method-assign]
+        held = HeldDecisions(scorer)
         _, answer = await raw_post(port, BODIES[0])
-        await asyncio.wait_for(deciding.wait(), 10)
+        await asyncio.wait_for(held.deciding.wait(), 10)
         # The worker's socket to the deciding process closes, as when that process dies.
         [worker] = scorer.intake._running
         worker.close()
         status, body = await answer
         assert status == 503
         assert "may have been stored" in json.loads(body)["error"]["message"]
-        release.set()
+        held.release.set()
         for _ in range(100):
             if stored_in(scorer) == 1:
                 break
             await asyncio.sleep(0.02)
         # It was stored; sent again, it is a near duplicate, refused.
-        scorer.submit = submit  # type: ignore[method-assign]
+        held.restore()
         for _ in range(100):  # the worker that took over accepts connections
             if len(intake_workers()) == 1 and scorer.intake._running[0].ready.done():
                 break
