@@ -303,6 +303,24 @@ async def test_a_run_budget_reached_mid_run_refuses_the_next_request_with_the_re
         await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
 
 
+async def test_a_budget_spent_to_the_nano_dollar_refuses_the_next_request(
+    gateway: Gateway,
+) -> None:
+    # The cap is exactly two requests' cost: the third finds spent == cap, which is spent.
+    cost = dollars(USAGE)
+    await gateway.budget(float(2 * cost))
+    gateway.stub.responder = lambda _: Reply.text("ok", usage=USAGE)
+    async with gateway.client() as client:
+        for _ in range(2):
+            await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+        assert Decimal((await gateway.spend())["run"]["usd"]) == 2 * cost
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
+    assert refused.value.status_code == 402
+    assert "run budget of ns/w2s is spent" in str(refused.value)
+    assert len(gateway.stub.requests) == 2
+
+
 async def test_an_agent_budget_stops_that_agent_and_not_its_neighbours(gateway: Gateway) -> None:
     await gateway.budget(None, {"w2s-1": 0.01, "w2s-2": None})
     gateway.stub.responder = lambda _: Reply.text("ok", usage=USAGE)
