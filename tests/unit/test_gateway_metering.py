@@ -1,4 +1,5 @@
-"""Pricing, reading usage from a stream, and the ledger: the gateway's arithmetic, without HTTP."""
+"""Pricing, reading usage from a stream, the ledger and the rate limit: the gateway's arithmetic,
+without HTTP."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aar_gateway.limits import RateLimiter, retry_after
 from aar_gateway.meter import StreamMeter
 from aar_gateway.pricing import (
     BUILTIN_VERSION,
@@ -235,3 +237,20 @@ async def test_exchanges_recorded_while_a_commit_is_on_disk_go_in_the_next_batch
         assert reopened.spent("ns/r", "r-0").requests == 60
     finally:
         reopened.close()
+
+
+def test_the_rate_limit_refills_one_request_per_minute_share_on_a_clock_of_its_own() -> None:
+    limiter = RateLimiter(per_minute=6)  # one request per 10 s once the first minute's are spent
+    assert [limiter.wait("w2s-1", now=0.0) for _ in range(6)] == [0.0] * 6
+    assert limiter.wait("w2s-1", now=0.0) == pytest.approx(10.0)
+    assert retry_after(limiter.wait("w2s-1", now=4.0)) == "6"
+    assert limiter.wait("w2s-1", now=10.0) == 0.0
+    assert limiter.wait("w2s-1", now=10.0) == pytest.approx(10.0)
+    assert limiter.wait("w2s-2", now=10.0) == 0.0  # each agent has a bucket of its own
+    # An idle hour refills the bucket to a minute's worth, no more.
+    assert [limiter.wait("w2s-1", now=3610.0) for _ in range(7)][-2:] == [0.0, pytest.approx(10.0)]
+    assert RateLimiter(per_minute=0).wait("w2s-1", now=0.0) == 0.0
+
+
+def test_retry_after_is_whole_seconds_and_never_zero() -> None:
+    assert [retry_after(s) for s in (0.0, 0.2, 1.0, 29.01, 30.0)] == ["1", "1", "1", "30", "30"]

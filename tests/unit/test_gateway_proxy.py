@@ -448,7 +448,8 @@ async def test_the_agent_rate_limit_answers_429_with_retry_after(
             with pytest.raises(anthropic.RateLimitError) as limited:
                 await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
             await neighbour.messages.create(model=MODEL, max_tokens=10, messages=HI)
-        assert int(limited.value.response.headers["retry-after"]) >= 1
+        # Two a minute: the third request waits about 30 s for the bucket to refill one.
+        assert int(limited.value.response.headers["retry-after"]) in (29, 30)
         assert "over its 2 requests per minute" in str(limited.value)
     finally:
         await instance.stop()
