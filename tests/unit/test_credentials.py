@@ -63,6 +63,19 @@ def test_a_credential_signed_by_another_key_is_refused(verifier: CredentialVerif
         verifier.verify(impostor)
 
 
+def test_a_remembered_payload_with_another_signature_is_refused(
+    signing_key: bytes, verifier: CredentialVerifier
+) -> None:
+    # Once a genuine credential is remembered, its payload under any other signature is a forgery.
+    issuer = CredentialIssuer(signing_key)
+    prefix, payload, signature = issuer.mint_agent("ns", "run", "run-0").split(".")
+    assert verifier.verify(f"{prefix}.{payload}.{signature}").agent == "run-0"
+    other = issuer.mint_agent("ns", "run", "run-1").split(".")[2]
+    for wrong in (other, "A" * len(signature), ""):
+        with pytest.raises(CredentialError):
+            verifier.verify(f"{prefix}.{payload}.{wrong}")
+
+
 @pytest.mark.parametrize("token", ["", "Bearer x", "aar1.x", "aar2.e30.e30", "aar1.!!.??"])
 def test_garbage_is_refused_with_a_reason(verifier: CredentialVerifier, token: str) -> None:
     with pytest.raises(CredentialError):
