@@ -13,6 +13,7 @@ from aar_common.credentials import (
     CredentialError,
     CredentialIssuer,
     CredentialVerifier,
+    Principal,
     Role,
     generate_signing_key,
     public_key_pem,
@@ -74,6 +75,18 @@ def test_a_remembered_payload_with_another_signature_is_refused(
     for wrong in (other, "A" * len(signature), ""):
         with pytest.raises(CredentialError):
             verifier.verify(f"{prefix}.{payload}.{wrong}")
+
+
+@pytest.mark.parametrize("missing", ["namespace", "run", "agent"])
+def test_an_agent_credential_that_does_not_name_its_namespace_run_and_agent_is_refused(
+    signing_key: bytes, verifier: CredentialVerifier, missing: str
+) -> None:
+    # Signed by the operator's own key, so only the claims check stands in the way. Forum,
+    # scorer and gateway all accept a credential through CredentialVerifier.verify alone.
+    claims = {"namespace": "ns", "run": "run", "agent": "run-0", missing: ""}
+    token = CredentialIssuer(signing_key).mint(Principal(role=Role.AGENT, issued_at=1, **claims))
+    with pytest.raises(CredentialError, match="must name namespace, run and agent"):
+        verifier.verify(token)
 
 
 @pytest.mark.parametrize("token", ["", "Bearer x", "aar1.x", "aar2.e30.e30", "aar1.!!.??"])
