@@ -188,3 +188,18 @@ async def test_parents_and_posts_link_artifacts_of_the_run(forum: Forum) -> None
     ) as response:
         assert response.status == 400
         assert "64 lowercase hex digits" in (await response.json())["error"]["message"]
+
+
+async def test_a_post_or_upload_in_one_run_cannot_cite_an_artifact_of_another(forum: Forum) -> None:
+    _, theirs = await upload(forum, forum.agent("x-1", "lab/other"), b"run other's checkpoint")
+    author = forum.agent("w2s-1")
+    body = {"kind": "result", "title": "built on theirs", "artifacts": [theirs["digest"]]}
+    async with forum.http.post(f"{forum.url}/api/v1/posts", json=body, headers=author) as r:
+        assert r.status == 400
+        message = (await r.json())["error"]["message"]
+        assert f"{theirs['digest']} not found in run lab/w2s" in message
+    status, error = await upload(forum, author, b"child", **{"X-Aar-Parent": theirs["digest"]})
+    assert status == 400
+    assert "not found in run lab/w2s" in error["error"]["message"]
+    async with forum.http.get(f"{forum.url}/api/v1/posts", headers=author) as r:
+        assert (await r.json())["posts"] == []
