@@ -86,6 +86,23 @@ def test_old_outputs_go_first_and_whole_steps_only_when_that_is_not_enough() -> 
     assert "notebook" in note
 
 
+def test_a_gentle_trim_stops_shrinking_once_the_conversation_fits() -> None:
+    original = conversation(20, seed=1)
+    budget = conversation_chars(original) - 10_000
+    trimmed, report = trim(original, budget)
+    assert report.outputs_dropped > 0
+    assert conversation_chars(trimmed) <= budget
+    # Oldest first: everything after the last message it changed is as it was, and that still
+    # includes long old outputs that could have been shrunk.
+    pairs = enumerate(zip(original, trimmed, strict=True))
+    last = max(i for i, (before, after) in pairs if before != after)
+    assert trimmed[last + 1 :] == original[last + 1 :]
+    newer_old = json.dumps(original[last + 1 : -4])
+    assert "o" * 5000 in newer_old
+    # And it stopped at the first message that made it fit: without that one, it would not.
+    assert conversation_chars([*trimmed[:last], *original[last:]]) > budget
+
+
 def test_a_second_trim_adds_to_the_first_note() -> None:
     original = conversation(30, seed=2)
     once, first = trim(original, 30_000)
