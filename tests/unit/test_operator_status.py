@@ -13,6 +13,7 @@ from aar_operator.config import OperatorConfig, add_arguments, from_arguments
 from aar_operator.models import ResearchRunSpec, Spend, format_time
 from aar_operator.services import RunSpend, Totals, budget_request
 from aar_operator.status import (
+    Stop,
     aggregate,
     pod_scheduled,
     run_stop,
@@ -56,16 +57,25 @@ def test_a_run_name_too_long_for_its_agent_names_is_invalid() -> None:
     assert "shorten the run's name to at most 60" in problem
 
 
+def reason(stop: Stop | None) -> str | None:
+    return None if stop is None else stop.reason
+
+
 def test_stop_reasons_in_order() -> None:
     now = CREATED + timedelta(hours=1)
+    spent = Spend(usd="100.00")
     assert run_stop(spec(), CREATED, now, Spend()) is None
-    assert run_stop(spec(suspend=True), CREATED, now, Spend()).reason == "Suspended"  # type: ignore[union-attr]
-    late = run_stop(spec(budget={"deadline": "30m"}), CREATED, now, Spend())
-    assert late is not None
-    assert late.reason == "DeadlineExceeded"
+    # Suspended before a passed deadline, a passed deadline before a spent budget.
+    everything = spec(suspend=True, budget={"deadline": "30m", "usd": 100})
+    assert reason(run_stop(everything, CREATED, now, spent)) == "Suspended"
+    late = spec(budget={"deadline": "30m", "usd": 100})
+    assert reason(run_stop(late, CREATED, now, spent)) == "DeadlineExceeded"
+    assert reason(run_stop(late, CREATED, now - timedelta(minutes=31), spent)) == "BudgetExhausted"
     absolute = spec(budget={"deadline": "2026-11-01T02:00:00Z"})
     assert run_stop(absolute, CREATED, now, Spend()) is None
-    assert run_stop(absolute, CREATED, now + timedelta(hours=1), Spend()) is not None
+    passed = run_stop(absolute, CREATED, now + timedelta(hours=1), Spend())
+    assert reason(passed) == "DeadlineExceeded"
+    assert "2026-11-01T02:00:00Z has passed" in passed.message  # type: ignore[union-attr]
 
 
 def test_budget_exhausted_at_the_cap_in_dollars_or_agent_hours() -> None:
@@ -77,8 +87,8 @@ def test_budget_exhausted_at_the_cap_in_dollars_or_agent_hours() -> None:
     assert dollars.reason == "BudgetExhausted"
     assert "$100.00" in dollars.message
     hours = run_stop(capped, CREATED, now, Spend(agent_hours=10.0))
-    assert hours is not None
-    assert "agent-hours" in hours.message
+    assert reason(hours) == "BudgetExhausted"
+    assert "10.00 of its 10 agent-hours" in hours.message  # type: ignore[union-attr]
 
 
 def test_condition_transition_time_moves_only_when_status_changes() -> None:
