@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import sqlite3
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,11 +22,11 @@ import anthropic
 import pytest
 import yaml
 from aiohttp import web
+from helm_template import helm_template
 
 from aar_common.anthropic_stub import USAGE_FIELDS, AnthropicStub, Reply, serving
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_common.ports import free_port
-from aar_devcluster.paths import BinariesMissingError, binary
 from aar_gateway.app import Settings, build_app
 from aar_gateway.app import main as gateway_main
 
@@ -635,19 +634,6 @@ gateway:
     models:
       claude-custom-1: {input: 4.5, output: 22.5, cache_write: 5.625, cache_read: 0.45}
 """
-
-
-def helm_template(repo_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    try:
-        helm = binary("helm")
-    except BinariesMissingError as missing:
-        pytest.skip(str(missing))
-    return subprocess.run(
-        [str(helm), "template", "aar", str(repo_root / "charts" / "aar"), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 def gateway_objects(rendered: str) -> dict[tuple[str, str], dict[str, Any]]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
+from helm_template import render
 
-from aar_devcluster.paths import BinariesMissingError, binary
 from aar_operator import builders
 from aar_operator.config import OperatorConfig
 from aar_operator.models import AgentSandboxSpec
@@ -142,20 +142,10 @@ def chart_values(repo_root: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def deployments(repo_root: Path) -> dict[str, dict[str, Any]]:
     """The chart's Deployments, rendered with its default values, by component."""
-    try:
-        helm = binary("helm")
-    except BinariesMissingError as missing:
-        pytest.skip(str(missing))
-    rendered = subprocess.run(
-        [str(helm), "template", "aar", str(repo_root / "charts" / "aar")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
     return {
         o["metadata"]["labels"]["app.kubernetes.io/component"]: o
-        for o in yaml.safe_load_all(rendered)
-        if o and o["kind"] == "Deployment"
+        for o in render(repo_root)
+        if o["kind"] == "Deployment"
     }
 
 

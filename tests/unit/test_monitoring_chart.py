@@ -18,10 +18,10 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
+from helm_template import helm, render
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from aar_devcluster.paths import BinariesMissingError, binary
 from aar_forum.state import Metrics as ForumMetrics
 from aar_gateway.metrics import Metrics as GatewayMetrics
 from aar_operator import metrics as operator_metrics
@@ -119,24 +119,6 @@ def _walk(node: Any, query: Query) -> None:
         _walk(child, query)
 
 
-def helm_binary() -> Path:
-    try:
-        return binary("helm")
-    except BinariesMissingError as missing:
-        pytest.skip(str(missing))
-
-
-def render(repo_root: Path, *args: str) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [str(helm_binary()), "template", "aar", str(repo_root / "charts" / "aar"), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return [o for o in yaml.safe_load_all(result.stdout) if o]
-
-
 @pytest.fixture(scope="module")
 def rendered(repo_root: Path) -> list[dict[str, Any]]:
     return render(repo_root, *ALL_ON)
@@ -195,7 +177,7 @@ def check_query(where: str, expr: str, series: dict[str, set[str]]) -> Query:
 
 def test_helm_lint_strict_passes_with_monitoring_on(repo_root: Path) -> None:
     result = subprocess.run(
-        [str(helm_binary()), "lint", "--strict", str(repo_root / "charts" / "aar"), *ALL_ON],
+        [str(helm()), "lint", "--strict", str(repo_root / "charts" / "aar"), *ALL_ON],
         capture_output=True,
         text=True,
         check=False,
