@@ -66,8 +66,10 @@ def test_chart_rbac_runs_the_operator_and_hides_the_scorers_secrets(
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    assert "livenessProbe" in container
-    assert "readinessProbe" not in container
+    # Ready once Kopf serves its health endpoint, which it does after the startup handler ran.
+    readiness = container["readinessProbe"]["httpGet"]
+    assert (readiness["path"], readiness["port"]) == ("/healthz", "health")
+    assert container["livenessProbe"]["httpGet"] == container["readinessProbe"]["httpGet"]
 
     who = f"system:serviceaccount:{namespace}:{account}"
     for verb in ("get", "list", "watch", "update", "patch", "delete"):
