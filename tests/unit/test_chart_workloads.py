@@ -1,17 +1,29 @@
-"""What a cluster expects of the chart's Deployments, rendered with `helm template`: every
-Deployment says when its Pod is ready to serve."""
+"""What a cluster expects of the chart's Deployments, rendered with `helm template`: every container
+asks for CPU and memory and is capped, every Deployment says when its Pod is ready to serve, and
+both come from values that a release can override and the schema checks."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helm_template import render
+from helm_template import helm_template, render
 
 from aar_operator.config import OperatorConfig
 
 COMPONENTS = ["operator", "forum", "scorer", "gateway"]
+UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity as a number: cores for CPU, bytes for memory."""
+    text = str(value)
+    if text.endswith("m"):
+        return float(text[:-1]) / 1000
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text).groups()  # type: ignore[union-attr]
+    return float(number) * UNITS[unit]
 
 
 def deployments(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -35,6 +47,22 @@ def default(repo_root: Path) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
+def test_every_container_requests_and_is_limited_in_cpu_and_memory(
+    default: dict[str, dict[str, Any]], component: str
+) -> None:
+    for container in containers(default[component]):
+        resources = container.get("resources") or {}
+        for kind in ("requests", "limits"):
+            assert set(resources.get(kind, {})) >= {"cpu", "memory"}, (
+                f"{component}/{container['name']} has no CPU or memory {kind}: {resources}"
+            )
+        for resource in ("cpu", "memory"):
+            request = quantity(resources["requests"][resource])
+            limit = quantity(resources["limits"][resource])
+            assert 0 < request <= limit, f"{component}/{container['name']} {resource}"
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_every_deployment_is_ready_only_when_its_health_endpoint_answers(
     default: dict[str, dict[str, Any]], component: str
 ) -> None:
@@ -52,3 +80,46 @@ def test_every_deployment_is_ready_only_when_its_health_endpoint_answers(
         assert ports[probe["httpGet"]["port"]] == OperatorConfig().liveness_port
     else:
         assert probe["httpGet"]["port"] == "http"
+
+
+def test_resources_come_from_values_and_are_overridden_per_component(repo_root: Path) -> None:
+    overrides = [
+        "--set",
+        "forum.resources.limits.memory=3Gi",
+        "--set",
+        "scorer.resources.requests.cpu=1500m",
+        "--set",
+        "gateway.resources.limits.cpu=4",
+        "--set-json",
+        'operator.resources={"requests": {"cpu": "50m", "memory": "64Mi"}, '
+        '"limits": {"cpu": "500m", "memory": "256Mi"}}',
+    ]
+    changed = deployments(render(repo_root, *overrides))
+    resources = {c: containers(d)[0]["resources"] for c, d in changed.items()}
+    assert resources["forum"]["limits"]["memory"] == "3Gi"
+    assert resources["scorer"]["requests"]["cpu"] == "1500m"
+    assert str(resources["gateway"]["limits"]["cpu"]) == "4"
+    assert resources["operator"] == {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"cpu": "500m", "memory": "256Mi"},
+    }
+    # A key set alone leaves the other defaults of that component in place.
+    assert resources["forum"]["requests"]["memory"] == "128Mi"
+    assert "cpu" in resources["forum"]["limits"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("gateway.resources.limits.gpu=1", "additional properties 'gpu' not allowed"),
+        ("scorer.resources.limit.memory=1Gi", "additional properties 'limit' not allowed"),
+        ("forum.resources.requests.memory=lots", "at '/forum/resources/requests/memory'"),
+        ("operator.resources.requests.cpu=fast", "at '/operator/resources/requests/cpu'"),
+    ],
+)
+def test_the_schema_refuses_resources_a_pod_spec_would_not_take(
+    repo_root: Path, setting: str, complaint: str
+) -> None:
+    result = helm_template(repo_root, "--set", setting)
+    assert result.returncode != 0
+    assert complaint in result.stderr, result.stderr
