@@ -12,6 +12,7 @@ of it is removed on stop, also by a later start after a crash.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import ipaddress
 import json
@@ -21,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,22 +45,32 @@ GUARD_CHAIN = "AAR-NODE-GUARD"
 NETNS_PREFIX = "aar-"
 # The kubelet sets these machine-wide; they are put back when the last node stops.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
-HOST_RECORD = Path("/run/aar-node/host.json")
+RUN_DIR = Path("/run/aar-node")
+HOST_RECORD = RUN_DIR / "host.json"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# Host paths the kubelet, containerd and the CNI plugins use whatever their configuration says;
-# the node's mount namespace puts a tmpfs over each, so nothing lands in the host's copies.
-PRIVATE_PATHS = (
-    "/run/containerd",
-    "/run/netns",
-    "/var/lib/kubelet",
-    "/var/lib/cni",
-    "/var/log/pods",
-    "/var/log/containers",
-)
+# Host paths the kubelet, containerd and the CNI plugins use whatever their configuration says.
+# The node's mount namespace covers each, so nothing lands in the host's copies: with a tmpfs, or
+# with a directory of the node's (relative to its directory) for the kubelet's root, which holds
+# the pods' volumes, and unix sockets whose paths may not exceed 108 bytes.
+KUBELET_ROOT = "/var/lib/kubelet"
+PRIVATE_PATHS: dict[str, str | None] = {
+    "/run/containerd": None,
+    "/run/netns": None,
+    KUBELET_ROOT: "kubelet/root",
+    "/var/lib/cni": None,
+    "/var/log/pods": None,
+    "/var/log/containers": None,
+}
 # The runner lists there the mount points it had to create on the host.
 CREATED_PATHS = "created-paths.json"
 REQUIRED_COMMANDS = ("containerd", "runc", "ctr", "ip", "iptables", "socat")
 CNI_BIN_DIR = Path("/usr/lib/cni")
+
+
+def _terminate_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel sends it SIGTERM when the parent
+    dies."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class NodeError(RuntimeError):
@@ -176,7 +187,6 @@ def delete_network(link: Link) -> None:
 
 
 # --- the guard -----------------------------------------------------------------------------------
-GUARDED_RANGES = (POD_RANGE, "10.0.0.0/24", str(LINK_RANGE))
 
 
 def guard_rules(service_range: str) -> list[list[str]]:
@@ -210,16 +220,10 @@ def install_guard(service_range: str, netns: str | None = None) -> None:
 def remove_guard(netns: str | None = None) -> None:
     """Remove the jumps and the chain. Safe when they are gone."""
     for chain in ("OUTPUT", "FORWARD"):
-        while _run("iptables", "-D", chain, "-j", GUARD_CHAIN, check=False, netns=netns) == "":
-            if (
-                subprocess.run(
-                    (["ip", "netns", "exec", netns] if netns else [])
-                    + ["iptables", "-C", chain, "-j", GUARD_CHAIN],
-                    capture_output=True,
-                    check=False,
-                ).returncode
-                != 0
-            ):
+        for _ in range(10):  # one jump each, unless an interrupted install left more
+            try:
+                _run("iptables", "-D", chain, "-j", GUARD_CHAIN, netns=netns)
+            except NodeError:
                 break
     _run("iptables", "-F", GUARD_CHAIN, check=False, netns=netns)
     _run("iptables", "-X", GUARD_CHAIN, check=False, netns=netns)
@@ -345,8 +349,15 @@ def kill_processes(marker: str, grace: float = 10.0) -> None:
 
 
 # --- configuration files -------------------------------------------------------------------------
-def containerd_config(directory: Path, cni_conf_dir: Path) -> str:
-    """containerd's own state, socket and CNI settings, all under the node's directory."""
+def socket_dir(node: str) -> Path:
+    """Where the node's containerd listens: unix socket paths may not exceed 104 bytes, which a
+    state dir under a test's temporary directory does. containerd's shims name it in their
+    command lines, so it also marks them as the node's."""
+    return RUN_DIR / node
+
+
+def containerd_config(directory: Path, sockets: Path, cni_conf_dir: Path) -> str:
+    """containerd's own state, sockets and CNI settings."""
     return f"""version = 2
 root = "{directory}/root"
 state = "{directory}/state"
@@ -355,9 +366,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper"]
 [grpc]
-  address = "{directory}/containerd.sock"
+  address = "{sockets}/containerd.sock"
 [ttrpc]
-  address = "{directory}/containerd.sock.ttrpc"
+  address = "{sockets}/containerd.sock.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "k8s.gcr.io/pause:3.2"
   enable_selinux = false
@@ -508,7 +519,7 @@ class Node:
 
     @property
     def containerd_socket(self) -> Path:
-        return self.directory / "containerd" / "containerd.sock"
+        return socket_dir(self.id) / "containerd.sock"
 
     def read_state(self) -> NodeState | None:
         try:
@@ -559,8 +570,9 @@ class Node:
         d, ca_file = self.directory, self.pki_dir / "ca.crt"
         for sub in ("containerd", "cni/net.d", "cni/ipam", "kubelet/root", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        socket_dir(self.id).mkdir(parents=True, exist_ok=True, mode=0o700)
         (d / "containerd" / "config.toml").write_text(
-            containerd_config(d / "containerd", d / "cni" / "net.d")
+            containerd_config(d / "containerd", socket_dir(self.id), d / "cni" / "net.d")
         )
         (d / "cni" / "net.d" / "10-aar-node.conflist").write_text(
             json.dumps(cni_config(d / "cni" / "ipam"), indent=2)
@@ -606,7 +618,7 @@ class Node:
                 "--container-runtime=remote",
                 f"--container-runtime-endpoint={socket}",
                 f"--image-service-endpoint={socket}",
-                f"--root-dir={d / 'kubelet' / 'root'}",
+                f"--root-dir={KUBELET_ROOT}",
                 f"--cert-dir={d / 'kubelet' / 'certs'}",
                 f"--node-ip={link.node_ip}",
                 f"--hostname-override={NODE_NAME}",
@@ -689,8 +701,6 @@ class Node:
     def _spawn(
         self, name: str, command: list[str], die_with_parent: bool
     ) -> subprocess.Popen[bytes]:
-        from aar_devcluster.controlplane import _die_with_parent
-
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with (self.log_dir / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
@@ -700,7 +710,8 @@ class Node:
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if die_with_parent else None,
+                # SIGTERM, not SIGKILL: the runner tears the node down when its owner dies.
+                preexec_fn=_terminate_with_parent if die_with_parent else None,
             )
         self._processes.append(process)
         return process
@@ -717,45 +728,52 @@ class Node:
         except OSError:
             return False
 
-    def _remove_created_paths(self) -> None:
-        """The empty mount points the runner made on the host (their tmpfs lived only in the
-        node's mount namespace)."""
-        record = self.directory / CREATED_PATHS
-        try:
-            paths = json.loads(record.read_text())
-        except FileNotFoundError:
-            return
-        for path in paths:
-            with contextlib.suppress(OSError):
-                Path(path).rmdir()
-        record.unlink()
-
     # --- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop every process of the node and remove everything it made on the host: its cgroups,
-        network namespace, veth pair, and (when no other node runs) the guard and the kubelet's
-        sysctl changes. Safe to call twice, and after a crash."""
+        """Stop every process of the node and remove everything it made on the host (see
+        `teardown`). Safe to call twice, and after a crash."""
         state = self.read_state()
-        link = state.link if state else Link(self.id, "", "")
-        # The runner stops the kubelet, then the containers, then containerd, in that order.
+        # The runner stops the kubelet, then the containers, then containerd, and tears down.
         if state and state.runner_pid and self.running():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.runner_pid, signal.SIGTERM)
-            end = time.monotonic() + 30
+            end = time.monotonic() + 40
             while time.monotonic() < end and self.running():
                 time.sleep(0.1)
-        kill_processes(str(self.directory))
         for process in self._processes:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             process.wait()
         self._processes.clear()
-        remove_cgroups(link.cgroup)
-        self._remove_created_paths()
-        delete_network(link)
-        if not other_nodes_running(link):
-            remove_guard()
-            restore_host_state()
-        if state:
-            state.runner_pid = 0
-            self._write_state(state)
+        teardown(self.directory)
+
+
+def teardown(directory: Path) -> None:
+    """Remove what the node of `directory` made on the host, whatever state it was left in: its
+    processes (containerd's shims outlive containerd), the pods' cgroups, the mount points made
+    for its private mounts, its network namespace and veth pair, and, when no other node runs,
+    the guard chain and the host settings the kubelet changed. Idempotent."""
+    try:
+        state: NodeState | None = NodeState(**json.loads((directory / "state.json").read_text()))
+    except FileNotFoundError:
+        state = None
+    link = state.link if state else Link(node_id(directory.parent), "", "")
+    kill_processes(str(directory))
+    kill_processes(str(socket_dir(link.node_id)))
+    shutil.rmtree(socket_dir(link.node_id), ignore_errors=True)
+    remove_cgroups(link.cgroup)
+    record = directory / CREATED_PATHS
+    with contextlib.suppress(FileNotFoundError):
+        for path in json.loads(record.read_text()):
+            with contextlib.suppress(OSError):
+                Path(path).rmdir()  # empty on the host: the tmpfs lived in the node's namespace
+        record.unlink()
+    delete_network(link)
+    if not other_nodes_running(link):
+        remove_guard()
+        restore_host_state()
+    if state and state.runner_pid:
+        state.runner_pid = 0
+        tmp = directory / "state.tmp"
+        tmp.write_text(json.dumps(state.__dict__))
+        tmp.replace(directory / "state.json")

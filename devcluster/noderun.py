@@ -22,10 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-from aar_devcluster.node import CREATED_PATHS, PRIVATE_PATHS, kill_processes, remove_cgroups
+from aar_devcluster.node import (
+    CREATED_PATHS,
+    PRIVATE_PATHS,
+    kill_processes,
+    remove_cgroups,
+    teardown,
+)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 START_ORDER = ("containerd", "kubelet", "kube-proxy")
@@ -47,20 +54,24 @@ def enter_network_namespace(name: str) -> None:
         os.close(fd)
 
 
-def make_private_mounts(paths: tuple[str, ...], record: Path) -> list[Path]:
+def make_private_mounts(paths: dict[str, str | None], node_dir: Path) -> list[Path]:
     """A mount namespace of our own that still sees the host's mounts, with a tmpfs over each
-    path. The mount points this had to make on the host are listed in `record` first, so that
-    whoever stops the node removes them even after a crash."""
+    path, or the node's own directory where one is named. The mount points this had to make on
+    the host are listed first, so that whoever stops the node removes them even after a crash."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare the mount namespace")
     _check(_libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "make / a slave mount")
     created = [Path(p) for p in paths if not Path(p).exists()]
-    record.write_text(json.dumps([str(p) for p in created]))
-    for path in map(Path, paths):
-        path.mkdir(parents=True, exist_ok=True)
-        _check(
-            _libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", 0, b"mode=0755"),
-            f"mount a tmpfs on {path}",
-        )
+    (node_dir / CREATED_PATHS).write_text(json.dumps([str(p) for p in created]))
+    for path, source in paths.items():
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if source is None:
+            result = _libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, b"mode=0755")
+        else:
+            (node_dir / source).mkdir(parents=True, exist_ok=True)
+            result = _libc.mount(
+                str(node_dir / source).encode(), path.encode(), None, MS_BIND, None
+            )
+        _check(result, f"mount {source or 'a tmpfs'} on {path}")
     return created
 
 
@@ -123,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    # Kept to come back: the host-side teardown runs here too, so a node whose owner died (and
+    # sent us SIGTERM) leaves nothing behind.
+    host_network = os.open("/proc/self/ns/net", os.O_RDONLY)
+    host_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY)
     # The forwarder and the provisioner talk to the apiserver's loopback port: started before
     # the namespaces are entered, they stay in the host's.
     for name, command in commands["host"].items():
         supervisor.spawn(name, command)
     enter_network_namespace(args.netns)
-    created = make_private_mounts(PRIVATE_PATHS, args.commands.parent / CREATED_PATHS)
+    created = make_private_mounts(PRIVATE_PATHS, args.commands.parent)
     try:
         for name in START_ORDER:
             supervisor.spawn(name, commands["node"][name])
@@ -153,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             supervisor.stop(name, grace=2)
         for path in created:
             _libc.umount2(str(path).encode(), 2)  # MNT_DETACH
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        print("Stopped", flush=True)
+        _check(_libc.setns(host_mounts, CLONE_NEWNS), "return to the host's mount namespace")
+        _check(_libc.setns(host_network, CLONE_NEWNET), "return to the host's network namespace")
+        teardown(Path(node_dir))
+        print("Stopped and removed the node's network, cgroups and mount points", flush=True)
     return 0
 
 
