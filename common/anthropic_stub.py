@@ -3,7 +3,9 @@
 It stands in for api.anthropic.com, which cannot be reached from a test machine: `POST
 /v1/messages` (JSON or server-sent events, with usage in `message_start` and `message_delta` as
 the real API sends it) and `POST /v1/messages/count_tokens`. Replies are scripted (a queue, or a
-function of the request); without a script it answers a short text. Like the real API it refuses
+function of the request); without a script it answers a short text, or, as the offline
+researcher (`--researcher`, `aar_common.offline_researcher`), drives the agent through a real
+piece of research. Like the real API it refuses
 a conversation whose tool_use/tool_result pairs do not match, and it keeps a ledger of the usage
 it reported so a test can compare anyone's metering with it.
 
@@ -28,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from aar_common import offline_researcher
 from aar_common.web import error_body, presented_token
 
 USAGE_FIELDS = (
@@ -74,6 +77,11 @@ class Reply:
 Responder = Callable[[dict[str, Any]], Reply | Awaitable[Reply]]
 
 
+def researcher_reply(body: dict[str, Any]) -> Reply:
+    """The offline researcher's next turn for a request (a Responder)."""
+    return Reply(content=offline_researcher.reply(body))
+
+
 def estimate_tokens(value: Any) -> int:
     """A deterministic stand-in for tokenisation: about four characters a token."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -116,12 +124,15 @@ def conversation_problem(messages: list[dict[str, Any]]) -> str | None:
 class AnthropicStub:
     """The server's state: scripted replies, requests seen, usage reported."""
 
-    def __init__(self, api_key: str | None = None, chunk_size: int = 8) -> None:
+    def __init__(
+        self, api_key: str | None = None, chunk_size: int = 8, researcher: bool = False
+    ) -> None:
         self.api_key = api_key
         self.chunk_size = chunk_size
         self.chunk_delay = 0.0
         self.replies: deque[Reply] = deque()
-        self.responder: Responder | None = None
+        # Scripted replies still come first: a test can queue a failure in front of it.
+        self.responder: Responder | None = researcher_reply if researcher else None
         self.requests: list[dict[str, Any]] = []
         self.usage_reported = dict.fromkeys(USAGE_FIELDS, 0)
         self.messages_answered = 0
@@ -337,10 +348,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--api-key", help="refuse requests without this x-api-key")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between events")
+    parser.add_argument(
+        "--researcher",
+        action="store_true",
+        help="answer as the offline researcher: a scripted, honest piece of research through "
+        "the agent's real tools, labelled [offline researcher] (see docs/agent.md)",
+    )
     args = parser.parse_args()
 
     async def run() -> None:
-        stub = AnthropicStub(api_key=args.api_key)
+        stub = AnthropicStub(api_key=args.api_key, researcher=args.researcher)
         stub.chunk_delay = args.chunk_delay
         runner, url = await start(stub, args.host, args.port)
         print(url, flush=True)

@@ -77,3 +77,27 @@ def test_unanswered_or_orphaned_tool_results_are_refused() -> None:
     assert "without tool_result" in str(conversation_problem([user, call, user]))
     assert "unexpected tool_use_id" in str(conversation_problem([user, answer]))
     assert "first message" in str(conversation_problem([call, answer]))
+
+
+async def test_as_the_offline_researcher_it_answers_labelled_turns_after_any_scripted_ones() -> (
+    None
+):
+    server = AnthropicStub(researcher=True)
+    async with serving(server) as url:
+        client = anthropic.AsyncAnthropic(api_key="any", base_url=url, max_retries=0)
+        server.script(Reply.text("scripted first"))
+        asked = {"role": "user", "content": "Begin."}
+        first = await client.messages.create(model="m", max_tokens=10, messages=[asked])
+        second = await client.messages.create(
+            model="claude-opus-4-6", max_tokens=10, messages=[asked]
+        )
+        await client.close()
+    assert first.content[0].type == "text"
+    assert first.content[0].text == "scripted first"
+    # The model asked for is the one answered; the text says who really answered.
+    assert second.model == "claude-opus-4-6"
+    assert second.content[0].type == "text"
+    assert second.content[0].text.startswith("[offline researcher] step explore:")
+    assert [block.type for block in second.content] == ["text", "tool_use"]
+    assert second.usage.input_tokens > 0
+    assert second.usage.output_tokens > 1
