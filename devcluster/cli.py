@@ -6,6 +6,7 @@ aar-devcluster demo      up, then the operator, gateway, scorer and forum, and e
 aar-devcluster status    say whether it runs and where
 aar-devcluster down      stop it (and the demo's processes), keeping its data for the next `up`
 aar-devcluster destroy   stop it and delete its data (the demo's too)
+aar-devcluster images    build the images of images/Dockerfile into archives for the node
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from aar_devcluster import demo
+from aar_devcluster import demo, images
 from aar_devcluster.controlplane import ControlPlane, ControlPlaneError
 from aar_devcluster.paths import BinariesMissingError, bin_dir, cluster_dir, install_script
 from aar_devcluster.tools import ToolError
@@ -36,6 +37,22 @@ def how_to_use(control_plane: ControlPlane) -> str:
         f"  kubectl get namespaces\n"
         f"Logs: {control_plane.log_dir}/   Stop: make cluster-down"
     )
+
+
+def build_images(targets: list[str], force: bool, torch_index_url: str | None) -> int:
+    """`aar-devcluster images`: progress on stderr, one archive path per line on stdout."""
+    started = time.monotonic()
+    try:
+        built = images.build_images(
+            targets, force=force, torch_index_url=torch_index_url, progress=_progress
+        )
+    except images.ImageBuildError as error:
+        print(f"aar-devcluster: {error}", file=sys.stderr)
+        return 1
+    _progress(f"Images ready in {time.monotonic() - started:.1f} s")
+    for result in built:
+        print(result.archive)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +78,29 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("status", help="say whether the control plane runs")
     commands.add_parser("down", help="stop the control plane, keep its data")
     commands.add_parser("destroy", help="stop the control plane and delete its data")
+    build = commands.add_parser(
+        "images",
+        help=f"build images/Dockerfile's targets with buildah into `docker save` archives in "
+        f"{images.images_dir()}, and the node's pause image",
+    )
+    build.add_argument(
+        "targets",
+        nargs="*",
+        metavar="TARGET",
+        help=f"targets to build: {', '.join(images.TARGETS)} (default: all)",
+    )
+    build.add_argument("--force", action="store_true", help="rebuild even when a stamp is current")
+    build.add_argument(
+        "--torch-index-url",
+        help="where the agent image takes torch from (default: a local index of the CPU wheel "
+        "on this machine)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "install":
         return subprocess.call(["bash", str(install_script())])
+    if args.command == "images":
+        return build_images(args.targets or list(images.TARGETS), args.force, args.torch_index_url)
 
     control_plane = ControlPlane(args.state_dir or cluster_dir())
     try:
