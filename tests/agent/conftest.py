@@ -97,11 +97,26 @@ def _serve(command: list[str], ready: str, port: int) -> Service:
 
 
 @pytest.fixture
+def scorer_task() -> tuple[dict[str, Any], list[Any], str]:
+    """The task the scorer holds for this run: its spec, hidden labels and split seed (a module
+    overrides this fixture to score a real bundle's test split)."""
+    task = {
+        "name": "w2s-chat",
+        "labels": TASK_LABELS,
+        "baselines": {"weak": 0.6, "ceiling": 0.9},
+        "feedback": {"step": 0.01},
+    }
+    return task, TASK_TRUTH, "x" * 16
+
+
+@pytest.fixture
 def services(
-    tmp_path: Path, unused_tcp_port_factory: Callable[[], int]
+    tmp_path: Path,
+    unused_tcp_port_factory: Callable[[], int],
+    scorer_task: tuple[dict[str, Any], list[Any], str],
 ) -> Iterator[tuple[Service, Service]]:
     """The real forum and scorer (`aar-forum`, `aar-scorer`), each its own process, with this
-    run registered at the scorer for a made-up task whose labels only the scorer holds."""
+    run registered at the scorer for a task whose labels only the scorer holds."""
     key = tmp_path / "public-key.pem"
     key.write_bytes(public_key_pem(SIGNING_KEY))
     bin_dir = Path(sys.executable).parent
@@ -115,13 +130,8 @@ def services(
         "aar-forum listening",
         forum_port,
     )
-    task = {
-        "name": "w2s-chat",
-        "labels": TASK_LABELS,
-        "baselines": {"weak": 0.6, "ceiling": 0.9},
-        "feedback": {"step": 0.01},
-    }
-    tasks_file = write_task_files(tmp_path / "scorer-tasks", [(task, TASK_TRUTH, "x" * 16)])
+    tasks_file = write_task_files(tmp_path / "scorer-tasks", [scorer_task])
+    task = scorer_task[0]
     scorer = _serve(
         [
             str(bin_dir / "aar-scorer"),
@@ -129,10 +139,10 @@ def services(
             *("--tasks", str(tasks_file), "--data-dir", str(tmp_path / "scorer")),
             *("--public-key", str(key)),
         ],
-        "Serving w2s-chat",
+        f"Serving {task['name']}",
         scorer_port,
     )
-    scorer.call("PUT", f"/api/v1/runs/{NAMESPACE}/{RUN}", {"task": "w2s-chat"})
+    scorer.call("PUT", f"/api/v1/runs/{NAMESPACE}/{RUN}", {"task": task["name"]})
     yield forum, scorer
     for service in (forum, scorer):
         stop(service)
