@@ -3,7 +3,8 @@
 The control plane runs with the CRDs installed; the operator, gateway, scorer and forum run as
 local processes (as the chart would run them in a cluster), with a credential signing key of the
 demo's own and a demo task whose labels only the scorer reads. Without `ANTHROPIC_API_KEY` the
-gateway's upstream is the local Messages-API stand-in, so nothing leaves the machine. Then
+gateway's upstream is the local Messages-API stand-in as the offline researcher
+(`aar_common.offline_researcher`), so nothing leaves the machine. Then
 `examples/run.yaml` is applied and the operator turns it into sandboxes; without a kubelet their
 Pods stay Pending, and each sandbox says why.
 
@@ -176,6 +177,8 @@ class Demo:
                 sys.executable,
                 "-m",
                 "aar_common.anthropic_stub",
+                # Agents then do a small, real piece of research, labelled offline.
+                "--researcher",
                 port=ports["upstream"],
                 api_key=key_file.read_text(),
             ),
