@@ -1,0 +1,243 @@
+"""aar installed on the local cluster's node as a user installs it: images built here and imported,
+`helm install charts/aar`, the Secrets and the task volume a user makes, then a ResearchRun.
+
+Without `ANTHROPIC_API_KEY` the gateway's upstream is the Messages-API stand-in running the
+offline researcher (`aar_common.offline_researcher`), as a Pod of its own, so every agent's loop,
+tools, training, posts and submissions are real while no request leaves the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aar_devcluster import images
+from aar_devcluster.addons import DNS_IMAGE_TARGET, install_cluster_dns
+from aar_devcluster.controlplane import ControlPlane
+from aar_devcluster.tools import Tool
+
+REPO = Path(__file__).resolve().parent.parent
+RELEASE = "aar"
+SYSTEM_NAMESPACE = "aar-system"
+SCORER_NAMESPACE = "aar-scorer"
+RUN_NAMESPACE = "research"
+UPSTREAM = "aar-upstream"
+UPSTREAM_PORT = 8080
+# `aar-train demo`'s task: its bundle and tiny models go on the task volume.
+TASK = "cues"
+# Accuracies of `aar-train w2s` on the demo task (docs/trainer.md): what PGR is measured against.
+TASK_BASELINES = {"weak": 0.61, "ceiling": 0.96}
+CHART_COMPONENTS = ("operator", "forum", "scorer", "gateway")
+
+Say = Callable[[str], None]
+
+
+class DeployError(RuntimeError):
+    """aar could not be installed on the local cluster; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class Installation:
+    """What a user needs to find what was installed."""
+
+    version: str
+    agent_image: str
+    offline: bool
+
+
+def import_all(plane: ControlPlane, say: Say) -> str:
+    """Build (or take from the cache) every image and import it into the node; the version."""
+    built = images.build_images(progress=say)
+    started = time.monotonic()
+    images.import_images([b.archive for b in built], plane.node.containerd_socket)
+    say(f"Imported {len(built)} images into the node in {time.monotonic() - started:.0f} s")
+    return images.chart_version(images.repo_root())
+
+
+def upstream_stand_in(image: str, api_key: str) -> list[dict[str, Any]]:
+    """The Messages-API stand-in with the offline researcher, as a Deployment and Service."""
+    labels = {"app.kubernetes.io/name": UPSTREAM, "app.kubernetes.io/part-of": "aar"}
+    container = {
+        "name": "upstream",
+        "image": image,
+        "imagePullPolicy": "Never",
+        "command": [
+            "python",
+            "-m",
+            "aar_common.anthropic_stub",
+            "--host=0.0.0.0",
+            f"--port={UPSTREAM_PORT}",
+            "--researcher",
+            # Expanded by the kubelet from the Secret below: the key is never in the Pod's spec.
+            "--api-key=$(AAR_STUB_API_KEY)",
+        ],
+        "env": [
+            {
+                "name": "AAR_STUB_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": "anthropic-api-key", "key": "api-key"}},
+            }
+        ],
+        "ports": [{"name": "http", "containerPort": UPSTREAM_PORT}],
+        "readinessProbe": {"tcpSocket": {"port": UPSTREAM_PORT}, "periodSeconds": 2},
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"cpu": "1", "memory": "256Mi"},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    meta = {"name": UPSTREAM, "namespace": SYSTEM_NAMESPACE, "labels": labels}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                        "containers": [container],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {"selector": labels, "ports": [{"name": "http", "port": UPSTREAM_PORT}]},
+        },
+    ]
+
+
+def chart_values(version: str, offline: bool) -> dict[str, Any]:
+    """The chart's values for this machine: images imported by hand, the demo task, and the
+    stand-in upstream when offline."""
+    values: dict[str, Any] = {
+        name: {"image": {"tag": version, "pullPolicy": "Never"}} for name in CHART_COMPONENTS
+    }
+    values["scorer"]["tasks"] = [
+        {"name": TASK, "metric": "accuracy", "labels": [0, 1], "baselines": TASK_BASELINES}
+    ]
+    if offline:
+        values["gateway"]["upstream"] = f"http://{UPSTREAM}.{SYSTEM_NAMESPACE}:{UPSTREAM_PORT}"
+    return values
+
+
+def secret(name: str, namespace: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "type": "Opaque",
+        "stringData": data,
+    }
+
+
+def namespace(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+
+
+def task_volume(kubectl: Tool, plane: ControlPlane, work: Path, say: Say) -> Path:
+    """The task's read-only bundle volume in the run namespace, filled with `aar-train demo`'s
+    bundle and models; returns the file of the hidden test labels (for the scorer alone)."""
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"aar-task-{TASK}", "namespace": RUN_NAMESPACE},
+        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    kubectl.apply(claim)
+    deadline = time.monotonic() + 60
+    volume = ""
+    while not volume:
+        volume = kubectl.json("get", "pvc", "-n", RUN_NAMESPACE, f"aar-task-{TASK}")["spec"].get(
+            "volumeName", ""
+        )
+        if time.monotonic() > deadline:
+            raise DeployError(
+                f"the task volume was not provisioned in 60 s; see {plane.node.log_dir}"
+            )
+        time.sleep(0.5)
+    directory = Path(
+        kubectl.json("get", "pv", volume)["spec"]["local"]["path"]
+    )  # on this machine: the node's volumes live in its state dir
+    labels = work / "test-labels.json"
+    if not (directory / "task.json").exists():
+        say(f"Writing the {TASK} task's bundle and models onto its volume")
+        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "aar-train"), "demo", str(work)],
+            check=True,
+            capture_output=True,
+        )
+        for item in (work / "task").iterdir():
+            shutil.copy2(item, directory / item.name)
+        shutil.copytree(work / "models", directory / "models", dirs_exist_ok=True)
+        # Readable by the agents' uid; the volume is mounted read-only.
+        for path in [directory, *directory.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return labels
+
+
+def install(plane: ControlPlane, say: Say, api_key: str | None = None) -> Installation:
+    """Install aar on the running cluster and node; idempotent (helm upgrade --install)."""
+    if not plane.node.running():
+        raise DeployError("the cluster has no running node: start it with `aar-devcluster up`")
+    kubectl = Tool("kubectl", plane.kubeconfig_path)
+    helm = Tool("helm", plane.kubeconfig_path, SYSTEM_NAMESPACE)
+    version = import_all(plane, say)
+    say("Starting cluster DNS")
+    install_cluster_dns(kubectl, images.image_name(DNS_IMAGE_TARGET, version))
+    offline = not api_key
+    for name in (SYSTEM_NAMESPACE, RUN_NAMESPACE):
+        kubectl.apply(namespace(name))
+    key = api_key or secrets.token_hex(16)
+    kubectl.apply(secret("anthropic-api-key", SYSTEM_NAMESPACE, {"api-key": key}))
+    if offline:
+        say("Starting the offline researcher (the gateway's upstream; no API key set)")
+        kubectl.apply(*upstream_stand_in(images.image_name("gateway", version), key))
+    work = plane.state_dir / "demo-task"
+    labels = task_volume(kubectl, plane, work, say)
+    values = plane.state_dir / "chart-values.json"
+    values.write_text(json.dumps(chart_values(version, offline)))
+    say("Installing charts/aar with helm")
+    helm.run(
+        "upgrade", "--install", RELEASE, str(REPO / "charts" / "aar"),
+        "-f", str(values), timeout=120,
+    )  # fmt: skip
+    kubectl.apply(
+        secret("aar-scorer-labels", SCORER_NAMESPACE, {f"{TASK}.json": labels.read_text()})
+    )
+    wait_ready(kubectl, say)
+    return Installation(version, images.image_name("agent", version), offline)
+
+
+def wait_ready(kubectl: Tool, say: Say, timeout: float = 300) -> None:
+    """Every Deployment of the release (and the stand-in) Ready."""
+    for namespace_name, deployment in [
+        (SYSTEM_NAMESPACE, f"{RELEASE}-operator"),
+        (SYSTEM_NAMESPACE, "aar-gateway"),
+        (SYSTEM_NAMESPACE, "aar-forum"),
+        (SCORER_NAMESPACE, "aar-scorer"),
+    ]:
+        say(f"Waiting for {namespace_name}/{deployment}")
+        kubectl.run(
+            "-n", namespace_name, "rollout", "status", f"deployment/{deployment}",
+            f"--timeout={int(timeout)}s", timeout=timeout + 10,
+        )  # fmt: skip
