@@ -1,8 +1,8 @@
 """`aar-devcluster`: the local control plane for humans.
 
 aar-devcluster install   build or fetch the binaries into ~/.cache/aar/bin (idempotent)
-aar-devcluster up        start the control plane (etcd, kube-*) in the background
-aar-devcluster demo      up, then the operator, gateway, scorer and forum, and examples/run.yaml
+aar-devcluster up        start the control plane (etcd, kube-*) and, as root, its node
+aar-devcluster demo      up, aar installed with helm on the node, examples/run-local.yaml watched
 aar-devcluster status    say whether it runs and where
 aar-devcluster down      stop it (and the demo's processes), keeping its data for the next `up`
 aar-devcluster destroy   stop it and delete its data (the demo's too)
@@ -19,6 +19,9 @@ from pathlib import Path
 
 from aar_devcluster import demo, images
 from aar_devcluster.controlplane import ControlPlane, ControlPlaneError
+from aar_devcluster.deploy import DeployError
+from aar_devcluster.images import ImageBuildError
+from aar_devcluster.node import NodeError, node_unavailable_reason
 from aar_devcluster.paths import BinariesMissingError, bin_dir, cluster_dir, install_script
 from aar_devcluster.tools import ToolError
 
@@ -72,8 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     up = commands.add_parser("up", help="start the control plane in the background")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
-    commands.add_parser(
-        "demo", help="up, then the operator and services as local processes, and a 9-agent run"
+    demo_command = commands.add_parser(
+        "demo",
+        help="up with a node, aar installed with helm from images built here, a 3-agent run "
+        "watched until Ctrl-C",
+    )
+    demo_command.add_argument(
+        "--watch-seconds",
+        type=float,
+        default=None,
+        help="stop watching the run after this many seconds (0: do not watch; default: until "
+        "Ctrl-C)",
     )
     commands.add_parser("status", help="say whether the control plane runs")
     commands.add_parser("down", help="stop the control plane, keep its data")
@@ -102,17 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "images":
         return build_images(args.targets or list(images.TARGETS), args.force, args.torch_index_url)
 
-    control_plane = ControlPlane(args.state_dir or cluster_dir())
+    without_node = node_unavailable_reason()
+    control_plane = ControlPlane(args.state_dir or cluster_dir(), with_node=without_node is None)
     try:
         if args.command == "up":
+            if without_node:
+                _progress(f"Starting without a node: {without_node}")
             started = time.monotonic()
             state = control_plane.start(timeout=args.timeout, progress=_progress)
             _progress(f"Up in {time.monotonic() - started:.1f} s")
             print(f"Control plane running at {state.server}\n{how_to_use(control_plane)}")
         elif args.command == "demo":
+            if without_node:
+                raise demo.DemoError(f"the demo runs agents on a local node, and {without_node}")
             if not control_plane.is_running():
-                control_plane.start(progress=_progress)
-            print(demo.run(control_plane, _progress))
+                control_plane.start(timeout=240, progress=_progress)
+            print(demo.run(control_plane, _progress, args.watch_seconds))
         elif args.command == "status":
             if not control_plane.is_running():
                 print(f"Not running (state dir {control_plane.state_dir})")
@@ -128,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
             demo.Demo(control_plane, _progress).stop()
             control_plane.destroy()
             print(f"Stopped and deleted {control_plane.state_dir}")
-    except (BinariesMissingError, ControlPlaneError, demo.DemoError, ToolError) as error:
+    except (
+        BinariesMissingError,
+        ControlPlaneError,
+        DeployError,
+        ImageBuildError,
+        NodeError,
+        demo.DemoError,
+        ToolError,
+    ) as error:
         print(f"aar-devcluster: {error}", file=sys.stderr)
         return 1
     return 0
