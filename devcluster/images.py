@@ -10,6 +10,7 @@ containerd; a stamp beside each archive skips the build when nothing it is made 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +21,8 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -481,12 +483,36 @@ def build_images(
     torch_index_url: where the agent image takes torch from; by default a local index of the CPU
     wheel on this machine (the PyTorch index cannot be reached here).
     """
+    with build_lock(progress):
+        return _build_images(targets, pause, force, torch_index_url, progress)
+
+
+@contextmanager
+def build_lock(progress: Progress) -> Iterator[None]:
+    """One build at a time per cache: two at once would write the same archives."""
+    images_dir().mkdir(parents=True, exist_ok=True)
+    with (images_dir() / "build.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"Waiting for another image build to finish ({lock.name})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _build_images(
+    targets: Sequence[str],
+    pause: bool,
+    force: bool,
+    torch_index_url: str | None,
+    progress: Progress,
+) -> list[Built]:
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise ImageBuildError(f"no target {', '.join(unknown)} in images/Dockerfile: {TARGETS}")
     root = repo_root()
     version = chart_version(root)
-    results = [build_pause(force=force, progress=progress)] if pause else []
+    results = [_build_pause(force=force, progress=progress)] if pause else []
     if not targets:
         return results
     base = ensure_base(progress)
@@ -530,7 +556,7 @@ def build_images(
     return results
 
 
-def build_pause(*, force: bool = False, progress: Progress = lambda message: None) -> Built:
+def _build_pause(*, force: bool, progress: Progress) -> Built:
     """The node's sandbox image: devcluster/pause.c, static, alone in one layer."""
     source = Path(__file__).with_name("pause.c")
     archive = archive_path(PAUSE_IMAGE)
