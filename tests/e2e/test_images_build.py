@@ -136,10 +136,13 @@ def run_in_image(
     gives them."""
     user = config["User"]
     workdir = config.get("WorkingDir") or "/"
-    # The Pod mounts a volume at the working directory; here it is a folder the user owns.
-    (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    uid, gid = (int(n) for n in user.split(":"))
-    os.chown(rootfs / workdir.lstrip("/"), uid, gid)
+    # The agent's Pod mounts a volume at its working directory (absent from the image); here it
+    # is a folder the user owns.
+    volume = rootfs / workdir.lstrip("/")
+    if not volume.exists():
+        volume.mkdir(parents=True)
+        uid, gid = (int(n) for n in user.split(":"))
+        os.chown(volume, uid, gid)
     script = (
         'mount -t proc proc "$ROOTFS/proc" && mount --rbind /dev "$ROOTFS/dev" && '
         'exec chroot --userspec="$USERSPEC" "$ROOTFS" /bin/sh -c \'cd "$0" && exec "$@"\' "$@"'
@@ -293,6 +296,52 @@ def test_a_second_run_reuses_every_archive(archives: dict[str, Path]) -> None:
     assert {result.archive for result in again} == set(archives.values())
     assert not [result.image for result in again if result.built]
     assert {path: path.stat().st_mtime_ns for path in archives.values()} == before
+
+
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[Path]:
+    """A containerd of the test's own (its own root, state and socket; no CRI), as the node
+    runs one: yields its socket."""
+    for tool in ("containerd", "ctr"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: run `make tools`")
+    socket = tmp_path / "containerd.sock"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{tmp_path / "root"}"\n'
+        f'state = "{tmp_path / "state"}"\n'
+        # The CRI plugin would want the node's network; importing needs only the content store.
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{socket}"\n'
+        f'[ttrpc]\n  address = "{socket}.ttrpc"\n'
+    )
+    with (tmp_path / "containerd.log").open("w") as log:
+        process = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while not socket.exists():
+            assert process.poll() is None, (tmp_path / "containerd.log").read_text()
+            assert time.monotonic() < deadline, "containerd did not open its socket in 30 s"
+            time.sleep(0.1)
+        yield socket
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_import_images_loads_the_archives_under_the_names_the_kubelet_asks_for(
+    archives: dict[str, Path], version: str, containerd: Path
+) -> None:
+    wanted = [images.PAUSE_IMAGE, f"aar-scorer:{version}"]
+    images.import_images([archives[name] for name in wanted], containerd)
+    listed = subprocess.run(
+        ["ctr", "--address", str(containerd), "-n", "k8s.io", "images", "ls", "--quiet"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert sorted(listed) == sorted(images.containerd_name(name) for name in wanted)
 
 
 def test_without_buildah_the_command_says_to_run_make_tools(archives: dict[str, Path]) -> None:
