@@ -30,7 +30,7 @@ test: lint tools
 	$(BIN)/pytest tests || { status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$status; }
 
-test-unit: $(STAMP)
+test-unit: tools
 	$(BIN)/pytest tests/unit
 
 test-cluster: tools

@@ -15,6 +15,41 @@ DNS_PORT = 5353  # unprivileged: the server runs as a non-root user with no capa
 DNS_IMAGE_TARGET = "operator"
 
 
+# What every container the development cluster adds runs with: no root, no capabilities, no writes
+# to its image.
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def one_pod_deployment(
+    meta: dict[str, Any],
+    labels: dict[str, str],
+    container: dict[str, Any],
+    service_account: str | None = None,
+) -> dict[str, Any]:
+    """A Deployment of one Pod running `container` (made restricted), RuntimeDefault seccomp."""
+    pod: dict[str, Any] = {
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{**container, "securityContext": RESTRICTED}],
+    }
+    if service_account:
+        pod["serviceAccountName"] = service_account
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
 def cluster_dns(image: str) -> list[dict[str, Any]]:
     """The DNS server's ServiceAccount (it may list and watch Services), Deployment and the
     `kube-dns` Service at the address every Pod's resolv.conf names."""
@@ -33,12 +68,6 @@ def cluster_dns(image: str) -> list[dict[str, Any]]:
         "resources": {
             "requests": {"cpu": "10m", "memory": "32Mi"},
             "limits": {"cpu": "200m", "memory": "96Mi"},
-        },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
         },
     }
     return [
@@ -62,23 +91,7 @@ def cluster_dns(image: str) -> list[dict[str, Any]]:
                 {"kind": "ServiceAccount", "name": "kube-dns", "namespace": DNS_NAMESPACE}
             ],
         },
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": meta,
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": {"k8s-app": "kube-dns"}},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "serviceAccountName": "kube-dns",
-                        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                        "containers": [container],
-                    },
-                },
-            },
-        },
+        one_pod_deployment(meta, labels, container, "kube-dns"),
         {
             "apiVersion": "v1",
             "kind": "Service",

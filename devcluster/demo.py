@@ -74,40 +74,18 @@ class Demo:
         return state.get("port") if state and self._ours(state.get("pid", 0)) else None
 
     def forward_forum(self) -> int:
-        """`kubectl port-forward` of the forum's Service to a loopback port; reuses one that
-        runs. Pods' addresses are not routed from the host, the kubelet forwards instead."""
+        """The forum's web UI on a loopback port; reuses a forward that runs."""
         if port := self.forum_port():
             return port
         self.directory.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        command = [
-            str(binary("kubectl")), "--kubeconfig", str(self.control_plane.kubeconfig_path),
-            "-n", deploy.SYSTEM_NAMESPACE, "port-forward", "--address=127.0.0.1",
-            "service/aar-forum", f"{port}:8080",
-        ]  # fmt: skip
-        with (self.directory / "port-forward.log").open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        write_private(self.state_path, json.dumps({"pid": process.pid, "port": port}))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2),
-            ):
-                return port
-            if process.poll() is not None:
-                break
-            time.sleep(0.3)
-        raise DemoError(
-            f"the forum could not be forwarded to 127.0.0.1:{port}; "
-            f"see {self.directory / 'port-forward.log'}"
+        process, port = port_forward(
+            self.control_plane.kubeconfig_path,
+            deploy.SYSTEM_NAMESPACE,
+            "aar-forum",
+            self.directory / "port-forward.log",
         )
+        write_private(self.state_path, json.dumps({"pid": process.pid, "port": port}))
+        return port
 
     def stop(self) -> None:
         """Stop the port-forward; safe when none runs."""
@@ -124,6 +102,41 @@ class Demo:
         data = kubectl.json("get", "secret", SIGNING_KEY_SECRET)["data"][SIGNING_KEY_FIELD]
         issuer = CredentialIssuer(base64.b64decode(data))
         return issuer.mint_admin("demo", ttl_seconds=7 * 86400)
+
+
+def port_forward(
+    kubeconfig: Path,
+    namespace: str,
+    service: str,
+    log_path: Path,
+    health_path: str = "/healthz",
+    timeout: float = 30,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`kubectl port-forward` of a Service's port 8080 to a free loopback port, once it answers
+    `health_path`. Pods' addresses are not routed from the host: the kubelet forwards instead."""
+    port = free_port()
+    command = [
+        str(binary("kubectl")), "--kubeconfig", str(kubeconfig), "-n", namespace,
+        "port-forward", "--address=127.0.0.1", f"service/{service}", f"{port}:8080",
+    ]  # fmt: skip
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{health_path}", timeout=2),
+        ):
+            return process, port
+        time.sleep(0.3)
+    process.kill()
+    process.wait()
+    raise DemoError(
+        f"{namespace}/{service} could not be forwarded to 127.0.0.1:{port}; see {log_path}"
+    )
 
 
 def run_manifest() -> dict[str, Any]:
@@ -218,5 +231,7 @@ def run(
         f"Metrics: http://127.0.0.1:{port}/metrics; the gateway's and the scorer's with\n"
         f"  kubectl port-forward -n {deploy.SYSTEM_NAMESPACE} service/aar-gateway 9091:8080\n"
         f"  kubectl port-forward -n {deploy.SCORER_NAMESPACE} service/aar-scorer 9092:8080\n"
+        f"Prometheus (every service scraped, the chart's alert rules loaded): "
+        f"{control_plane.node.prometheus_url}/\n"
         f"Stop everything: make cluster-down"
     )

@@ -14,13 +14,16 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from aar_devcluster import images
-from aar_devcluster.addons import DNS_IMAGE_TARGET, install_cluster_dns
+from aar_devcluster.addons import DNS_IMAGE_TARGET, install_cluster_dns, one_pod_deployment
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool
 
@@ -85,42 +88,21 @@ def upstream_stand_in(image: str, api_key: str) -> list[dict[str, Any]]:
                 "valueFrom": {"secretKeyRef": {"name": "anthropic-api-key", "key": "api-key"}},
             }
         ],
-        "ports": [{"name": "http", "containerPort": UPSTREAM_PORT}],
+        "ports": [{"name": "api", "containerPort": UPSTREAM_PORT}],  # not "http": no /metrics here
         "readinessProbe": {"tcpSocket": {"port": UPSTREAM_PORT}, "periodSeconds": 2},
         "resources": {
             "requests": {"cpu": "50m", "memory": "64Mi"},
             "limits": {"cpu": "1", "memory": "256Mi"},
         },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
     }
     meta = {"name": UPSTREAM, "namespace": SYSTEM_NAMESPACE, "labels": labels}
     return [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": meta,
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                        "containers": [container],
-                    },
-                },
-            },
-        },
+        one_pod_deployment(meta, labels, container),
         {
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": meta,
-            "spec": {"selector": labels, "ports": [{"name": "http", "port": UPSTREAM_PORT}]},
+            "spec": {"selector": labels, "ports": [{"name": "api", "port": UPSTREAM_PORT}]},
         },
     ]
 
@@ -224,8 +206,37 @@ def install(plane: ControlPlane, say: Say, api_key: str | None = None) -> Instal
     kubectl.apply(
         secret("aar-scorer-labels", SCORER_NAMESPACE, {f"{TASK}.json": labels.read_text()})
     )
+    load_alert_rules(plane, helm, values, say)
     wait_ready(kubectl, say)
     return Installation(version, images.image_name("agent", version), offline)
+
+
+def load_alert_rules(plane: ControlPlane, helm: Tool, values: Path, say: Say) -> None:
+    """The chart's alert rules (its PrometheusRule, rendered) into the node's Prometheus."""
+    url = plane.node.prometheus_url
+    if url is None or not plane.node.prometheus_rules.is_dir():
+        say("No Prometheus on the node (Debian's prometheus is not installed): run `make tools`")
+        return
+    rendered = helm.run(
+        "template", RELEASE, str(REPO / "charts" / "aar"), "-f", str(values),
+        "--set", "monitoring.prometheusRule.enabled=true",
+        "--show-only", "templates/monitoring-prometheusrule.yaml",
+    )  # fmt: skip
+    groups = yaml.safe_load(rendered)["spec"]["groups"]
+    (plane.node.prometheus_rules / "aar.yml").write_text(yaml.safe_dump({"groups": groups}))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            request = urllib.request.Request(f"{url}/-/reload", method="POST")
+            with urllib.request.urlopen(request, timeout=5):
+                break
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise DeployError(
+                    f"Prometheus at {url} did not reload its rules: {error}"
+                ) from error
+            time.sleep(1)
+    say(f"Prometheus at {url} scrapes every service and evaluates the chart's alert rules")
 
 
 def wait_ready(kubectl: Tool, say: Say, timeout: float = 300) -> None:

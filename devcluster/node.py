@@ -39,7 +39,7 @@ CLUSTER_DNS_IP = "10.0.0.10"
 # One /30 per node: never routed on the internet and not used by this machine's interfaces.
 LINK_RANGE = ipaddress.ip_network("198.18.0.0/24")
 # Extended resource advertised with no device behind it, so GPU requests and limits schedule.
-FAKE_GPUS = 4
+FAKE_GPUS = 16
 GPU_RESOURCE = "nvidia.com/gpu"
 GUARD_CHAIN = "AAR-NODE-GUARD"
 NETNS_PREFIX = "aar-"
@@ -61,6 +61,10 @@ PRIVATE_PATHS: dict[str, str | None] = {
     "/var/log/pods": None,
     "/var/log/containers": None,
 }
+# Debian's Prometheus server, in the node's network namespace: it reaches the Pods, and the host
+# reaches it at the node's address.
+PROMETHEUS = Path("/usr/bin/prometheus")
+PROMETHEUS_PORT = 9090
 # The runner lists there the mount points it had to create on the host.
 CREATED_PATHS = "created-paths.json"
 REQUIRED_COMMANDS = ("containerd", "runc", "ctr", "ip", "iptables", "socat")
@@ -71,6 +75,24 @@ def _terminate_with_parent() -> None:
     """Runs in the child between fork and exec: the kernel sends it SIGTERM when the parent
     dies."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn_logged(
+    command: list[str],
+    log_path: Path,
+    preexec: Callable[[], None] | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a process with no input and its output appended to `log_path`."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+            preexec_fn=preexec,
+        )
 
 
 class NodeError(RuntimeError):
@@ -454,6 +476,45 @@ def kubelet_config(link: Link, ca_file: Path, resolv_conf: Path) -> dict[str, An
     }
 
 
+def prometheus_config(
+    server: str, ca_file: Path, token_file: Path, rules_dir: Path
+) -> dict[str, Any]:
+    """Scrape every Running Pod's port named `http` or `metrics` (the chart's services and the
+    operator), found through the apiserver, and evaluate the rules in `rules_dir`."""
+    relabel = [
+        {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
+        {
+            "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+            "regex": "http|metrics",
+            "action": "keep",
+        },
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {
+            "source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"],
+            "target_label": "app",
+        },
+    ]
+    return {
+        "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+        "rule_files": [str(rules_dir / "*.yml")],
+        "scrape_configs": [
+            {
+                "job_name": "pods",
+                "kubernetes_sd_configs": [
+                    {
+                        "role": "pod",
+                        "api_server": server,
+                        "tls_config": {"ca_file": str(ca_file), "server_name": "kubernetes"},
+                        "authorization": {"credentials_file": str(token_file)},
+                    }
+                ],
+                "relabel_configs": relabel,
+            }
+        ],
+    }
+
+
 def component_kubeconfig(server: str, ca_file: Path, cert: Path, key: Path, user: str) -> str:
     """A kubeconfig with a client certificate; the apiserver's certificate is checked against the
     name `kubernetes`, since the node reaches it at the link's address."""
@@ -516,6 +577,16 @@ class Node:
     @property
     def log_dir(self) -> Path:
         return self.directory / "logs"
+
+    @property
+    def prometheus_url(self) -> str | None:
+        """Where the node's Prometheus answers, from the host; None before `prepare`."""
+        state = self.read_state()
+        return f"http://{state.node_ip}:{PROMETHEUS_PORT}" if state else None
+
+    @property
+    def prometheus_rules(self) -> Path:
+        return self.directory / "prometheus" / "rules"
 
     @property
     def containerd_socket(self) -> Path:
@@ -639,6 +710,17 @@ class Node:
                 "--v=1",
             ],
         }
+        if PROMETHEUS.exists():
+            (d / "prometheus" / "rules").mkdir(parents=True, exist_ok=True)
+            config = prometheus_config(server, ca_file, token_file, d / "prometheus" / "rules")
+            (d / "prometheus" / "prometheus.yml").write_text(yaml.safe_dump(config))
+            node["prometheus"] = [
+                str(PROMETHEUS),
+                f"--config.file={d / 'prometheus' / 'prometheus.yml'}",
+                f"--storage.tsdb.path={d / 'prometheus' / 'data'}",
+                f"--web.listen-address={link.node_ip}:{PROMETHEUS_PORT}",
+                "--web.enable-lifecycle",  # deploy reloads it after writing the chart's rules
+            ]
         return {"host": host, "node": node}
 
     def start(
@@ -702,17 +784,13 @@ class Node:
         self, name: str, command: list[str], die_with_parent: bool
     ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with (self.log_dir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.directory,
-                start_new_session=True,
-                # SIGTERM, not SIGKILL: the runner tears the node down when its owner dies.
-                preexec_fn=_terminate_with_parent if die_with_parent else None,
-            )
+        process = spawn_logged(
+            command,
+            self.log_dir / f"{name}.log",
+            # SIGTERM, not SIGKILL: the runner tears the node down when its owner dies.
+            preexec=_terminate_with_parent if die_with_parent else None,
+            new_session=True,
+        )
         self._processes.append(process)
         return process
 

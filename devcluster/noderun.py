@@ -27,6 +27,7 @@ from aar_devcluster.node import (
     PRIVATE_PATHS,
     kill_processes,
     remove_cgroups,
+    spawn_logged,
     teardown,
 )
 
@@ -35,6 +36,7 @@ CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SLAVE = 1 << 19
+# Then any other node process (Prometheus).
 START_ORDER = ("containerd", "kubelet", "kube-proxy")
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -86,14 +88,7 @@ class Supervisor:
         self.stopping = False
 
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        with (self.log_dir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
+        process = spawn_logged(command, self.log_dir / f"{name}.log", _die_with_parent)
         self.processes[name] = process
         return process
 
@@ -145,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     enter_network_namespace(args.netns)
     created = make_private_mounts(PRIVATE_PATHS, args.commands.parent)
     try:
-        for name in START_ORDER:
+        others = [n for n in commands["node"] if n not in START_ORDER]
+        for name in [*START_ORDER, *others]:
             supervisor.spawn(name, commands["node"][name])
             print(f"Started {name} (pid {supervisor.processes[name].pid})", flush=True)
         while not supervisor.stopping:

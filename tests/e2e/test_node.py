@@ -31,6 +31,9 @@ from aar_operator.builders import Sandbox
 from aar_operator.config import OperatorConfig
 from aar_operator.models import AgentSandboxSpec
 
+# Starting a cluster with its node, and building an image when the code changed, take minutes.
+pytestmark = pytest.mark.timeout(900)
+
 SERVICE_RANGE = "10.0.0.0/24"
 
 

@@ -12,9 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from node_cluster import guard_installed, host_record, leftovers, require_node
 
 from aar_devcluster.node import KUBELET_SYSCTLS
+
+# Starting a cluster with its node, and building an image when the code changed, take minutes.
+pytestmark = pytest.mark.timeout(900)
 
 # Started in a child process: a cluster with its node, tied to that process's life, a Pod
 # running on it; prints the node's runner pid and waits to be killed.
