@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import ssl
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +79,22 @@ class KubeApi:
         except ApiError as error:
             if error.status != 404:
                 raise
+
+
+def run_every(seconds: float, step: Callable[[], None], what: str) -> None:
+    """Call `step` every `seconds` until SIGTERM or SIGINT; an apiserver that does not answer
+    (restarting, say) is reported and tried again next time."""
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping:
+        try:
+            step()
+        except ApiError as error:
+            print(f"{what} failed: {error}", flush=True)
+        time.sleep(seconds)

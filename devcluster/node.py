@@ -476,40 +476,16 @@ def kubelet_config(link: Link, ca_file: Path, resolv_conf: Path) -> dict[str, An
     }
 
 
-def prometheus_config(
-    server: str, ca_file: Path, token_file: Path, rules_dir: Path
-) -> dict[str, Any]:
-    """Scrape every Running Pod's port named `http` or `metrics` (the chart's services and the
-    operator), found through the apiserver, and evaluate the rules in `rules_dir`."""
-    relabel = [
-        {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
-        {
-            "source_labels": ["__meta_kubernetes_pod_container_port_name"],
-            "regex": "http|metrics",
-            "action": "keep",
-        },
-        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-        {
-            "source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"],
-            "target_label": "app",
-        },
-    ]
+def prometheus_config(targets_file: Path, rules_dir: Path) -> dict[str, Any]:
+    """Scrape the targets `aar_devcluster.targets` writes (every Running Pod's port named `http`
+    or `metrics`: the chart's services and the operator) and evaluate the rules in `rules_dir`."""
     return {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
         "rule_files": [str(rules_dir / "*.yml")],
         "scrape_configs": [
             {
                 "job_name": "pods",
-                "kubernetes_sd_configs": [
-                    {
-                        "role": "pod",
-                        "api_server": server,
-                        "tls_config": {"ca_file": str(ca_file), "server_name": "kubernetes"},
-                        "authorization": {"credentials_file": str(token_file)},
-                    }
-                ],
-                "relabel_configs": relabel,
+                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "5s"}],
             }
         ],
     }
@@ -712,8 +688,14 @@ class Node:
         }
         if PROMETHEUS.exists():
             (d / "prometheus" / "rules").mkdir(parents=True, exist_ok=True)
-            config = prometheus_config(server, ca_file, token_file, d / "prometheus" / "rules")
+            targets = d / "prometheus" / "targets.json"
+            config = prometheus_config(targets, d / "prometheus" / "rules")
             (d / "prometheus" / "prometheus.yml").write_text(yaml.safe_dump(config))
+            host["targets"] = [
+                sys.executable, "-m", "aar_devcluster.targets",
+                f"--server=https://127.0.0.1:{apiserver_port}", f"--token-file={token_file}",
+                f"--ca-file={ca_file}", f"--out={targets}",
+            ]  # fmt: skip
             node["prometheus"] = [
                 str(PROMETHEUS),
                 f"--config.file={d / 'prometheus' / 'prometheus.yml'}",

@@ -103,9 +103,10 @@ class Supervisor:
             process.kill()
             process.wait()
 
-    def first_exited(self) -> str | None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
+    def first_exited(self, names: tuple[str, ...]) -> str | None:
+        for name in names:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
                 return name
         return None
 
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             supervisor.spawn(name, commands["node"][name])
             print(f"Started {name} (pid {supervisor.processes[name].pid})", flush=True)
         while not supervisor.stopping:
-            exited = supervisor.first_exited()
+            # Only the node's own processes are vital; Prometheus or a helper exiting is logged.
+            exited = supervisor.first_exited(START_ORDER)
             if exited is not None:
                 code = supervisor.processes[exited].returncode
                 print(f"{exited} exited with code {code}; stopping the node", flush=True)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from aar_devcluster.kubeapi import ApiError, KubeApi
+from aar_devcluster.kubeapi import KubeApi, run_every
 from aar_devcluster.node import NODE_NAME
 
 STORAGE_CLASS = "aar-local"
@@ -117,21 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     api = KubeApi(args.server, args.token_file.read_text().strip(), args.ca_file)
     args.root.mkdir(parents=True, exist_ok=True)
-    stopping = False
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     api.create("/apis/storage.k8s.io/v1/storageclasses", storage_class())
-    while not stopping:
-        try:
-            reconcile(api, args.root)
-        except ApiError as error:  # the apiserver restarting: try again next second
-            print(f"Provisioning pass failed: {error}", flush=True)
-        time.sleep(1)
+    run_every(1, lambda: reconcile(api, args.root), "Provisioning pass")
     return 0
 
 

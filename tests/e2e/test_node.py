@@ -39,7 +39,7 @@ SERVICE_RANGE = "10.0.0.0/24"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    plane = start_cluster(tmp_path_factory.mktemp("node-cluster"))
+    plane = start_cluster(tmp_path_factory.mktemp("node-cluster"), (DNS_IMAGE_TARGET, "agent"))
     yield plane
     plane.destroy()
 
@@ -53,8 +53,8 @@ def kubectl(cluster: ControlPlane) -> Iterator[Tool]:
     admin.run("delete", "namespace", namespace, "--wait=false")
 
 
-def image() -> str:
-    return images.image_name(DNS_IMAGE_TARGET, images.chart_version(images.repo_root()))
+def image(target: str = DNS_IMAGE_TARGET) -> str:
+    return images.image_name(target, images.chart_version(images.repo_root()))
 
 
 def test_the_node_is_ready_and_advertises_stand_in_gpus(cluster: ControlPlane) -> None:
@@ -116,7 +116,7 @@ def sandbox_objects(
             "direction": "confinement",
             "task": {"name": "demo"},
             "sandbox": {
-                "image": image(),
+                "image": image("agent"),
                 "resources": {"gpu": 1, "cpu": "1", "memory": "512Mi"},
                 "storage": "1Gi",
             },
