@@ -3,6 +3,7 @@ for the development cluster's own processes; aar's components use kopf and aioht
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import signal
@@ -98,3 +99,15 @@ def run_every(seconds: float, step: Callable[[], None], what: str) -> None:
         except ApiError as error:
             print(f"{what} failed: {error}", flush=True)
         time.sleep(seconds)
+
+
+def add_api_arguments(parser: argparse.ArgumentParser) -> None:
+    """--server, --token-file and --ca-file: how a development-cluster process reaches the
+    apiserver."""
+    parser.add_argument("--server", required=True)
+    parser.add_argument("--token-file", type=Path, required=True)
+    parser.add_argument("--ca-file", type=Path, required=True)
+
+
+def api_from(args: argparse.Namespace) -> KubeApi:
+    return KubeApi(args.server, args.token_file.read_text().strip(), args.ca_file)

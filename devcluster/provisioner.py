@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aar_devcluster.kubeapi import KubeApi, run_every
+from aar_devcluster.kubeapi import KubeApi, add_api_arguments, api_from, run_every
 from aar_devcluster.node import NODE_NAME
 
 STORAGE_CLASS = "aar-local"
@@ -108,12 +108,10 @@ def reconcile(api: KubeApi, root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aar_devcluster.provisioner")
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--token-file", type=Path, required=True)
-    parser.add_argument("--ca-file", type=Path, required=True)
+    add_api_arguments(parser)
     parser.add_argument("--root", type=Path, required=True, help="where volumes' directories go")
     args = parser.parse_args(argv)
-    api = KubeApi(args.server, args.token_file.read_text().strip(), args.ca_file)
+    api = api_from(args)
     args.root.mkdir(parents=True, exist_ok=True)
     api.create("/apis/storage.k8s.io/v1/storageclasses", storage_class())
     run_every(1, lambda: reconcile(api, args.root), "Provisioning pass")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aar_devcluster.kubeapi import KubeApi, run_every
+from aar_devcluster.kubeapi import add_api_arguments, api_from, run_every
 
 SCRAPED_PORT_NAMES = ("http", "metrics")
 
@@ -51,12 +51,10 @@ def write(path: Path, entries: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aar_devcluster.targets")
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--token-file", type=Path, required=True)
-    parser.add_argument("--ca-file", type=Path, required=True)
+    add_api_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="the file_sd JSON file")
     args = parser.parse_args(argv)
-    api = KubeApi(args.server, args.token_file.read_text().strip(), args.ca_file)
+    api = api_from(args)
     run_every(3, lambda: write(args.out, targets(api.get("/api/v1/pods")["items"])), "Listing Pods")
     return 0
 
