@@ -35,6 +35,7 @@ import yaml
 
 from aar_common.ports import free_port
 from aar_devcluster import pki
+from aar_devcluster.kubeapi import ApiError, KubeApi
 from aar_devcluster.node import FAKE_GPUS, GPU_RESOURCE, NODE_NAME, Node
 from aar_devcluster.paths import binary
 
@@ -405,21 +406,17 @@ class ControlPlane:
             time.sleep(0.5)
         # An extended resource with no device behind it: GPU requests, limits and accounting
         # are real, while the trainer runs on the CPU.
-        self._api_request(
-            state,
-            "PATCH",
-            f"/api/v1/nodes/{NODE_NAME}/status",
-            json.dumps(
-                [
-                    {
-                        "op": "add",
-                        "path": f"/status/capacity/{GPU_RESOURCE.replace('/', '~1')}",
-                        "value": str(FAKE_GPUS),
-                    }
-                ]
-            ).encode(),
-            "application/json-patch+json",
-        )
+        admin = KubeApi(state.server, state.token, self.pki_dir / "ca.crt")
+        gpus = {"op": "add", "path": f"/status/capacity/{GPU_RESOURCE.replace('/', '~1')}"}
+        try:
+            admin.request(
+                "PATCH",
+                f"/api/v1/nodes/{NODE_NAME}/status",
+                [{**gpus, "value": str(FAKE_GPUS)}],
+                "application/json-patch+json",
+            )
+        except ApiError as error:
+            raise ControlPlaneError(f"could not advertise the node's GPUs: {error}") from error
         say(f"Node {NODE_NAME} Ready with {FAKE_GPUS} {GPU_RESOURCE}")
 
     def _node_ready(self, state: State) -> bool:
@@ -482,24 +479,6 @@ class ControlPlane:
             context=ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt")),
             headers={"Authorization": f"Bearer {state.token}"},
         )
-
-    def _api_request(
-        self, state: State, method: str, path: str, body: bytes, content_type: str
-    ) -> bytes:
-        """A write to the apiserver as the admin user; raises ControlPlaneError unless 2xx."""
-        request = urllib.request.Request(
-            state.server + path,
-            data=body,
-            method=method,
-            headers={"Authorization": f"Bearer {state.token}", "Content-Type": content_type},
-        )
-        context = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
-        try:
-            with urllib.request.urlopen(request, timeout=10, context=context) as response:
-                answer: bytes = response.read()
-                return answer
-        except OSError as error:
-            raise ControlPlaneError(f"{method} {path} failed: {error}") from error
 
     def _apiserver_ready(self, state: State) -> bool:
         return self._api_get(state, "/readyz") == b"ok"

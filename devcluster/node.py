@@ -153,6 +153,15 @@ def _run(*command: str, check: bool = True, netns: str | None = None) -> str:
     return result.stdout
 
 
+def _succeeds(*command: str, netns: str | None = None) -> bool:
+    """Whether a command (a check such as `iptables -C`) exits 0."""
+    try:
+        _run(*command, netns=netns)
+    except NodeError:
+        return False
+    return True
+
+
 def _addresses_in_use() -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """The /30s of the link range that some interface on the host already has."""
     used: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
@@ -223,20 +232,15 @@ def guard_rules(service_range: str) -> list[list[str]]:
 
 def install_guard(service_range: str, netns: str | None = None) -> None:
     """Create the guard chain (idempotent) and jump to it first from OUTPUT and FORWARD."""
-    if _run("iptables", "-n", "-L", GUARD_CHAIN, check=False, netns=netns) == "":
+    if not _succeeds("iptables", "-n", "-L", GUARD_CHAIN, netns=netns):
         _run("iptables", "-N", GUARD_CHAIN, netns=netns)
     _run("iptables", "-F", GUARD_CHAIN, netns=netns)
     for rule in guard_rules(service_range):
         _run("iptables", "-A", GUARD_CHAIN, *rule, "-m", "comment", "--comment", "aar node guard",
              netns=netns)  # fmt: skip
     for chain in ("OUTPUT", "FORWARD"):
-        jump = [chain, "-j", GUARD_CHAIN]
-        if subprocess.run(
-            (["ip", "netns", "exec", netns] if netns else []) + ["iptables", "-C", *jump],
-            capture_output=True,
-            check=False,
-        ).returncode:
-            _run("iptables", "-I", *jump, netns=netns)
+        if not _succeeds("iptables", "-C", chain, "-j", GUARD_CHAIN, netns=netns):
+            _run("iptables", "-I", chain, "-j", GUARD_CHAIN, netns=netns)
 
 
 def remove_guard(netns: str | None = None) -> None:
@@ -531,6 +535,14 @@ class NodeState:
         return Link(self.node_id, self.host_ip, self.node_ip)
 
 
+def write_node_state(directory: Path, state: NodeState) -> None:
+    """Replace the node's state file in one step: a reader never sees half of it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "state.tmp"
+    tmp.write_text(json.dumps(state.__dict__))
+    tmp.replace(directory / "state.json")
+
+
 class Node:
     """The node of one control plane: its files live in `<state dir>/node`.
 
@@ -574,12 +586,6 @@ class Node:
         except FileNotFoundError:
             return None
 
-    def _write_state(self, state: NodeState) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state.__dict__))
-        tmp.replace(self.state_path)
-
     # --- prepare -------------------------------------------------------------------------------
     def prepare(self, service_range: str) -> Link:
         """Clear what a crashed earlier node left, then make the network and the guard."""
@@ -591,7 +597,7 @@ class Node:
         install_guard(service_range)
         link = allocate_link(self.id)
         create_network(link)
-        self._write_state(NodeState(link.node_id, link.host_ip, link.node_ip))
+        write_node_state(self.directory, NodeState(link.node_id, link.host_ip, link.node_ip))
         return link
 
     # --- start ---------------------------------------------------------------------------------
@@ -749,7 +755,7 @@ class Node:
             die_with_parent,
         )
         state.runner_pid = runner.pid
-        self._write_state(state)
+        write_node_state(self.directory, state)
         deadline = time.monotonic() + 30
         while not self.containerd_socket.exists():
             if runner.poll() is not None:
@@ -834,6 +840,4 @@ def teardown(directory: Path) -> None:
         restore_host_state()
     if state and state.runner_pid:
         state.runner_pid = 0
-        tmp = directory / "state.tmp"
-        tmp.write_text(json.dumps(state.__dict__))
-        tmp.replace(directory / "state.json")
+        write_node_state(directory, state)

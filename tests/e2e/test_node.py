@@ -57,6 +57,29 @@ def image(target: str = DNS_IMAGE_TARGET) -> str:
     return images.image_name(target, images.chart_version(images.repo_root()))
 
 
+def python_pod(
+    name: str, command: list[str], labels: dict[str, str] | None = None, **container: Any
+) -> dict[str, Any]:
+    """A Pod of the operator's image running `python COMMAND...` once."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": name,
+                    "image": image(),
+                    "imagePullPolicy": "Never",
+                    "command": ["python", *command],
+                    **container,
+                }
+            ],
+        },
+    }
+
+
 def test_the_node_is_ready_and_advertises_stand_in_gpus(cluster: ControlPlane) -> None:
     node = Tool("kubectl", cluster.kubeconfig_path).json("get", "node", NODE_NAME)
     ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
@@ -197,22 +220,7 @@ def test_a_new_service_resolves_within_seconds(kubectl: Tool) -> None:
         "    except OSError:\n"
         "        time.sleep(0.25)\n"
     )
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "lookup"},
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [
-                {
-                    "name": "lookup",
-                    "image": image(),
-                    "imagePullPolicy": "Never",
-                    "command": ["python", "-c", lookup],
-                }
-            ],
-        },
-    }
+    pod = python_pod("lookup", ["-c", lookup])
     kubectl.apply(pod)
     wait_for_pod(kubectl, "lookup", {"Succeeded"})
     assert kubectl.run("logs", "lookup").strip() == address
@@ -300,54 +308,28 @@ def test_the_guard_lets_other_traffic_through(stand_in_host: str) -> None:
 
 
 def test_pods_reach_each_other_through_a_service(kubectl: Tool, repo_root: Path) -> None:
-    server = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "web", "labels": {"app": "web"}},
-        "spec": {
-            "containers": [
-                {
-                    "name": "web",
-                    "image": image(),
-                    "imagePullPolicy": "Never",
-                    "command": ["python", "-m", "http.server", "8080", "--directory", "/etc"],
-                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
-                }
-            ]
-        },
-    }
+    server = python_pod(
+        "web",
+        ["-m", "http.server", "8080", "--directory", "/etc"],
+        {"app": "web"},
+        readinessProbe={"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+    )
     service = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": "web"},
         "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
     }
-    client = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "client"},
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [
-                {
-                    "name": "client",
-                    "image": image(),
-                    "imagePullPolicy": "Never",
-                    "command": [
-                        "python",
-                        "-c",
-                        "import urllib.request, time\n"
-                        "for _ in range(60):\n"
-                        "    try:\n"
-                        "        print(urllib.request.urlopen('http://web/hostname', timeout=2)"
-                        ".read().decode().strip()); break\n"
-                        "    except OSError:\n"
-                        "        time.sleep(0.5)\n",
-                    ],
-                }
-            ],
-        },
-    }
+    fetch = (
+        "import urllib.request, time\n"
+        "for _ in range(60):\n"
+        "    try:\n"
+        "        print(urllib.request.urlopen('http://web/hostname', timeout=2)"
+        ".read().decode().strip()); break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.5)\n"
+    )
+    client = python_pod("client", ["-c", fetch])
     kubectl.apply(server, service)
     kubectl.run("wait", "--for=condition=Ready", "pod/web", "--timeout=90s", timeout=100)
     kubectl.apply(client)
