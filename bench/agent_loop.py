@@ -30,14 +30,14 @@ from aar_agent.config import Settings
 from aar_agent.context import trim
 from aar_agent.loop import Agent
 from aar_agent.state import RunState, StateStore
-from aar_common.anthropic_stub import Reply
+from aar_devcluster.anthropic_stub import Reply
 
 WINDOW_CHARS = 800_000  # about 200k tokens at four characters a token
 
 
 def start_stub() -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "aar_common.anthropic_stub", "--port", "0"],
+        [sys.executable, "-m", "aar_devcluster.anthropic_stub", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -225,7 +225,7 @@ def bench_gateway(
         [
             sys.executable,
             "-m",
-            "aar_common.anthropic_stub",
+            "aar_devcluster.anthropic_stub",
             "--port",
             str(stub_port),
             "--api-key",

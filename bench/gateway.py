@@ -77,7 +77,7 @@ def _stub(started: list[subprocess.Popen[bytes]], chunk_delay: float) -> str:
         [
             sys.executable,
             "-m",
-            "aar_common.anthropic_stub",
+            "aar_devcluster.anthropic_stub",
             "--port",
             str(port),
             "--api-key",

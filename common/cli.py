@@ -1,8 +1,14 @@
-"""`aar`: the human's command line. Subcommands are added by the components that own them."""
+"""`aar`: the human's command line. Subcommands are added by the components that own them.
+
+A component declares its subcommand in the entry-point group `aar.commands` (pyproject.toml):
+the entry is a function that adds its parser to `aar`'s subparsers. `common` never imports a
+component, so the arrow points from the component to the command line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,7 +20,6 @@ from aar_common.credentials import (
     generate_signing_key,
     public_key_pem,
 )
-from aar_scorer.review_cli import add_review
 
 
 def _signing_key_path(given: str | None) -> Path:
@@ -77,18 +82,25 @@ def _add_credential(commands: argparse._SubParsersAction[argparse.ArgumentParser
     mint.set_defaults(handler=_credential_mint)
 
 
-# Each entry adds one subcommand; components append theirs here (one CLI, one place to look).
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    _add_keys,
-    _add_credential,
-    add_review,
-]
+# A string: argparse's subparsers class is generic to type checkers only.
+AddSubcommand = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+COMMAND_GROUP = "aar.commands"
+
+
+def subcommands() -> list[AddSubcommand]:
+    """`aar`'s own subcommands, then each component's from the entry-point group, by name."""
+    declared = sorted(importlib.metadata.entry_points(group=COMMAND_GROUP), key=lambda e: e.name)
+    if not declared:
+        # The group comes from the installed package's metadata: none at all means an install
+        # older than the group (e.g. an editable install made before it was added).
+        raise SystemExit(f"aar: no {COMMAND_GROUP} entry points; reinstall aar (make venv)")
+    return [_add_keys, _add_credential, *(entry.load() for entry in declared)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aar", description="aar: fleets of research agents")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
+    for add in subcommands():
         add(commands)
     args = parser.parse_args(argv)
     result: int = args.handler(args)

@@ -1,2 +1,3 @@
-"""A local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler) for tests and development, on a machine with no Docker and no internet."""
+"""Machinery for development and tests on a machine with no Docker and no internet: a local
+Kubernetes control plane with a real node, images built here, and a stand-in for the Anthropic
+Messages API (with the offline researcher) where the real one cannot be reached."""

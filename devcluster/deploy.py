@@ -2,8 +2,8 @@
 `helm install charts/aar`, the Secrets and the task volume a user makes, then a ResearchRun.
 
 Without `ANTHROPIC_API_KEY` the gateway's upstream is the Messages-API stand-in running the
-offline researcher (`aar_common.offline_researcher`), as a Pod of its own, so every agent's loop,
-tools, training, posts and submissions are real while no request leaves the machine.
+offline researcher (`aar_devcluster.offline_researcher`), as a Pod of its own, so every agent's
+loop, tools, training, posts and submissions are real while no request leaves the machine.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def upstream_stand_in(image: str, api_key: str) -> list[dict[str, Any]]:
         "command": [
             "python",
             "-m",
-            "aar_common.anthropic_stub",
+            "aar_devcluster.anthropic_stub",
             "--host=0.0.0.0",
             f"--port={UPSTREAM_PORT}",
             "--researcher",

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aar_common.anthropic_stub import USAGE_FIELDS
-from aar_gateway.pricing import Usage
+from aar_gateway.pricing import USAGE_FIELDS, Usage
 
 _INTERESTING = (b"message_start", b"message_delta", b"message_stop", b"error")
 

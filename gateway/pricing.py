@@ -83,6 +83,16 @@ class Price(BaseModel):
         )
 
 
+# The counts the Messages API reports at the top level of `usage` (`cache_creation`, a breakdown
+# of the cache writes by TTL, is the one nested field).
+USAGE_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
 class Usage(BaseModel):
     """Token counts as the Messages API reports them in `usage`."""
 

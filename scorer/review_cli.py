@@ -75,7 +75,7 @@ def _decide(args: argparse.Namespace) -> int:
 
 
 def add_review(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The `aar review` subcommand (registered in aar_common.cli.SUBCOMMANDS)."""
+    """The `aar review` subcommand (declared in the entry-point group `aar.commands`)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--credential", help=f"an admin credential (default ${CREDENTIAL_ENV})")
     common.add_argument("--scorer-url", help=f"the scorer (default ${SCORER_URL_ENV})")

@@ -25,8 +25,8 @@ from agent_env import (
 )
 
 from aar_agent.config import Settings, settings_from_env
-from aar_common.anthropic_stub import AnthropicStub, serving
 from aar_common.credentials import public_key_pem
+from aar_devcluster.anthropic_stub import AnthropicStub, serving
 from aar_scorer.tasks import write_task_files
 
 

@@ -16,7 +16,7 @@ from agent_env import AGENT, NAMESPACE, RUN, Service, finish, start_agent
 
 from aar_agent.config import Settings
 from aar_agent.loop import Agent, Outcome
-from aar_common.anthropic_stub import AnthropicStub, Reply
+from aar_devcluster.anthropic_stub import AnthropicStub, Reply
 
 RUN_KEY = f"{NAMESPACE}/{RUN}"
 

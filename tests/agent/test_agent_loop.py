@@ -15,7 +15,7 @@ import pytest
 from aar_agent.config import Settings
 from aar_agent.loop import ASK_IF_FINISHED, Agent, FatalError, Outcome
 from aar_agent.state import Finished, StateStore
-from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem
+from aar_devcluster.anthropic_stub import AnthropicStub, Reply, conversation_problem
 
 
 def tool_results(request: dict[str, Any]) -> list[dict[str, Any]]:

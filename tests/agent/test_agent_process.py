@@ -17,7 +17,7 @@ from agent_env import AGENT_COMMAND, finish, start_agent, wait_for
 
 from aar_agent.loop import INTERRUPTED
 from aar_agent.state import StateStore
-from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem
+from aar_devcluster.anthropic_stub import AnthropicStub, Reply, conversation_problem
 
 
 def sent(request: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from agent_env import ISSUER, NAMESPACE, RUN, TASK_TRUTH, Service
 
 from aar_agent.config import Settings
 from aar_agent.loop import Agent, Outcome
-from aar_common.anthropic_stub import AnthropicStub, Reply
+from aar_devcluster.anthropic_stub import AnthropicStub, Reply
 
 RUN_KEY = f"{NAMESPACE}/{RUN}"
 

@@ -1,4 +1,4 @@
-"""The offline researcher (`aar_common.offline_researcher`), the stand-in's model without an
+"""The offline researcher (`aar_devcluster.offline_researcher`), the stand-in's model without an
 Anthropic key: its decisions on hand-made conversations, and the real `aar-agent` driven by it
 on the demo task `aar-train demo` makes, training for real, behind the real gateway, against the
 real forum and scorer; two directions take two methods; a stopped agent resumes where it was."""
@@ -25,8 +25,8 @@ from aar_agent.context import conversation_chars, trim
 from aar_agent.loop import ASK_IF_FINISHED, INTERRUPTED
 from aar_agent.prompt import system_prompt
 from aar_agent.state import StateStore
-from aar_common.anthropic_stub import AnthropicStub, researcher_reply
-from aar_common.offline_researcher import (
+from aar_devcluster.anthropic_stub import AnthropicStub, researcher_reply
+from aar_devcluster.offline_researcher import (
     DROPPED_PREFIX,
     INTERRUPTED_PREFIX,
     MARK,
@@ -481,7 +481,7 @@ def researcher_stub(unused_tcp_port: int) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "aar_common.anthropic_stub",
+            "aar_devcluster.anthropic_stub",
             "--researcher",
             "--port",
             str(unused_tcp_port),

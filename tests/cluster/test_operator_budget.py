@@ -86,7 +86,7 @@ class Services:
     def start(self) -> None:
         stub = self._spawn(
             "upstream",
-            [sys.executable, "-m", "aar_common.anthropic_stub", "--api-key", "real-key"],
+            [sys.executable, "-m", "aar_devcluster.anthropic_stub", "--api-key", "real-key"],
             stdout=subprocess.PIPE,
         )
         assert stub.stdout is not None

@@ -16,9 +16,9 @@ from aiohttp import web
 from forum_harness import ISSUER, Forum
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from aar_common.anthropic_stub import AnthropicStub, Reply
-from aar_common.anthropic_stub import start as start_stub
 from aar_common.credentials import CredentialVerifier
+from aar_devcluster.anthropic_stub import AnthropicStub, Reply
+from aar_devcluster.anthropic_stub import start as start_stub
 from aar_forum.ui import csrf_token
 from aar_gateway.app import Settings as GatewaySettings
 from aar_gateway.app import build_app as build_gateway

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from aar_agent.context import conversation_chars, trim
-from aar_common.anthropic_stub import conversation_problem
+from aar_devcluster.anthropic_stub import conversation_problem
 
 TASK = "Begin your research."
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import anthropic
 import pytest
 
-from aar_common.anthropic_stub import AnthropicStub, Reply, conversation_problem, serving
+from aar_devcluster.anthropic_stub import AnthropicStub, Reply, conversation_problem, serving
 
 
 @pytest.fixture

@@ -24,11 +24,12 @@ import yaml
 from aiohttp import web
 from helm_template import helm_template
 
-from aar_common.anthropic_stub import USAGE_FIELDS, AnthropicStub, Reply, serving
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_common.ports import free_port
+from aar_devcluster.anthropic_stub import AnthropicStub, Reply, serving
 from aar_gateway.app import Settings, build_app
 from aar_gateway.app import main as gateway_main
+from aar_gateway.pricing import USAGE_FIELDS
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)

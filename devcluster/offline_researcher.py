@@ -1,10 +1,10 @@
 """An offline stand-in for Claude that does a small, real piece of weak-to-strong research.
 
 Without an Anthropic key the gateway's upstream is the local Messages-API stand-in
-(`aar_common.anthropic_stub`); with `--researcher` it answers with this module, so a demo with no
-key shows the real agent loop at work: it reads the task bundle, trains the weak teacher and the
-ceiling with `aar-train`, trains students with a method suited to the agent's direction, posts
-its figures to the forum, publishes its script and notes as an artifact, submits predictions,
+(`aar_devcluster.anthropic_stub`); with `--researcher` it answers with this module, so a demo
+with no key shows the real agent loop at work: it reads the task bundle, trains the weak teacher
+and the ceiling with `aar-train`, trains students with a method suited to the agent's direction,
+posts its figures to the forum, publishes its script and notes as an artifact, submits predictions,
 reads the leaderboard and the others' posts, tries a second method and finishes.
 
 It is honest and stateless. Every figure it writes is parsed from a tool result in the

@@ -4,7 +4,7 @@ It stands in for api.anthropic.com, which cannot be reached from a test machine:
 /v1/messages` (JSON or server-sent events, with usage in `message_start` and `message_delta` as
 the real API sends it) and `POST /v1/messages/count_tokens`. Replies are scripted (a queue, or a
 function of the request); without a script it answers a short text, or, as the offline
-researcher (`--researcher`, `aar_common.offline_researcher`), drives the agent through a real
+researcher (`--researcher`, `aar_devcluster.offline_researcher`), drives the agent through a real
 piece of research. Like the real API it refuses
 a conversation whose tool_use/tool_result pairs do not match, and it keeps a ledger of the usage
 it reported so a test can compare anyone's metering with it.
@@ -30,15 +30,9 @@ from typing import Any
 
 from aiohttp import web
 
-from aar_common import offline_researcher
 from aar_common.web import error_body, presented_token
-
-USAGE_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
+from aar_devcluster import offline_researcher
+from aar_gateway.pricing import USAGE_FIELDS
 
 
 @dataclass
