@@ -1,11 +1,13 @@
 """The agent's local tools on a real workspace: bash keeps its directory (also across a restart),
 kills a command and its children at the timeout, does not wait for jobs left in the background,
 and cuts long output with a note pointing at the full text; the file tools refuse ambiguous
-edits; the system prompt carries the task, direction and rules."""
+edits; the tool definitions the model receives are pinned; the system prompt carries the task,
+direction and rules."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -18,6 +20,10 @@ from aar_agent.prompt import system_prompt
 from aar_agent.services import ServiceClient
 from aar_agent.state import RunState
 from aar_agent.tools import Toolbox, ToolError, read_predictions
+
+# The `tools` list of every Messages API request, as the model reads it. Change it together with
+# a tool's name, docstring or input model, never by accident.
+DEFINITIONS = Path(__file__).with_name("agent_tool_definitions.json")
 
 
 @pytest.fixture
@@ -202,6 +208,15 @@ async def test_services_the_sandbox_was_not_given_are_named(settings: Settings) 
     text, is_error = await toolbox(settings).call("forum_new", {}, "t")
     assert is_error
     assert text == "the forum is not configured in this sandbox (AAR_FORUM_URL)"
+
+
+def test_the_tool_definitions_the_model_receives_are_pinned(settings: Settings) -> None:
+    definitions = toolbox(settings).definitions
+    pinned = json.loads(DEFINITIONS.read_text())
+    assert definitions == pinned
+    # Byte for byte, key order too: the definitions open every request, so the prompt cache and
+    # the requests' idempotency keys depend on their exact text.
+    assert json.dumps(definitions) == json.dumps(pinned)
 
 
 def test_the_system_prompt_has_the_task_direction_rules_and_tools(
