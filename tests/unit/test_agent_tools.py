@@ -1,8 +1,8 @@
 """The agent's local tools on a real workspace: bash keeps its directory (also across a restart),
 kills a command and its children at the timeout, does not wait for jobs left in the background,
 and cuts long output with a note pointing at the full text; the file tools refuse ambiguous
-edits; the tool definitions the model receives are pinned; the system prompt carries the task,
-direction and rules."""
+edits; a tool is declared by its function's name, docstring and input model, and the definitions
+the model receives are pinned; the system prompt carries the task, direction and rules."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
 from aar_agent.config import Settings
 from aar_agent.prompt import system_prompt
 from aar_agent.services import ServiceClient
 from aar_agent.state import RunState
 from aar_agent.tools import Toolbox, ToolError, read_predictions
+from aar_agent.tools.registry import Input, ToolContext, ToolSet
 
 # The `tools` list of every Messages API request, as the model reads it. Change it together with
 # a tool's name, docstring or input model, never by accident.
@@ -217,6 +219,39 @@ def test_the_tool_definitions_the_model_receives_are_pinned(settings: Settings) 
     # Byte for byte, key order too: the definitions open every request, so the prompt cache and
     # the requests' idempotency keys depend on their exact text.
     assert json.dumps(definitions) == json.dumps(pinned)
+
+
+def test_a_tool_is_declared_by_its_name_docstring_and_input_model() -> None:
+    toolset = ToolSet()
+
+    class EchoInput(Input):
+        text: str = Field(description="what to say back")
+
+    @toolset.tool(EchoInput)
+    async def echo(_: ToolContext, arguments: EchoInput, __: str) -> str:
+        """Say the text
+        back."""
+        return arguments.text
+
+    assert [tool.definition() for tool in toolset.tools] == [
+        {
+            "name": "echo",
+            "description": "Say the text back.",
+            "input_schema": {
+                "additionalProperties": False,
+                "properties": {
+                    "text": {"description": "what to say back", "title": "Text", "type": "string"}
+                },
+                "required": ["text"],
+                "type": "object",
+            },
+        }
+    ]
+    with pytest.raises(TypeError, match="tool mute has no docstring; it is the model's"):
+
+        @toolset.tool(EchoInput)
+        async def mute(_: ToolContext, __: EchoInput, ___: str) -> str:
+            return ""
 
 
 def test_the_system_prompt_has_the_task_direction_rules_and_tools(
