@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from aar_operator.budget import agent_budget
 from aar_operator.config import OperatorConfig
-from aar_operator.models import (
-    API_VERSION,
-    AgentBudget,
-    AgentSandboxSpec,
-    ResearchRunSpec,
-    dump,
+from aar_operator.models import API_VERSION, AgentSandboxSpec, ResearchRunSpec, dump
+from aar_operator.naming import (
+    agent_name,
+    credential_secret_name,
+    network_policy_name,
+    pod_name,
+    service_account_name,
+    task_claim_name,
+    workspace_name,
 )
 
 MANAGER = "aar-operator"
@@ -95,28 +98,6 @@ def spec_hash(obj: Any) -> str:
 # --- ResearchRun -> AgentSandboxes ------------------------------------------------------------
 
 
-def agent_name(run: str, index: int) -> str:
-    return f"{run}-{index}"
-
-
-def agent_index(run: str, name: str) -> int | None:
-    """The index in `<run>-<i>`, or None for a name that is not one of this run's agents."""
-    prefix = f"{run}-"
-    if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
-        return None
-    return int(name[len(prefix) :])
-
-
-def agent_budget(spec: ResearchRunSpec) -> AgentBudget:
-    """Each agent's share of the run's caps: an even split."""
-    budget = spec.budget
-    return AgentBudget(
-        # Rounded down to a micro-dollar: the shares never add up to more than the cap.
-        usd=None if budget.usd is None else math.floor(budget.usd * 1e6 / spec.agents) / 1e6,
-        agent_hours=None if budget.agent_hours is None else budget.agent_hours / spec.agents,
-    )
-
-
 def research_sandbox(
     namespace: str, run: Owner, spec: ResearchRunSpec, index: int, stop_reason: str | None
 ) -> dict[str, Any]:
@@ -163,21 +144,17 @@ def service_account(sandbox: Sandbox) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(sandbox, sandbox.name, "agent"),
+        "metadata": _metadata(sandbox, service_account_name(sandbox.name), "agent"),
         # The agent has no business with the Kubernetes API.
         "automountServiceAccountToken": False,
     }
-
-
-def credential_secret_name(sandbox: Sandbox) -> str:
-    return f"{sandbox.name}-credential"
 
 
 def credential_secret(sandbox: Sandbox, credential: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(sandbox, credential_secret_name(sandbox), "credential"),
+        "metadata": _metadata(sandbox, credential_secret_name(sandbox.name), "credential"),
         "type": "Opaque",
         # Immutable: nobody (the operator included) rewrites an agent's identity in place.
         "immutable": True,
@@ -185,12 +162,8 @@ def credential_secret(sandbox: Sandbox, credential: str) -> dict[str, Any]:
     }
 
 
-def workspace_name(sandbox: Sandbox) -> str:
-    return f"{sandbox.name}-workspace"
-
-
 def workspace_pvc(sandbox: Sandbox) -> dict[str, Any]:
-    metadata = _metadata(sandbox, workspace_name(sandbox), "workspace")
+    metadata = _metadata(sandbox, workspace_name(sandbox.name), "workspace")
     if sandbox.run_owner is not None:
         # Garbage collection deletes an object when its last owner is gone: with the run as
         # a second owner the workspace survives a scale-down and goes with the run.
@@ -205,17 +178,12 @@ def workspace_pvc(sandbox: Sandbox) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": spec}
 
 
-def task_claim_name(task: str) -> str:
-    """The read-only volume holding a task's bundle, provisioned with the task."""
-    return f"aar-task-{task}"
-
-
 def sandbox_env(sandbox: Sandbox, config: OperatorConfig) -> list[dict[str, Any]]:
     """Exactly the environment docs/interfaces.md promises an agent."""
     spec = sandbox.spec
     credential = {
         "valueFrom": {
-            "secretKeyRef": {"name": credential_secret_name(sandbox), "key": CREDENTIAL_KEY}
+            "secretKeyRef": {"name": credential_secret_name(sandbox.name), "key": CREDENTIAL_KEY}
         }
     }
     plain = {
@@ -241,21 +209,57 @@ def sandbox_env(sandbox: Sandbox, config: OperatorConfig) -> list[dict[str, Any]
     )
 
 
-def pod_name(sandbox: Sandbox) -> str:
-    return sandbox.name
+def _agent_container(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
+    """The one container: nothing to escalate to, nothing to write outside its volumes."""
+    resources = sandbox.spec.sandbox.resources
+    amounts: dict[str, str] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
+    limits = dict(amounts)
+    if resources.gpu:
+        limits[GPU_RESOURCE] = str(resources.gpu)
+    return {
+        "name": "agent",
+        "image": sandbox.spec.sandbox.image,
+        "env": sandbox_env(sandbox, config),
+        "resources": {"requests": amounts, "limits": limits},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "workspace", "mountPath": WORKSPACE_DIR},
+            {"name": "task", "mountPath": TASK_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def _volumes(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """The agent's workspace, its task's bundle (read-only) and a scratch /tmp."""
+    return [
+        {
+            "name": "workspace",
+            "persistentVolumeClaim": {"claimName": workspace_name(sandbox.name)},
+        },
+        {
+            "name": "task",
+            "persistentVolumeClaim": {
+                "claimName": task_claim_name(sandbox.spec.task.name),
+                "readOnly": True,
+            },
+        },
+        {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+    ]
 
 
 def pod(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
     """The agent's Pod: non-root, read-only root, no capabilities, RuntimeDefault seccomp."""
     template = sandbox.spec.sandbox
-    resources = template.resources
-    amounts: dict[str, str] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
-    limits = dict(amounts)
-    if resources.gpu:
-        limits[GPU_RESOURCE] = str(resources.gpu)
-    seccomp = {"type": "RuntimeDefault"}
     spec: dict[str, Any] = {
-        "serviceAccountName": sandbox.name,
+        "serviceAccountName": service_account_name(sandbox.name),
         "automountServiceAccountToken": False,
         # Service links would put every Service of the namespace into the environment.
         "enableServiceLinks": False,
@@ -266,46 +270,16 @@ def pod(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
             "runAsUser": AGENT_UID,
             "runAsGroup": AGENT_UID,
             "fsGroup": AGENT_UID,
-            "seccompProfile": seccomp,
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [
-            {
-                "name": "agent",
-                "image": template.image,
-                "env": sandbox_env(sandbox, config),
-                "resources": {"requests": amounts, "limits": limits},
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "allowPrivilegeEscalation": False,
-                    "readOnlyRootFilesystem": True,
-                    "privileged": False,
-                    "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": seccomp,
-                },
-                "volumeMounts": [
-                    {"name": "workspace", "mountPath": WORKSPACE_DIR},
-                    {"name": "task", "mountPath": TASK_DIR, "readOnly": True},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
-            }
-        ],
-        "volumes": [
-            {"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_name(sandbox)}},
-            {
-                "name": "task",
-                "persistentVolumeClaim": {
-                    "claimName": task_claim_name(sandbox.spec.task.name),
-                    "readOnly": True,
-                },
-            },
-            {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
-        ],
+        "containers": [_agent_container(sandbox, config)],
+        "volumes": _volumes(sandbox),
     }
-    if resources.gpu:
+    if template.resources.gpu:
         spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     if template.runtime_class_name:
         spec["runtimeClassName"] = template.runtime_class_name
-    metadata = _metadata(sandbox, pod_name(sandbox), "agent")
+    metadata = _metadata(sandbox, pod_name(sandbox.name), "agent")
     metadata["annotations"] = {SPEC_HASH: spec_hash(spec)}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
 
@@ -326,7 +300,7 @@ def network_policy(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(sandbox, sandbox.name, "network-policy"),
+        "metadata": _metadata(sandbox, network_policy_name(sandbox.name), "network-policy"),
         "spec": {
             "podSelector": {"matchLabels": {"aar.dev/agent": sandbox.name}},
             "policyTypes": ["Ingress", "Egress"],

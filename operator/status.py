@@ -8,7 +8,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from aar_operator.builders import agent_name
 from aar_operator.models import (
     MAX_AGENT_NAME,
     AgentCounts,
@@ -20,6 +19,7 @@ from aar_operator.models import (
     parse_duration,
     parse_time,
 )
+from aar_operator.naming import agent_name
 
 TRUE, FALSE = "True", "False"
 

@@ -7,26 +7,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
 from aar_operator import builders, metrics
+from aar_operator.budget import agent_budget
 from aar_operator.builders import Owner
 from aar_operator.children import Changes, controller_uid, ensure
 from aar_operator.context import Context, RunKnowledge
-from aar_operator.handlers.sandbox import write_status
 from aar_operator.kube import Ref
 from aar_operator.models import (
     API_VERSION,
+    AgentCounts,
     Best,
+    Condition,
     ResearchRunSpec,
     RunStatus,
+    Spend,
     dump,
     now_utc,
     parse_time,
 )
+from aar_operator.naming import agent_index, agent_name
 from aar_operator.services import (
     RunRegistration,
     ServiceError,
@@ -35,7 +40,6 @@ from aar_operator.services import (
 from aar_operator.status import (
     BUDGET_EXHAUSTED,
     FALSE,
-    INVALID_SPEC,
     TRUE,
     Stop,
     aggregate,
@@ -44,6 +48,7 @@ from aar_operator.status import (
     set_condition,
     validate_run,
 )
+from aar_operator.statuswriter import write_invalid_spec, write_status
 
 # Sandboxes are created and patched this many at a time: enough to keep the apiserver busy,
 # few enough that one run does not starve the others.
@@ -53,90 +58,34 @@ logger = logging.getLogger(__name__)
 
 
 async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | None:
+    """Bring one run's sandboxes in line with its spec and tell the services about it, then
+    write its status once."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(body["metadata"].get("generation", 1))
     previous = RunStatus.model_validate(body.get("status") or {})
     created = parse_time(body["metadata"]["creationTimestamp"])
     now = now_utc()
     with metrics.reconciling("ResearchRun", namespace, name):
-        try:
-            spec = ResearchRunSpec.model_validate(body["spec"])
-            problems = validate_run(name, spec, created)
-        except ValidationError as error:
-            spec, problems = None, [str(error)]
+        spec, problems = _validate(name, body, created)
         if spec is None or problems:
             # No children for a spec we cannot honour: fix the spec and the run starts.
-            message = "; ".join(problems)
-            conditions = set_condition(
-                previous.conditions, "Ready", FALSE, INVALID_SPEC, message, now, generation
+            return await write_invalid_spec(
+                context.kube, body, "ResearchRun", previous, problems, now
             )
-            if condition(previous.conditions, "Ready") != condition(conditions, "Ready"):
-                await context.kube.event(body, "Warning", INVALID_SPEC, message)
-            status = previous.model_copy(
-                update={"conditions": conditions, "observed_generation": generation}
-            )
-            return await write_status(context, body, "ResearchRun", dump(status))
-
         owner = Owner(API_VERSION, "ResearchRun", name, body["metadata"]["uid"])
         knowledge = context.runs[(namespace, name)]
         service_problems = await _talk_to_services(context, namespace, name, spec, knowledge)
-        gateway_spend = knowledge.spend.run.spend() if knowledge.spend else previous.spend
-
-        existing = await context.kube.list(
-            Ref(API_VERSION, "AgentSandbox", namespace), {"aar.dev/run": name}
-        )
-        ours = {
-            item["metadata"]["name"]: item for item in existing if controller_uid(item) == owner.uid
-        }
-        counts, hours = aggregate(
-            spec.agents, [s for s in ours.values() if _index(name, s) < spec.agents]
-        )
-        retired = previous.retired_agent_hours + sum(
-            float((s.get("status") or {}).get("spend", {}).get("agentHours", 0.0))
-            for s in ours.values()
-            if _index(name, s) >= spec.agents
-        )
-        spend = gateway_spend.model_copy(
-            update={
-                "agent_hours": round(hours.agent_hours + retired, 4),
-                "gpu_hours": hours.gpu_hours,
-            }
-        )
+        existing, ours = await _list_sandboxes(context, namespace, owner)
+        counts, spend, retired = _tally(name, spec, ours, previous, knowledge)
         stop = run_stop(spec, created, now, spend)
-
         conflicts = await _reconcile_sandboxes(
             context, body, namespace, owner, spec, ours, existing, stop
         )
 
-        conditions = previous.conditions
-        exhausted = stop is not None and stop.reason == BUDGET_EXHAUSTED
-        conditions = set_condition(
-            conditions,
-            BUDGET_EXHAUSTED,
-            TRUE if exhausted else FALSE,
-            BUDGET_EXHAUSTED if exhausted else "WithinBudget",
-            stop.message if stop is not None and exhausted else "",
-            now,
-            generation,
+        conditions = _conditions(
+            previous, stop, service_problems, conflicts, counts, now, generation
         )
-        conditions = set_condition(
-            conditions,
-            "ServicesReachable",
-            FALSE if service_problems else TRUE,
-            "ServiceError" if service_problems else "Registered",
-            "; ".join(service_problems),
-            now,
-            generation,
-        )
-        conditions = set_condition(
-            conditions, "Ready", *_ready(stop, conflicts, counts), now, generation
-        )
-        if stop is not None and condition(previous.conditions, "Ready") != condition(
-            conditions, "Ready"
-        ):
-            await context.kube.event(
-                body, "Normal", stop.reason, f"Stopped the run: {stop.message}"
-            )
+        await _announce_stop(context, body, stop, previous.conditions, conditions)
         metrics.run_figures(namespace, name, spend)
         status = RunStatus(
             observed_generation=generation,
@@ -147,15 +96,111 @@ async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | N
             ready=f"{counts.ready}/{counts.desired}",
             retired_agent_hours=round(retired, 6),
         )
-        return await write_status(context, body, "ResearchRun", dump(status))
+        return await write_status(context.kube, body, "ResearchRun", dump(status))
+
+
+def _validate(
+    name: str, body: kopf.Body, created: datetime
+) -> tuple[ResearchRunSpec | None, list[str]]:
+    """The spec, and what is wrong with it that the schema let through."""
+    try:
+        spec = ResearchRunSpec.model_validate(body["spec"])
+    except ValidationError as error:
+        return None, [str(error)]
+    return spec, validate_run(name, spec, created)
+
+
+async def _list_sandboxes(
+    context: Context, namespace: str, owner: Owner
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every AgentSandbox labelled for the run, and by name those the run controls (the others
+    are names it may not take)."""
+    existing = await context.kube.list(
+        Ref(API_VERSION, "AgentSandbox", namespace), {"aar.dev/run": owner.name}
+    )
+    ours = {
+        item["metadata"]["name"]: item for item in existing if controller_uid(item) == owner.uid
+    }
+    return existing, ours
+
+
+def _tally(
+    run: str,
+    spec: ResearchRunSpec,
+    ours: dict[str, dict[str, Any]],
+    previous: RunStatus,
+    knowledge: RunKnowledge,
+) -> tuple[AgentCounts, Spend, float]:
+    """The run's agent counts, its spend (the gateway's dollars and tokens, agent-hours summed
+    over its sandboxes) and the agent-hours of removed agents, which stay counted."""
+    gateway_spend = knowledge.spend.run.spend() if knowledge.spend else previous.spend
+    counts, hours = aggregate(
+        spec.agents, [s for s in ours.values() if _index(run, s) < spec.agents]
+    )
+    retired = previous.retired_agent_hours + sum(
+        float((s.get("status") or {}).get("spend", {}).get("agentHours", 0.0))
+        for s in ours.values()
+        if _index(run, s) >= spec.agents
+    )
+    spend = gateway_spend.model_copy(
+        update={
+            "agent_hours": round(hours.agent_hours + retired, 4),
+            "gpu_hours": hours.gpu_hours,
+        }
+    )
+    return counts, spend, retired
+
+
+def _conditions(
+    previous: RunStatus,
+    stop: Stop | None,
+    service_problems: list[str],
+    conflicts: list[str],
+    counts: AgentCounts,
+    now: datetime,
+    generation: int,
+) -> list[Condition]:
+    """BudgetExhausted, ServicesReachable and Ready, computed once from what the cycle found."""
+    exhausted = stop is not None and stop.reason == BUDGET_EXHAUSTED
+    conditions = set_condition(
+        previous.conditions,
+        BUDGET_EXHAUSTED,
+        TRUE if exhausted else FALSE,
+        BUDGET_EXHAUSTED if exhausted else "WithinBudget",
+        stop.message if stop is not None and exhausted else "",
+        now,
+        generation,
+    )
+    conditions = set_condition(
+        conditions,
+        "ServicesReachable",
+        FALSE if service_problems else TRUE,
+        "ServiceError" if service_problems else "Registered",
+        "; ".join(service_problems),
+        now,
+        generation,
+    )
+    return set_condition(conditions, "Ready", *_ready(stop, conflicts, counts), now, generation)
+
+
+async def _announce_stop(
+    context: Context,
+    body: kopf.Body,
+    stop: Stop | None,
+    before: list[Condition],
+    after: list[Condition],
+) -> None:
+    """One Normal event when the run stops (or stops for another reason), not every cycle."""
+    if stop is not None and condition(before, "Ready") != condition(after, "Ready"):
+        await context.kube.event(body, "Normal", stop.reason, f"Stopped the run: {stop.message}")
 
 
 def _index(run: str, sandbox: dict[str, Any]) -> int:
-    index = builders.agent_index(run, sandbox["metadata"]["name"])
+    index = agent_index(run, sandbox["metadata"]["name"])
     return -1 if index is None else index
 
 
-def _ready(stop: Stop | None, conflicts: list[str], counts: Any) -> tuple[str, str, str]:
+def _ready(stop: Stop | None, conflicts: list[str], counts: AgentCounts) -> tuple[str, str, str]:
     if conflicts:
         return FALSE, "ChildConflict", "; ".join(conflicts)
     if stop is not None:
@@ -236,8 +281,8 @@ async def _talk_to_services(
     if services is None:
         return []
     problems = []
-    agents = [builders.agent_name(name, i) for i in range(spec.agents)]
-    budget = budget_request(spec, agents, builders.agent_budget(spec))
+    agents = [agent_name(name, i) for i in range(spec.agents)]
+    budget = budget_request(spec, agents, agent_budget(spec))
     registration = RunRegistration(task=spec.task.name, review_required=spec.review.required)
     digest = builders.spec_hash([budget.model_dump(mode="json"), registration.model_dump()])
     if knowledge.registered != digest:

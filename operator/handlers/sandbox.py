@@ -1,8 +1,11 @@
-"""Reconcile one AgentSandbox: ServiceAccount, credential Secret, workspace PVC, NetworkPolicy,
-Pod, in that order; then compute the status once and write it once."""
+"""Reconcile one AgentSandbox as an ordered list of steps: identity (ServiceAccount, credential
+Secret), workspace (PVC), network (NetworkPolicy), pod; then compute the conditions once and
+write the status once."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import kopf
@@ -15,29 +18,111 @@ from aar_operator.context import Context
 from aar_operator.kube import ApiError, Ref
 from aar_operator.models import (
     AgentSandboxSpec,
+    Condition,
     SandboxStatus,
     Spend,
     dump,
     format_time,
     now_utc,
 )
+from aar_operator.naming import pod_name
 from aar_operator.status import (
     BUDGET_EXHAUSTED,
     FALSE,
     INVALID_SPEC,
     TRUE,
+    Stop,
     budget_stop,
-    condition,
     pod_scheduled,
     running_seconds,
     set_condition,
     state_of,
     validate_sandbox,
 )
+from aar_operator.statuswriter import write_invalid_spec, write_status
 
 POD_REJECTED = "PodRejected"
 # Answers that mean the API server will not take this Pod as it is (not a passing failure).
 REFUSED = frozenset({400, 403, 422})
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """What every step of one reconcile reads: the sandbox as found, and the cycle's clock."""
+
+    context: Context
+    body: kopf.Body
+    sandbox: Sandbox
+    previous: SandboxStatus
+    now: datetime
+    changes: Changes
+
+    @property
+    def generation(self) -> int:
+        return int(self.body["metadata"].get("generation", 1))
+
+    @property
+    def known(self) -> bool:
+        """Reconciled before, so its children most likely exist: each step reads first."""
+        return self.previous.observed_generation > 0
+
+
+@dataclass(frozen=True)
+class PodState:
+    """Where the pod step left the agent's Pod; `rejected` says why the API server refused it."""
+
+    pod: dict[str, Any] | None
+    conflict: str = ""
+    rejected: str = ""
+
+
+async def reconcile_sandbox(context: Context, body: kopf.Body) -> dict[str, Any] | None:
+    """Bring one sandbox's children in line with its spec, then write its status once."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    previous = SandboxStatus.model_validate(body.get("status") or {})
+    now = now_utc()
+    run = body["spec"].get("run") or name
+    with metrics.reconciling("AgentSandbox", namespace, run):
+        spec, problems = _validate(name, body)
+        if spec is None or problems:
+            metrics.sandbox_state(namespace, name, run, INVALID_SPEC)
+            return await write_invalid_spec(
+                context.kube, body, "AgentSandbox", previous, problems, now
+            )
+        sandbox = Sandbox(namespace, name, body["metadata"]["uid"], spec, _run_owner(body))
+        cycle = Cycle(context, body, sandbox, previous, now, Changes())
+
+        conflicts = [
+            await _ensure_identity(cycle),
+            await _ensure_workspace(cycle),
+            await _ensure_network(cycle),
+        ]
+        current = await _current_pod(cycle)
+        conflicts.append(current.conflict)
+        added_hours = running_seconds(current.pod, previous.accounted_at, now) / 3600
+        spend = _agent_spend(cycle, added_hours)
+        stop_reason, own_budget = _stop_reason(cycle, spend)
+        pod = current
+        # No Pod while a child it needs belongs to someone else (its identity, its policy).
+        if not any(conflicts):
+            pod = await _ensure_pod(cycle, current.pod, stop_reason)
+            conflicts.append(pod.conflict)
+        await cycle.changes.post(context.kube, body)
+
+        conflict = "; ".join(c for c in conflicts if c)
+        conditions = _conditions(cycle, pod, stop_reason, own_budget, conflict)
+        status = _status(cycle, pod.pod, conditions, spend, added_hours)
+        metrics.sandbox_state(namespace, name, run, state_of(conditions))
+        return await write_status(context.kube, body, "AgentSandbox", dump(status))
+
+
+def _validate(name: str, body: kopf.Body) -> tuple[AgentSandboxSpec | None, list[str]]:
+    """The spec, and what is wrong with it that the schema let through."""
+    try:
+        spec = AgentSandboxSpec.model_validate(body["spec"])
+    except ValidationError as error:
+        return None, [str(error)]
+    return spec, validate_sandbox(name, spec)
 
 
 def _run_owner(body: kopf.Body) -> Owner | None:
@@ -49,135 +134,113 @@ def _run_owner(body: kopf.Body) -> Owner | None:
     return None
 
 
-async def write_status(
-    context: Context, body: kopf.Body, kind: str, status: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The one status write of a cycle, skipped when nothing changed; returns the object."""
-    if status == dict(body.get("status") or {}):
-        return None
-    ref = Ref(body["apiVersion"], kind, body["metadata"]["namespace"], body["metadata"]["name"])
-    # A merge patch that sets every field we own: lists (conditions) are replaced whole.
-    return await context.kube.patch(ref, {"status": status}, subresource="status")
+async def _ensure_identity(cycle: Cycle) -> str:
+    """The ServiceAccount (no token: the agent has no business with the Kubernetes API) and
+    the Secret holding the agent's signed credential; returns a conflict, if any."""
+    kube, sandbox = cycle.context.kube, cycle.sandbox
+    outcome = await ensure(
+        kube,
+        cycle.body,
+        cycle.changes,
+        builders.service_account(sandbox),
+        update={"automountServiceAccountToken": False},
+        known=cycle.known,
+    )
+    credential = cycle.context.issuer.mint_agent(sandbox.namespace, sandbox.run, sandbox.name)
+    await ensure_secret(kube, cycle.changes, builders.credential_secret(sandbox, credential))
+    return outcome.conflict
 
 
-async def reconcile_sandbox(context: Context, body: kopf.Body) -> dict[str, Any] | None:
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    generation = int(body["metadata"].get("generation", 1))
-    previous = SandboxStatus.model_validate(body.get("status") or {})
-    now = now_utc()
-    run = body["spec"].get("run") or name
-    with metrics.reconciling("AgentSandbox", namespace, run):
-        try:
-            spec = AgentSandboxSpec.model_validate(body["spec"])
-            problems = validate_sandbox(name, spec)
-        except ValidationError as error:
-            spec, problems = None, [str(error)]
-        if spec is None or problems:
-            conditions = set_condition(
-                previous.conditions,
-                "Ready",
-                FALSE,
-                INVALID_SPEC,
-                "; ".join(problems),
-                now,
-                generation,
-            )
-            if condition(previous.conditions, "Ready") != condition(conditions, "Ready"):
-                await context.kube.event(body, "Warning", INVALID_SPEC, "; ".join(problems))
-            status = previous.model_copy(
-                update={"conditions": conditions, "observed_generation": generation}
-            )
-            metrics.sandbox_state(namespace, name, run, INVALID_SPEC)
-            return await write_status(context, body, "AgentSandbox", dump(status))
+async def _ensure_workspace(cycle: Cycle) -> str:
+    """The workspace PVC, which outlives the Pod (and, co-owned by the run, the sandbox)."""
+    outcome = await ensure(
+        cycle.context.kube,
+        cycle.body,
+        cycle.changes,
+        builders.workspace_pvc(cycle.sandbox),
+        known=cycle.known,
+    )
+    return outcome.conflict
 
-        sandbox = Sandbox(namespace, name, body["metadata"]["uid"], spec, _run_owner(body))
-        known = previous.observed_generation > 0
-        kube, config = context.kube, context.config
-        conflicts: list[str] = []
-        rejected = ""
-        changes = Changes()
 
-        outcome = await ensure(
-            kube,
-            body,
-            changes,
-            builders.service_account(sandbox),
-            update={"automountServiceAccountToken": False},
-            known=known,
+async def _ensure_network(cycle: Cycle) -> str:
+    """The NetworkPolicy, before the Pod, so the agent never runs unconfined."""
+    policy = builders.network_policy(cycle.sandbox, cycle.context.config)
+    outcome = await ensure(
+        cycle.context.kube,
+        cycle.body,
+        cycle.changes,
+        policy,
+        update={"spec": policy["spec"]},
+        known=cycle.known,
+    )
+    return outcome.conflict
+
+
+async def _current_pod(cycle: Cycle) -> PodState:
+    """The agent's Pod as it is now, read before anything can delete it (its running time is
+    banked from it); a Pod of that name that another owner controls is a conflict."""
+    sandbox = cycle.sandbox
+    ref = Ref("v1", "Pod", sandbox.namespace, pod_name(sandbox.name))
+    pod = await cycle.context.kube.get(ref) if cycle.known else None
+    if pod is not None and controller_uid(pod) != sandbox.uid:
+        return PodState(
+            None, conflict=f"Pod {ref.name} exists and is not owned by AgentSandbox {sandbox.name}"
         )
-        conflicts.append(outcome.conflict)
-        credential = context.issuer.mint_agent(namespace, sandbox.run, name)
-        await ensure_secret(kube, changes, builders.credential_secret(sandbox, credential))
-        outcome = await ensure(kube, body, changes, builders.workspace_pvc(sandbox), known=known)
-        conflicts.append(outcome.conflict)
-        policy = builders.network_policy(sandbox, config)
-        outcome = await ensure(
-            kube, body, changes, policy, update={"spec": policy["spec"]}, known=known
-        )
-        conflicts.append(outcome.conflict)
+    return PodState(pod)
 
-        # Spend is the gateway's figure for this agent (read by the run's reconcile);
-        # agent-hours are banked here, before a Pod that ran can be deleted.
-        pod_ref = Ref("v1", "Pod", namespace, builders.pod_name(sandbox))
-        desired_pod = builders.pod(sandbox, config)
-        pod = await kube.get(pod_ref) if known else None
-        if pod is not None and controller_uid(pod) != sandbox.uid:
-            conflicts.append(f"Pod {pod_ref.name} exists and is not owned by AgentSandbox {name}")
-            pod = None
-        gpus = spec.sandbox.resources.gpu
-        added = running_seconds(pod, previous.accounted_at, now) / 3600
-        spend = _agent_spend(context, namespace, sandbox.run, name, previous.spend, added, gpus)
 
-        stop_reason = body["metadata"].get("annotations", {}).get(builders.STOP_REASON) or (
-            "Suspended" if spec.suspend else ""
-        )
-        own_budget = budget_stop(spec.budget.usd, spec.budget.agent_hours, spend, "agent")
-        if own_budget is not None and not stop_reason:
-            stop_reason = BUDGET_EXHAUSTED
+def _agent_spend(cycle: Cycle, added_hours: float) -> Spend:
+    """Spend is the gateway's figure for this agent (read by the run's reconcile); agent-hours
+    and GPU-hours are banked here, before a Pod that ran can be deleted."""
+    sandbox, previous = cycle.sandbox, cycle.previous.spend
+    gpus = sandbox.spec.sandbox.resources.gpu
+    knowledge = cycle.context.runs.get((sandbox.namespace, sandbox.run))
+    hours = round(previous.agent_hours + added_hours, 6)
+    gpu_hours = round(previous.gpu_hours + added_hours * gpus, 6)
+    totals = None
+    if knowledge is not None and knowledge.spend is not None:
+        totals = knowledge.spend.agents.get(sandbox.name)
+    if totals is None:
+        return previous.model_copy(update={"agent_hours": hours, "gpu_hours": gpu_hours})
+    return totals.spend(agent_hours=hours, gpu_hours=gpu_hours)
 
-        if not any(conflicts):
-            if pod is not None and (stop_reason or _replaced(pod, desired_pod)):
-                await kube.delete(pod_ref, uid=pod["metadata"]["uid"])
-                changes.add("Deleted" if stop_reason else "Replaced", pod_ref)
-                pod = None
-            if pod is None and not stop_reason:
-                try:
-                    outcome = await ensure(kube, body, changes, desired_pod, known=False)
-                except ApiError as error:
-                    # Admission said no (a missing RuntimeClass, a quota, a policy): retrying
-                    # cannot help until someone acts, so say so where they look.
-                    if error.status not in REFUSED:
-                        raise
-                    rejected = f"the API server refused Pod {pod_ref.name}: {error.message}"
-                    await kube.event(body, "Warning", POD_REJECTED, rejected)
-                else:
-                    conflicts.append(outcome.conflict)
-                    pod = None if outcome.conflict else outcome.object
-        await changes.post(kube, body)
-        conflict = "; ".join(c for c in conflicts if c)
 
-        conditions = _conditions(
-            previous,
-            pod,
-            stop_reason,
-            own_budget,
-            conflict,
-            rejected,
-            spec.suspend,
-            now,
-            generation,
-        )
-        status = SandboxStatus(
-            observed_generation=generation,
-            conditions=conditions,
-            pod=pod["metadata"]["name"] if pod else "",
-            spend=spend,
-            accounted_at=format_time(now)
-            if added or not previous.accounted_at
-            else previous.accounted_at,
-        )
-        metrics.sandbox_state(namespace, name, run, state_of(conditions))
-        return await write_status(context, body, "AgentSandbox", dump(status))
+def _stop_reason(cycle: Cycle, spend: Spend) -> tuple[str, Stop | None]:
+    """Why the agent must not run ("" when it may), and its own budget's verdict: the run's
+    reason (annotation) first, then spec.suspend, then the agent's own share of the budget."""
+    spec = cycle.sandbox.spec
+    stop_reason = cycle.body["metadata"].get("annotations", {}).get(builders.STOP_REASON) or (
+        "Suspended" if spec.suspend else ""
+    )
+    own_budget = budget_stop(spec.budget.usd, spec.budget.agent_hours, spend, "agent")
+    if own_budget is not None and not stop_reason:
+        stop_reason = BUDGET_EXHAUSTED
+    return stop_reason, own_budget
+
+
+async def _ensure_pod(cycle: Cycle, pod: dict[str, Any] | None, stop_reason: str) -> PodState:
+    """Delete the Pod when the agent must stop or its spec changed, create it when missing."""
+    kube, body = cycle.context.kube, cycle.body
+    desired = builders.pod(cycle.sandbox, cycle.context.config)
+    ref = Ref.of(desired)
+    if pod is not None and (stop_reason or _replaced(pod, desired)):
+        await kube.delete(ref, uid=pod["metadata"]["uid"])
+        cycle.changes.add("Deleted" if stop_reason else "Replaced", ref)
+        pod = None
+    if pod is not None or stop_reason:
+        return PodState(pod)
+    try:
+        outcome = await ensure(kube, body, cycle.changes, desired, known=False)
+    except ApiError as error:
+        # Admission said no (a missing RuntimeClass, a quota, a policy): retrying cannot help
+        # until someone acts, so say so where they look.
+        if error.status not in REFUSED:
+            raise
+        rejected = f"the API server refused Pod {ref.name}: {error.message}"
+        await kube.event(body, "Warning", POD_REJECTED, rejected)
+        return PodState(None, rejected=rejected)
+    return PodState(None if outcome.conflict else outcome.object, conflict=outcome.conflict)
 
 
 def _replaced(pod: dict[str, Any], desired: dict[str, Any]) -> bool:
@@ -191,43 +254,17 @@ def _replaced(pod: dict[str, Any], desired: dict[str, Any]) -> bool:
     )
 
 
-def _agent_spend(
-    context: Context,
-    namespace: str,
-    run: str,
-    agent: str,
-    previous: Spend,
-    added_hours: float,
-    gpus: int,
-) -> Spend:
-    knowledge = context.runs.get((namespace, run))
-    hours = round(previous.agent_hours + added_hours, 6)
-    gpu_hours = round(previous.gpu_hours + added_hours * gpus, 6)
-    totals = None
-    if knowledge is not None and knowledge.spend is not None:
-        totals = knowledge.spend.agents.get(agent)
-    if totals is None:
-        return previous.model_copy(update={"agent_hours": hours, "gpu_hours": gpu_hours})
-    return totals.spend(agent_hours=hours, gpu_hours=gpu_hours)
-
-
 def _conditions(
-    previous: SandboxStatus,
-    pod: dict[str, Any] | None,
-    stop_reason: str,
-    own_budget: Any,
-    conflict: str,
-    rejected: str,
-    suspended: bool,
-    now: Any,
-    generation: int,
-) -> list[Any]:
-    conditions = previous.conditions
-    scheduled, scheduled_reason, scheduled_message = pod_scheduled(pod)
+    cycle: Cycle, state: PodState, stop_reason: str, own_budget: Stop | None, conflict: str
+) -> list[Condition]:
+    """PodScheduled (the scheduler's words), BudgetExhausted, Succeeded or Failed once the Pod
+    ended, and Ready, computed once from what the steps found."""
+    now, generation, pod = cycle.now, cycle.generation, state.pod
+    scheduled = pod_scheduled(pod)
     if stop_reason:
-        scheduled, scheduled_reason, scheduled_message = FALSE, stop_reason, "the Pod is stopped"
+        scheduled = (FALSE, stop_reason, "the Pod is stopped")
     conditions = set_condition(
-        conditions, "PodScheduled", scheduled, scheduled_reason, scheduled_message, now, generation
+        cycle.previous.conditions, "PodScheduled", *scheduled, now, generation
     )
     exhausted = own_budget is not None or stop_reason == BUDGET_EXHAUSTED
     conditions = set_condition(
@@ -254,25 +291,55 @@ def _conditions(
             now,
             generation,
         )
-    if conflict:
-        ready = (FALSE, "ChildConflict", conflict)
-    elif rejected:
-        ready = (FALSE, POD_REJECTED, rejected)
-    elif stop_reason:
-        why = "spec.suspend is true" if suspended and stop_reason == "Suspended" else stop_reason
-        ready = (FALSE, stop_reason, f"stopped ({why}); the workspace is kept")
-    elif pod is None:
-        ready = (FALSE, "PodMissing", "the Pod is being created")
-    elif phase == "Running":
-        ready = (TRUE, "Running", "the agent is running")
-    elif phase in ("Succeeded", "Failed"):
-        ready = (FALSE, f"Pod{phase}", f"the agent's Pod {phase.lower()}")
-    elif scheduled == FALSE:
-        ready = (
-            FALSE,
-            scheduled_reason or "Unschedulable",
-            scheduled_message or "waiting for a node",
-        )
-    else:
-        ready = (FALSE, "PodPending", "the Pod is starting")
+    ready = _ready(cycle, state, stop_reason, conflict, phase, scheduled)
     return set_condition(conditions, "Ready", *ready, now, generation)
+
+
+def _ready(
+    cycle: Cycle,
+    state: PodState,
+    stop_reason: str,
+    conflict: str,
+    phase: str,
+    scheduled: tuple[str, str, str],
+) -> tuple[str, str, str]:
+    """(status, reason, message) of Ready: the first of conflict, refusal, stop, no Pod, the
+    Pod's phase, and the scheduler's verdict that applies."""
+    if conflict:
+        return FALSE, "ChildConflict", conflict
+    if state.rejected:
+        return FALSE, POD_REJECTED, state.rejected
+    if stop_reason:
+        suspended = cycle.sandbox.spec.suspend and stop_reason == "Suspended"
+        why = "spec.suspend is true" if suspended else stop_reason
+        return FALSE, stop_reason, f"stopped ({why}); the workspace is kept"
+    if state.pod is None:
+        return FALSE, "PodMissing", "the Pod is being created"
+    if phase == "Running":
+        return TRUE, "Running", "the agent is running"
+    if phase in ("Succeeded", "Failed"):
+        return FALSE, f"Pod{phase}", f"the agent's Pod {phase.lower()}"
+    status, reason, message = scheduled
+    if status == FALSE:
+        return FALSE, reason or "Unschedulable", message or "waiting for a node"
+    return FALSE, "PodPending", "the Pod is starting"
+
+
+def _status(
+    cycle: Cycle,
+    pod: dict[str, Any] | None,
+    conditions: list[Condition],
+    spend: Spend,
+    added_hours: float,
+) -> SandboxStatus:
+    """The whole status of this cycle; accountedAt moves only when hours were banked."""
+    previous = cycle.previous
+    return SandboxStatus(
+        observed_generation=cycle.generation,
+        conditions=conditions,
+        pod=pod["metadata"]["name"] if pod else "",
+        spend=spend,
+        accounted_at=format_time(cycle.now)
+        if added_hours or not previous.accounted_at
+        else previous.accounted_at,
+    )

@@ -26,7 +26,7 @@ from aar_devcluster.node import (
     install_guard,
 )
 from aar_devcluster.tools import Tool
-from aar_operator import builders
+from aar_operator import builders, naming
 from aar_operator.builders import Sandbox
 from aar_operator.config import OperatorConfig
 from aar_operator.models import AgentSandboxSpec
@@ -167,7 +167,7 @@ def task_claim(namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": builders.task_claim_name("demo"), "namespace": namespace},
+        "metadata": {"name": naming.task_claim_name("demo"), "namespace": namespace},
         "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
     }
 
@@ -176,7 +176,7 @@ def test_the_operators_sandbox_pod_runs_confined(kubectl: Tool) -> None:
     assert kubectl.namespace
     sandbox, made = sandbox_objects(kubectl.namespace)
     kubectl.apply(task_claim(kubectl.namespace), *made)
-    name = builders.pod_name(sandbox)
+    name = naming.pod_name(sandbox.name)
     pod = wait_for_pod(kubectl, name, {"Succeeded", "Failed"})
     seen = json.loads(kubectl.run("logs", name))
     assert pod["status"]["phase"] == "Succeeded", seen

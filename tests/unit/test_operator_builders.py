@@ -7,9 +7,11 @@ from typing import Any
 import pytest
 
 from aar_operator import builders
+from aar_operator.budget import agent_budget
 from aar_operator.builders import Owner, Sandbox
 from aar_operator.config import OperatorConfig
 from aar_operator.models import API_VERSION, AgentSandboxSpec, ResearchRunSpec
+from aar_operator.naming import agent_index
 
 CONFIG = OperatorConfig()
 RUN = Owner(API_VERSION, "ResearchRun", "w2s", "run-uid")
@@ -53,7 +55,7 @@ def test_directions_are_assigned_round_robin_and_the_budget_split_evenly() -> No
 
 
 def test_small_budgets_are_shared_without_rounding_to_nothing() -> None:
-    share = builders.agent_budget(run_spec(agents=3, budget={"usd": 0.004}))
+    share = agent_budget(run_spec(agents=3, budget={"usd": 0.004}))
     assert share.usd == 0.001333
     assert share.usd * 3 <= 0.004
 
@@ -69,7 +71,7 @@ def test_a_stopped_run_suspends_its_sandboxes_and_says_why() -> None:
     [("w2s-0", 0), ("w2s-12", 12), ("w2s-x", None), ("other-1", None), ("w2s-1-2", None)],
 )
 def test_agent_index(name: str, index: int | None) -> None:
-    assert builders.agent_index("w2s", name) == index
+    assert agent_index("w2s", name) == index
 
 
 def test_pod_is_locked_down() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aar_operator.builders import agent_budget
+from aar_operator.budget import agent_budget
 from aar_operator.config import OperatorConfig, add_arguments, from_arguments
 from aar_operator.models import ResearchRunSpec, Spend, format_time
 from aar_operator.services import RunSpend, Totals, budget_request
