@@ -2,9 +2,11 @@
 
 It answers A queries for `<service>.<namespace>.svc.cluster.local` with the Service's cluster IP,
 kept current by a watch on Services, and NXDOMAIN for every other name: there is no upstream, so
-a Pod can resolve the cluster's Services and nothing else. It runs behind the `kube-dns` Service
-of `kube-system` (10.0.0.10, port 53 to this server's unprivileged port), labelled
-`k8s-app: kube-dns` like CoreDNS, so NetworkPolicies written for a real cluster select it.
+a Pod can resolve the cluster's Services and nothing else. The one way out is a name a Service
+claims with the annotation `aar.dev/dns-names` (the egress relay's, when an API key is set).
+It runs behind the `kube-dns` Service of `kube-system` (10.0.0.10, port 53 to this server's
+unprivileged port), labelled `k8s-app: kube-dns` like CoreDNS, so NetworkPolicies written for a
+real cluster select it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from aar_devcluster.kubeapi import ApiError, KubeApi
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 DOMAIN = "svc.cluster.local"
 TTL = 5
+# A Service may claim outside names, comma-separated: the egress relay's Service claims
+# api.anthropic.com, so a Pod reaching for that name reaches the relay (see egress.py).
+DNS_NAMES_ANNOTATION = "aar.dev/dns-names"
 TYPE_A = 1
 CLASS_IN = 1
 RCODE_NXDOMAIN = 3
@@ -34,40 +39,56 @@ RCODE_FORMERR = 1
 
 
 class Records:
-    """Service names to cluster IPs, shared between the watch and the server threads."""
+    """DNS names to cluster IPs, from the Services; shared between the watch and the servers."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._services: dict[str, tuple[list[str], str]] = {}
         self._addresses: dict[str, str] = {}
 
     def replace(self, services: list[dict[str, Any]]) -> None:
         table = {}
         for service in services:
-            name, address = record_of(service)
+            names, address = records_of(service)
             if address:
-                table[name] = address
+                table[service_key(service)] = (names, address)
         with self._lock:
-            self._addresses = table
+            self._services = table
+            self._index()
 
     def apply(self, event: str, service: dict[str, Any]) -> None:
-        name, address = record_of(service)
+        names, address = records_of(service)
         with self._lock:
             if event == "DELETED" or not address:
-                self._addresses.pop(name, None)
+                self._services.pop(service_key(service), None)
             else:
-                self._addresses[name] = address
+                self._services[service_key(service)] = (names, address)
+            self._index()
+
+    def _index(self) -> None:
+        # Rebuilt whole on every change, so a Service that drops an alias loses it at once.
+        self._addresses = {
+            name: address for names, address in self._services.values() for name in names
+        }
 
     def lookup(self, name: str) -> str | None:
         with self._lock:
             return self._addresses.get(name.lower().rstrip("."))
 
 
-def record_of(service: dict[str, Any]) -> tuple[str, str | None]:
-    """A Service's DNS name and its cluster IP (None for a headless Service)."""
+def service_key(service: dict[str, Any]) -> str:
+    return f"{service['metadata']['namespace']}/{service['metadata']['name']}"
+
+
+def records_of(service: dict[str, Any]) -> tuple[list[str], str | None]:
+    """A Service's DNS names (its own, then those its `aar.dev/dns-names` annotation claims) and
+    its cluster IP (None for a headless Service)."""
     meta = service["metadata"]
     address = service.get("spec", {}).get("clusterIP")
-    name = f"{meta['name']}.{meta['namespace']}.{DOMAIN}"
-    return name, address if address and address != "None" else None
+    aliases = (meta.get("annotations") or {}).get(DNS_NAMES_ANNOTATION, "")
+    names = [f"{meta['name']}.{meta['namespace']}.{DOMAIN}"]
+    names += [alias.strip().lower().rstrip(".") for alias in aliases.split(",") if alias.strip()]
+    return names, address if address and address != "None" else None
 
 
 def parse_question(query: bytes) -> tuple[str, int, int]:

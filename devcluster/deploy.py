@@ -4,6 +4,7 @@
 Without `ANTHROPIC_API_KEY` the gateway's upstream is the Messages-API stand-in running the
 offline researcher (`aar_devcluster.offline_researcher`), as a Pod of its own, so every agent's
 loop, tools, training, posts and submissions are real while no request leaves the machine.
+With a key, the gateway reaches api.anthropic.com through the node's one relay (egress.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from aar_devcluster import images
+from aar_devcluster import egress, images
 from aar_devcluster.addons import DNS_IMAGE_TARGET, install_cluster_dns, one_pod_deployment
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool
@@ -194,6 +195,9 @@ def install(plane: ControlPlane, say: Say, api_key: str | None = None) -> Instal
     if offline:
         say("Starting the offline researcher (the gateway's upstream; no API key set)")
         kubectl.apply(*upstream_stand_in(images.image_name("gateway", version), key))
+    else:
+        relay = egress.open_egress(plane.node, kubectl, SYSTEM_NAMESPACE)
+        say(f"Relaying {egress.ANTHROPIC_API} from the node through {relay} (its only way out)")
     work = plane.state_dir / "demo-task"
     labels = task_volume(kubectl, plane, work, say)
     values = plane.state_dir / "chart-values.json"

@@ -4,9 +4,11 @@ leave by a host interface."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 from node_cluster import start_cluster, wait_for_pod
 
-from aar_devcluster import images
+from aar_devcluster import egress, images
 from aar_devcluster.addons import DNS_IMAGE_TARGET
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.node import (
@@ -24,6 +26,7 @@ from aar_devcluster.node import (
     NODE_NAME,
     guard_rules,
     install_guard,
+    processes_naming,
 )
 from aar_devcluster.tools import Tool
 from aar_operator import builders, naming
@@ -224,6 +227,72 @@ def test_a_new_service_resolves_within_seconds(kubectl: Tool) -> None:
     kubectl.apply(pod)
     wait_for_pod(kubectl, "lookup", {"Succeeded"})
     assert kubectl.run("logs", "lookup").strip() == address
+
+
+@pytest.fixture
+def host_server() -> Iterator[int]:
+    """An HTTP server on the host's loopback answering `relayed <path>`: a stand-in for the one
+    outside endpoint (the Anthropic API is not reachable from here)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"relayed {self.path}".encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_a_pod_leaves_the_node_only_through_the_relay_by_its_claimed_name(
+    cluster: ControlPlane, kubectl: Tool, host_server: int
+) -> None:
+    assert kubectl.namespace is not None
+    relay = egress.open_egress(
+        cluster.node,
+        kubectl,
+        kubectl.namespace,
+        name="outside",
+        dns_name="api.outside.test",
+        destination=f"127.0.0.1:{host_server}",
+        port=8443,
+        listen_port=9444,
+    )
+    # The same Pod reaches the claimed name through the relay and no other outside name.
+    fetch = (
+        "import socket, time, urllib.request\n"
+        "for _ in range(60):\n"
+        "    try:\n"
+        "        print(urllib.request.urlopen('http://api.outside.test:8443/v1/messages',"
+        " timeout=2).read().decode()); break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.5)\n"
+        "try:\n"
+        "    print(socket.gethostbyname('pypi.org'))\n"
+        "except OSError:\n"
+        "    print('no pypi.org')\n"
+    )
+    kubectl.apply(python_pod("leaver", ["-c", fetch]))
+    wait_for_pod(kubectl, "leaver", {"Succeeded"})
+    assert kubectl.run("logs", "leaver").splitlines() == ["relayed /v1/messages", "no pypi.org"]
+    assert relay.endswith(":9444")
+    # Asked again (a second `make demo`), the running relay is kept, not doubled.
+    assert egress.start_relay(cluster.node, f"127.0.0.1:{host_server}", 9444) == relay
+    marker = egress.relay_marker(cluster.node, f"127.0.0.1:{host_server}")
+    assert len([pid for pid in processes_naming(marker) if _is_listener(pid)]) == 1
+
+
+def _is_listener(pid: int) -> bool:
+    # socat forks a child per connection: the listener is the one whose parent is no socat.
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return b"socat" not in Path(f"/proc/{parent}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
 
 
 def test_the_host_jumps_to_the_guard_before_any_other_rule(cluster: ControlPlane) -> None:

@@ -15,20 +15,23 @@ from pathlib import Path
 import pytest
 from node_cluster import guard_installed, host_record, leftovers, require_node
 
-from aar_devcluster.node import KUBELET_SYSCTLS
+from aar_devcluster.node import KUBELET_SYSCTLS, processes_naming
 
 # Starting a cluster with its node, and building an image when the code changed, take minutes.
 pytestmark = pytest.mark.timeout(900)
 
 # Started in a child process: a cluster with its node, tied to that process's life, a Pod
-# running on it; prints the node's runner pid and waits to be killed.
+# running on it and an egress relay (started apart from the node, so teardown must find it);
+# prints "ready" and waits to be killed.
 OWNER = r"""
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from node_cluster import start_cluster, wait_for_pod
+from aar_devcluster.egress import start_relay
 from aar_devcluster.tools import Tool
 plane = start_cluster(Path(sys.argv[1]))
+start_relay(plane.node, "127.0.0.1:9")
 kubectl = Tool("kubectl", plane.kubeconfig_path, "default")
 kubectl.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper"},
     "spec": {"containers": [{"name": "s", "image": "k8s.gcr.io/pause:3.2",
@@ -67,6 +70,7 @@ def test_killing_the_owner_tears_the_node_down(tmp_path: Path) -> None:
         assert line.strip() == "ready", f"the owner exited with {owner.wait()} before its Pod ran"
         running = leftovers(tmp_path / "cluster")
         assert running["processes"]
+        assert processes_naming("aar-egress:"), "the relay should run until the node goes"
         assert running["cgroups"]
         assert running["namespaces"]
         assert guard_installed()
@@ -87,6 +91,7 @@ def test_killing_the_owner_tears_the_node_down(tmp_path: Path) -> None:
         assert host_record() is None
         assert sysctls() == before
         assert not Path("/var/lib/kubelet").exists()
+        assert not processes_naming("aar-egress:")
     finally:
         if owner.poll() is None:
             os.killpg(owner.pid, signal.SIGKILL)

@@ -67,6 +67,25 @@ def test_a_malformed_query_is_a_format_error() -> None:
     assert struct.unpack("!H", reply[2:4])[0] & 0x000F == clusterdns.RCODE_FORMERR
 
 
+def test_a_service_claims_outside_names_by_annotation() -> None:
+    table = records()
+    relay = service("anthropic-api", "aar-system", "10.0.0.9")
+    relay["metadata"]["annotations"] = {
+        clusterdns.DNS_NAMES_ANNOTATION: "API.anthropic.com, x.test"
+    }
+    table.apply("ADDED", relay)
+    assert table.lookup("api.anthropic.com.") == "10.0.0.9"
+    assert table.lookup("x.test") == "10.0.0.9"
+    assert table.lookup("anthropic-api.aar-system.svc.cluster.local") == "10.0.0.9"
+    # Dropping the annotation (or the Service) drops the names it claimed at once.
+    relay["metadata"]["annotations"] = {}
+    table.apply("MODIFIED", relay)
+    assert table.lookup("api.anthropic.com") is None
+    assert table.lookup("anthropic-api.aar-system.svc.cluster.local") == "10.0.0.9"
+    table.apply("DELETED", relay)
+    assert table.lookup("anthropic-api.aar-system.svc.cluster.local") is None
+
+
 def test_the_watch_adds_and_removes_names() -> None:
     table = records()
     table.apply("ADDED", service("web", "research", "10.0.0.7"))
