@@ -27,6 +27,7 @@ from aar_devcluster import egress, images
 from aar_devcluster.addons import DNS_IMAGE_TARGET, install_cluster_dns, one_pod_deployment
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool
+from aar_operator.naming import task_claim_name
 
 REPO = Path(__file__).resolve().parent.parent
 RELEASE = "aar"
@@ -139,17 +140,19 @@ def namespace(name: str) -> dict[str, Any]:
 def task_volume(kubectl: Tool, plane: ControlPlane, work: Path, say: Say) -> Path:
     """The task's read-only bundle volume in the run namespace, filled with `aar-train demo`'s
     bundle and models; returns the file of the hidden test labels (for the scorer alone)."""
+    # The name the operator mounts in every sandbox of a run of this task.
+    claim_name = task_claim_name(TASK)
     claim = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": f"aar-task-{TASK}", "namespace": RUN_NAMESPACE},
+        "metadata": {"name": claim_name, "namespace": RUN_NAMESPACE},
         "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
     }
     kubectl.apply(claim)
     deadline = time.monotonic() + 60
     volume = ""
     while not volume:
-        volume = kubectl.json("get", "pvc", "-n", RUN_NAMESPACE, f"aar-task-{TASK}")["spec"].get(
+        volume = kubectl.json("get", "pvc", "-n", RUN_NAMESPACE, claim_name)["spec"].get(
             "volumeName", ""
         )
         if time.monotonic() > deadline:
