@@ -10,6 +10,8 @@ from typing import Any
 
 import aiohttp
 
+from aar_common.client import ServiceClient, ServiceError
+
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
@@ -29,29 +31,20 @@ async def get_json(
     path: str,
     token: str,
 ) -> Reading:
-    if not base_url:
-        return Reading(problem=f"{service} unavailable: not configured (set {setting})")
-    url = base_url.rstrip("/") + path
+    """GET `path` of a service with the viewer's credential, over the forum's pooled session."""
+    client = ServiceClient(
+        service,
+        base_url,
+        token,
+        timeout=TIMEOUT,
+        session=http,
+        unconfigured=f"not configured (set {setting})",
+    )
     try:
-        async with http.get(
-            url, headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT
-        ) as response:
-            text = await response.text()
-            if response.status != 200:
-                return Reading(
-                    problem=f"{service} unavailable: HTTP {response.status} {_message(text)}"
-                )
-            return Reading(data=json.loads(text))
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        reason = str(error) or type(error).__name__
+        return Reading(data=await client.request("GET", path))
+    except ServiceError as error:
+        reason = error.message if error.status is None else f"HTTP {error.status} {error.message}"
         return Reading(problem=f"{service} unavailable: {reason}")
-
-
-def _message(text: str) -> str:
-    try:
-        return str(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return text[:200]
 
 
 def rows(data: Any) -> tuple[list[str], list[dict[str, str]]]:

@@ -3,59 +3,29 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal
-from typing import Annotated
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
 
+from aar_common import api
 from aar_common.web import authenticate, fail, json_response, read_model
-from aar_gateway.pricing import usd_text, usd_to_nano
+from aar_gateway.pricing import nano_to_usd, usd_text, usd_to_nano
 from aar_gateway.proxy import Proxy
 from aar_gateway.store import RUN_ROW, Budget, Totals
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a Kubernetes object name
-Dollars = Annotated[Decimal, Field(ge=0)]
 
 
-class BudgetSpec(BaseModel):
-    """`PUT /api/v1/budgets/{namespace}/{run}`: the whole budget, replacing the one before."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    usd: Dollars | None = Field(description="the run's cap in dollars; null: uncapped")
-    agents: dict[str, Dollars | None] = Field(
-        default_factory=dict, description="per-agent caps in dollars; unlisted agents: none"
+def _totals(totals: Totals) -> api.Totals:
+    return api.Totals(
+        usd=nano_to_usd(totals.cost_nano),
+        input_tokens=totals.input_tokens,
+        output_tokens=totals.output_tokens,
+        cache_creation_input_tokens=totals.cache_creation_input_tokens,
+        cache_read_input_tokens=totals.cache_read_input_tokens,
+        requests=totals.requests,
     )
-
-
-class TotalsView(BaseModel):
-    """Spend as the API shows it; `usd` is an exact decimal string (never a float)."""
-
-    usd: str
-    input_tokens: int
-    output_tokens: int
-    cache_creation_input_tokens: int
-    cache_read_input_tokens: int
-    requests: int
-
-    @classmethod
-    def of(cls, totals: Totals) -> TotalsView:
-        return cls(
-            usd=usd_text(totals.cost_nano),
-            input_tokens=totals.input_tokens,
-            output_tokens=totals.output_tokens,
-            cache_creation_input_tokens=totals.cache_creation_input_tokens,
-            cache_read_input_tokens=totals.cache_read_input_tokens,
-            requests=totals.requests,
-        )
-
-
-class SpendView(BaseModel):
-    run: TotalsView
-    agents: dict[str, TotalsView]
 
 
 def _cap(nano: int | None) -> str | None:
@@ -73,7 +43,7 @@ def _run_of(request: web.Request) -> str:
 async def put_budget(request: web.Request) -> web.Response:
     authenticate(request, admin=True)
     run = _run_of(request)
-    spec = await read_model(request, BudgetSpec)
+    spec = await read_model(request, api.BudgetSpec)
     budget = Budget(
         cap_nano=None if spec.usd is None else usd_to_nano(spec.usd),
         agents={a: None if cap is None else usd_to_nano(cap) for a, cap in spec.agents.items()},
@@ -98,8 +68,8 @@ async def get_spend(request: web.Request) -> web.Response:
     if run not in store.budgets and (run, RUN_ROW) not in store.totals:
         fail(404, f"the gateway knows no run {run}: no budget registered and nothing spent")
     return json_response(
-        SpendView(
-            run=TotalsView.of(store.spent(run)),
-            agents={agent: TotalsView.of(t) for agent, t in sorted(store.agents_of(run).items())},
+        api.RunSpend(
+            run=_totals(store.spent(run)),
+            agents={agent: _totals(t) for agent, t in sorted(store.agents_of(run).items())},
         )
     )

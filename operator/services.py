@@ -3,35 +3,38 @@ credential it mints itself: register each run's budget and task, read spend and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TypeVar
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, Field
 
+from aar_common import api
+from aar_common.api import BestScore, BudgetSpec, RunRegistration
+from aar_common.client import ServiceClient, ServiceError
 from aar_common.credentials import CredentialIssuer
 from aar_operator.models import AgentBudget, Best, ResearchRunSpec, Spend
+
+__all__ = [
+    "RunRegistration",
+    "RunSpend",
+    "ServiceError",
+    "Services",
+    "Totals",
+    "budget_request",
+]
 
 ADMIN_SUBJECT = "aar-operator"
 ADMIN_TTL_SECONDS = 300
 MICRO_DOLLAR = Decimal("0.000001")
+TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
-class ServiceError(Exception):
-    """A service answered with an error or could not be reached; the message says which."""
-
-
-class Totals(BaseModel):
-    """The gateway's spend totals for a run or an agent."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    usd: Decimal = Decimal(0)
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    requests: int = 0
+class Totals(api.Totals):
+    """The gateway's totals for a run or an agent, as the operator's status counts them."""
 
     def spend(self, agent_hours: float = 0.0, gpu_hours: float = 0.0) -> Spend:
         return Spend(
@@ -46,26 +49,18 @@ class Totals(BaseModel):
         )
 
 
-class RunSpend(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class RunSpend(api.RunSpend):
+    """The gateway's spend answer, its totals read as the operator's Totals."""
 
-    run: Totals = Totals()
-    agents: dict[str, Totals] = {}
-
-
-class BudgetRequest(BaseModel):
-    usd: float | None
-    agents: dict[str, float | None]
+    run: Totals = Field(default_factory=Totals)
+    agents: Mapping[str, Totals] = Field(default_factory=dict)
 
 
-class RunRegistration(BaseModel):
-    task: str
-    review_required: bool
-
-
-def budget_request(spec: ResearchRunSpec, agents: list[str], share: AgentBudget) -> BudgetRequest:
+def budget_request(spec: ResearchRunSpec, agents: list[str], share: AgentBudget) -> BudgetSpec:
     """What the gateway is told before the run's Pods start: the run cap and each agent's share."""
-    return BudgetRequest(usd=spec.budget.usd, agents={agent: share.usd for agent in agents})
+    return BudgetSpec.model_validate(
+        {"usd": spec.budget.usd, "agents": {agent: share.usd for agent in agents}}
+    )
 
 
 class Services:
@@ -78,57 +73,43 @@ class Services:
         scorer_url: str,
         issuer: CredentialIssuer,
     ) -> None:
+        def credential() -> str:
+            # A short-lived admin credential per call: nothing long-lived to leak.
+            return issuer.mint_admin(ADMIN_SUBJECT, ADMIN_TTL_SECONDS)
+
         self._session = session
-        self._gateway = gateway_url.rstrip("/")
-        self._scorer = scorer_url.rstrip("/")
-        self._issuer = issuer
+        self._gateway = ServiceClient(
+            "gateway", gateway_url, credential, timeout=TIMEOUT, session=session
+        )
+        self._scorer = ServiceClient(
+            "scorer", scorer_url, credential, timeout=TIMEOUT, session=session
+        )
 
-    async def _call(
-        self, method: str, url: str, body: BaseModel | None = None
-    ) -> dict[str, Any] | None:
-        # A short-lived admin credential per call: nothing long-lived to leak.
-        credential = self._issuer.mint_admin(ADMIN_SUBJECT, ADMIN_TTL_SECONDS)
-        try:
-            async with self._session.request(
-                method,
-                url,
-                data=None if body is None else body.model_dump_json(),
-                headers={
-                    "Authorization": f"Bearer {credential}",
-                    "Content-Type": "application/json",
-                },
-                timeout=aiohttp.ClientTimeout(total=10),
-            ) as response:
-                if response.status == 404 and method == "GET":
-                    return None
-                if response.status >= 400:
-                    raise ServiceError(f"{method} {url}: {response.status} {await response.text()}")
-                if response.content_type != "application/json":
-                    return {}
-                result: dict[str, Any] = await response.json()
-                return result
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise ServiceError(f"{method} {url}: {error!r}") from error
-
-    async def put_budget(self, namespace: str, run: str, request: BudgetRequest) -> None:
-        await self._call("PUT", f"{self._gateway}/api/v1/budgets/{namespace}/{run}", request)
+    async def put_budget(self, namespace: str, run: str, request: BudgetSpec) -> None:
+        await self._gateway.request("PUT", f"/api/v1/budgets/{namespace}/{run}", json_body=request)
 
     async def spend(self, namespace: str, run: str) -> RunSpend:
-        result = await self._call("GET", f"{self._gateway}/api/v1/spend/{namespace}/{run}")
-        return RunSpend() if result is None else RunSpend.model_validate(result)
+        found = await _found(self._gateway, f"/api/v1/spend/{namespace}/{run}", RunSpend)
+        return RunSpend() if found is None else found
 
     async def register_run(self, namespace: str, run: str, registration: RunRegistration) -> None:
-        await self._call("PUT", f"{self._scorer}/api/v1/runs/{namespace}/{run}", registration)
+        await self._scorer.request("PUT", f"/api/v1/runs/{namespace}/{run}", json_body=registration)
 
     async def best(self, namespace: str, run: str) -> Best | None:
-        result = await self._call("GET", f"{self._scorer}/api/v1/runs/{namespace}/{run}/best")
-        if result is None:
+        found = await _found(self._scorer, f"/api/v1/runs/{namespace}/{run}/best", BestScore)
+        if found is None:
             return None
-        return Best(
-            score=result.get("score"),
-            agent=str(result.get("agent") or ""),
-            submission=str(result.get("submission") or ""),
-        )
+        return Best(score=found.score, agent=found.agent, submission=str(found.submission))
 
     async def close(self) -> None:
         await self._session.close()
+
+
+async def _found(service: ServiceClient, path: str, model: type[Model]) -> Model | None:
+    """The body at `path`, or None where the service knows nothing there yet (404)."""
+    try:
+        return await service.get(path, model)
+    except ServiceError as error:
+        if error.status == 404:
+            return None
+        raise

@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from aar_common.client import ServiceClient, ServiceError
+
 CREDENTIAL_ENV = "AAR_CREDENTIAL"
 SCORER_URL_ENV = "AAR_SCORER_URL"
 
@@ -25,19 +27,13 @@ async def _call(args: argparse.Namespace, method: str, path: str, body: Any = No
     url = (args.scorer_url or os.environ.get(SCORER_URL_ENV) or "").rstrip("/")
     if not url:
         raise SystemExit(f"aar review: no scorer; pass --scorer-url or set {SCORER_URL_ENV}")
-    headers = {"Authorization": f"Bearer {credential}"}
+    scorer = ServiceClient("scorer", url, credential, timeout=aiohttp.ClientTimeout(total=30))
     try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
-            http.request(method, url + path, json=body, headers=headers) as response,
-        ):
-            payload = await response.json(content_type=None)
-            if response.status >= 400:
-                message = payload.get("error", {}).get("message", payload)
-                raise SystemExit(f"aar review: the scorer answered {response.status}: {message}")
-            return payload
-    except aiohttp.ClientError as error:
-        raise SystemExit(f"aar review: cannot reach the scorer at {url}: {error}") from error
+        async with scorer:
+            return await scorer.request(method, path, json_body=body)
+    except ServiceError as error:
+        said = f"the scorer answered {error.status}: {error.message}" if error.status else error
+        raise SystemExit(f"aar review: {said}") from error
 
 
 def _score(value: float | None) -> str:

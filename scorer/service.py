@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
+from aar_common.api import BestScore, Feedback, Quota, RunRegistration, Status, SubmissionResponse
 from aar_common.credentials import CredentialVerifier, Principal, Role
 from aar_common.web import (
     authenticate,
@@ -51,37 +51,6 @@ from aar_scorer.store import Store
 from aar_scorer.tasks import ProbeAction, Task
 
 log = logging.getLogger(__name__)
-
-
-class Status(StrEnum):
-    ACCEPTED = "accepted"
-    FLAGGED = "flagged"
-    REFUSED = "refused"
-
-
-class FeedbackOut(BaseModel):
-    score: float | None
-    released: bool
-    message: str
-
-
-class QuotaOut(BaseModel):
-    remaining: int
-    resets_at: str
-
-
-class SubmissionResponse(BaseModel):
-    id: int
-    status: Status
-    feedback: FeedbackOut
-    quota: QuotaOut
-
-
-class RunRegistration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str = Field(min_length=1)
-    review_required: bool = True
 
 
 class Metrics:
@@ -349,8 +318,8 @@ class Scorer:
         return SubmissionResponse(
             id=submission,
             status=status,
-            feedback=FeedbackOut(score=score, released=released, message=message),
-            quota=QuotaOut(remaining=remaining, resets_at=_iso(resets_at)),
+            feedback=Feedback(score=score, released=released, message=message),
+            quota=Quota(remaining=remaining, resets_at=_iso(resets_at)),
         )
 
 
@@ -424,7 +393,7 @@ async def _best(request: web.Request) -> web.Response:
     best = scorer.reviews.best(run, state.task, state.review_required)
     if best is None:
         fail(404, f"run {run} has no counted submission yet")
-    return json_response(best)
+    return json_response(BestScore.model_validate(best))
 
 
 async def _review_queue(request: web.Request) -> web.Response:

@@ -1,0 +1,99 @@
+"""The bodies that one aar component sends and another reads (docs/interfaces.md), defined once:
+the service that answers validates with these classes and its clients parse with the same ones.
+A body only one component uses stays in that component."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+# Dollars a client sends: exact once parsed, a JSON number on the wire (as the operator sends it).
+Dollars = Annotated[
+    Decimal, Field(ge=0), PlainSerializer(float, return_type=float, when_used="json")
+]
+# Dollars the gateway reports: an exact decimal string, never in exponent form, never a float.
+DollarText = Annotated[
+    Decimal, PlainSerializer(lambda usd: format(usd, "f"), return_type=str, when_used="json")
+]
+
+
+# --- gateway ----------------------------------------------------------------------------------
+
+
+class BudgetSpec(BaseModel):
+    """`PUT /api/v1/budgets/{namespace}/{run}`: the whole budget, replacing the one before."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    usd: Dollars | None = Field(description="the run's cap in dollars; null: uncapped")
+    agents: dict[str, Dollars | None] = Field(
+        default_factory=dict, description="per-agent caps in dollars; unlisted agents: none"
+    )
+
+
+class Totals(BaseModel):
+    """What a run or an agent spent, as the gateway reports it."""
+
+    usd: DollarText = Decimal(0)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    requests: int = 0
+
+
+class RunSpend(BaseModel):
+    """`GET /api/v1/spend/{namespace}/{run}`: the run's totals and each agent's."""
+
+    run: Totals = Field(default_factory=Totals)
+    agents: Mapping[str, Totals] = Field(default_factory=dict)
+
+
+# --- scorer -----------------------------------------------------------------------------------
+
+
+class RunRegistration(BaseModel):
+    """`PUT /api/v1/runs/{namespace}/{run}`: the task a run is scored on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1)
+    review_required: bool = True
+
+
+class BestScore(BaseModel):
+    """`GET /api/v1/runs/{namespace}/{run}/best`: the run's best counted submission."""
+
+    score: float  # the private PGR
+    agent: str
+    submission: int
+
+
+class Status(StrEnum):
+    ACCEPTED = "accepted"
+    FLAGGED = "flagged"
+    REFUSED = "refused"
+
+
+class Feedback(BaseModel):
+    score: float | None
+    released: bool
+    message: str
+
+
+class Quota(BaseModel):
+    remaining: int
+    resets_at: str
+
+
+class SubmissionResponse(BaseModel):
+    """The answer to `POST /api/v1/submissions`; the private score is never in it."""
+
+    id: int
+    status: Status
+    feedback: Feedback
+    quota: Quota
