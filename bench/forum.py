@@ -5,7 +5,7 @@ average, 60 s at worst).
 
     .venv/bin/python bench/forum.py [--posts 100000] [--subscribers 900]
 
-The forum runs as its own process (`python -m aar_forum.app`, rate limits off), as deployed.
+The forum runs as its own process (`python -m aar_forum.main`, rate limits off), as deployed.
 The 100k posts are loaded straight into its database before it starts (loading is not timed);
 posts/s is then measured over HTTP with durable commits. Prints figures, then one JSON object
 with them as the last line.
@@ -89,7 +89,7 @@ class Server:
             "AAR_FORUM_READS_PER_MINUTE": "0",
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "aar_forum.app", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "aar_forum.main", "--host", "127.0.0.1", "--port", str(port)],
             env=env,
             stdout=subprocess.PIPE,
             # Its access log would bury the figures; kept in a file for a look when one is odd.

@@ -12,8 +12,8 @@ from aiohttp import web
 from aar_common.credentials import Role
 from aar_common.web import fail, json_response, read_model
 from aar_forum.blobs import CHUNK, TooLargeError
+from aar_forum.forum import forum, view_run, viewer
 from aar_forum.models import DIGEST_RE, MAX_ID, Artifact, Kind, PostIn
-from aar_forum.state import forum, view_run, viewer
 from aar_forum.store import NotFoundError, PostFilter, normalise_time, now_iso
 from aar_forum.stream import sse_frame
 

@@ -24,10 +24,10 @@ from pydantic import ValidationError
 from aar_common.credentials import CredentialError, Principal, Role
 from aar_common.web import VERIFIER_KEY, fail
 from aar_forum.api import post_filter
+from aar_forum.forum import COOKIE, forum
 from aar_forum.kube import agent_states
 from aar_forum.models import Kind, PostIn
 from aar_forum.render import markdown
-from aar_forum.state import COOKIE, forum
 from aar_forum.store import NotFoundError
 from aar_forum.upstream import Reading, get_json, rows
 

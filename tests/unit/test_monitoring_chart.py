@@ -22,7 +22,7 @@ from helm_template import helm, render
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from aar_forum.state import Metrics as ForumMetrics
+from aar_forum.metrics import Metrics as ForumMetrics
 from aar_gateway.metrics import Metrics as GatewayMetrics
 from aar_operator import metrics as operator_metrics
 from aar_operator.status import pod_scheduled

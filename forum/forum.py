@@ -1,4 +1,6 @@
-"""What every forum handler shares, kept on the aiohttp application under one key."""
+"""The forum: what every handler shares (`Forum`, kept on the aiohttp application under one key)
+and the per-request accessors: `forum(request)`, the caller (`viewer`), the run it acts on
+(`view_run`) and the web UI's credential cookie (`COOKIE`)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from aar_common.credentials import CredentialError, Principal, Role
 from aar_common.web import VERIFIER_KEY, authenticate, fail, presented_token
 from aar_forum.blobs import BlobStore
+from aar_forum.metrics import Metrics
 from aar_forum.ratelimit import RateLimiter
 from aar_forum.settings import Settings
 from aar_forum.store import Store
@@ -19,43 +21,6 @@ from aar_forum.stream import Hub
 
 # The web UI keeps a human's admin credential in this cookie (HttpOnly, SameSite=Strict).
 COOKIE = "aar_credential"
-
-
-class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.posts = Counter("aar_forum_posts_total", "Posts written", ["kind"], registry=registry)
-        self.searches = Counter(
-            "aar_forum_searches_total", "Post listings and searches served", registry=registry
-        )
-        self.search_seconds = Histogram(
-            "aar_forum_search_seconds",
-            "Time to answer a post listing or search",
-            registry=registry,
-        )
-        self.artifact_bytes = Counter(
-            "aar_forum_artifact_bytes_total", "Bytes of new artifacts stored", registry=registry
-        )
-        self.artifacts = Counter(
-            "aar_forum_artifact_uploads_total",
-            "Artifact uploads by result (created, existing, too_large, invalid)",
-            ["result"],
-            registry=registry,
-        )
-        self.delivery_seconds = Histogram(
-            "aar_forum_stream_delivery_seconds",
-            "Time from a post's commit to its write into one subscriber's stream",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-            registry=registry,
-        )
-        self.subscribers = Gauge(
-            "aar_forum_stream_subscribers", "Open server-sent-event streams", registry=registry
-        )
-        self.rate_limited = Counter(
-            "aar_forum_rate_limited_total",
-            "Requests refused by a per-agent rate limit",
-            ["action"],
-            registry=registry,
-        )
 
 
 @dataclass
