@@ -20,8 +20,8 @@ from aar_common.credentials import CredentialVerifier
 from aar_devcluster.anthropic_stub import AnthropicStub, Reply
 from aar_devcluster.anthropic_stub import start as start_stub
 from aar_forum.ui import csrf_token
-from aar_gateway.app import Settings as GatewaySettings
 from aar_gateway.app import build_app as build_gateway
+from aar_gateway.settings import Settings as GatewaySettings
 from aar_scorer.service import build_app as build_scorer
 from aar_scorer.store import Store as ScorerStore
 from aar_scorer.tasks import load_tasks, write_task_files

@@ -27,9 +27,10 @@ from helm_template import helm_template
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_common.ports import free_port
 from aar_devcluster.anthropic_stub import AnthropicStub, Reply, serving
-from aar_gateway.app import Settings, build_app
-from aar_gateway.app import main as gateway_main
+from aar_gateway.app import build_app
+from aar_gateway.main import main as gateway_main
 from aar_gateway.pricing import USAGE_FIELDS
+from aar_gateway.settings import Settings
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
