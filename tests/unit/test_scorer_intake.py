@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pickle
 import random
 import signal
 import socket
@@ -322,6 +323,31 @@ async def test_a_stuck_worker_is_replaced(servers: dict[int, Server]) -> None:
     assert intake_workers() not in ([pid], [])
     status, answer, _ = await server.post(agent("i1"), BODIES[0])
     assert status == 200, answer
+
+
+@pytest.mark.parametrize("end", ["worker", "scorer"])
+async def test_a_malformed_frame_costs_the_worker_not_the_scorer(
+    servers: dict[int, Server], end: str
+) -> None:
+    server = servers[1]
+    scorer = server.app[SCORER_KEY]
+    [pid] = intake_workers()
+    [worker] = scorer.intake._running
+    # A pickled submission: no frame of either end's, refused without being unpickled.
+    pickled = pickle.dumps({"task": "intake"}, protocol=pickle.HIGHEST_PROTOCOL)
+    if end == "worker":
+        worker.write(pickled)  # the worker closes its socket and exits
+    else:
+        worker.data_received(pickled)  # the scorer kills the worker
+    for _ in range(200):
+        running = scorer.intake._running
+        if intake_workers() not in ([pid], []) and running and running[0].ready.done():
+            break
+        await asyncio.sleep(0.05)
+    assert intake_workers() not in ([pid], [])
+    status, answer, _ = await server.post(agent("i1"), BODIES[0])
+    assert status == 200, answer
+    assert "aar_scorer_intake_restarts_total 1.0" in await server.metrics()
 
 
 class HeldDecisions:
