@@ -56,6 +56,27 @@ def bare_pods(image: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
+def millicores(quantity: str) -> int:
+    """A Kubernetes CPU quantity ("250m", "2", "0.5") in millicores."""
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def cpu_share(plane: ControlPlane, agents: int) -> str:
+    """What each agent can ask for once the services have theirs: the node's allocatable CPU
+    less every running Pod's request, split evenly (a request is also the sandbox's limit, so
+    asking for less than this leaves cores idle while the agents wait on their quota)."""
+    admin = Tool("kubectl", plane.kubeconfig_path)
+    node = admin.json("get", "nodes")["items"][0]
+    free = millicores(node["status"]["allocatable"]["cpu"])
+    for pod in admin.json("get", "pods", "--all-namespaces")["items"]:
+        if pod["status"].get("phase") in ("Pending", "Running"):
+            for container in pod["spec"]["containers"]:
+                free -= millicores(
+                    container.get("resources", {}).get("requests", {}).get("cpu", "0")
+                )
+    return f"{max(50, free // agents // 10 * 10)}m"
+
+
 def running(kubectl: Tool, selector: str) -> int:
     pods = kubectl.json("get", "pods", "-l", selector)["items"]
     return sum(1 for p in pods if p["status"].get("phase") == "Running")
@@ -110,10 +131,11 @@ def main() -> None:
             manifest = copy.deepcopy(run_manifest())
             run = manifest["metadata"]["name"]
             manifest["spec"]["agents"] = args.agents
-            # Nine agents share two cores: each asks for a small slice, as the floor's Pods do.
-            manifest["spec"]["sandbox"]["resources"].update({"cpu": "100m", "memory": "1Gi"})
+            # The agents share what the services leave of the node's cores, evenly.
+            share = cpu_share(plane, args.agents)
+            manifest["spec"]["sandbox"]["resources"].update({"cpu": share, "memory": "1Gi"})
             credential = Demo(plane, say).admin_credential()
-            say(f"Applying a {args.agents}-agent run")
+            say(f"Applying a {args.agents}-agent run, {share} of CPU each")
             applied = time.monotonic()
             kubectl.apply(manifest)
             agents_s = wait_running(kubectl, f"aar.dev/run={run}", args.agents)
@@ -127,6 +149,7 @@ def main() -> None:
             plane.destroy()
     figures = {
         "agents": args.agents,
+        "agent_cpu": share,
         "cluster_start_s": round(cluster_s, 1),
         "install_s": round(install_s, 1),
         "bare_pods_running_s": round(bare_s, 1),
