@@ -61,7 +61,7 @@ from aar_common.credentials import (
 from aar_common.ports import free_port
 from aar_common.web import json_response, make_app, read_body, serve
 from aar_scorer.intake import BodyError, Parser, TaskFacts
-from aar_scorer.main import DEFAULT_INTAKE_WORKERS
+from aar_scorer.settings import DEFAULT_INTAKE_WORKERS
 from aar_scorer.tasks import Task, load_tasks, write_task_files
 
 ANSWERS = 2567

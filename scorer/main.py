@@ -11,16 +11,17 @@ from pathlib import Path
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV, CredentialVerifier
 from aar_common.web import address, listen, serve
+from aar_scorer.app import SCORER_KEY, build_app
 from aar_scorer.intake import IntakeError
-from aar_scorer.service import SCORER_KEY, build_app
+from aar_scorer.settings import (
+    DATA_DIR_ENV,
+    DEFAULT_INTAKE_WORKERS,
+    INTAKE_WORKERS_ENV,
+    TASKS_FILE_ENV,
+    Settings,
+)
 from aar_scorer.store import Store
 from aar_scorer.tasks import TaskConfigError, load_tasks
-
-TASKS_FILE_ENV = "AAR_SCORER_TASKS_FILE"
-DATA_DIR_ENV = "AAR_DATA_DIR"
-INTAKE_WORKERS_ENV = "AAR_SCORER_INTAKE_WORKERS"
-# Two keep two cores busy at full load, with the deciding process beside them (docs/scorer.md).
-DEFAULT_INTAKE_WORKERS = 2
 
 
 def _worker_count(text: str) -> int:
@@ -62,15 +63,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Read flags and the environment into Settings, then serve the scorer until SIGTERM."""
     args = _parser().parse_args(argv)
     if not args.public_key:
         raise SystemExit(f"aar-scorer: pass --public-key FILE or set {PUBLIC_KEY_FILE_ENV}")
+    settings = Settings(
+        tasks_file=args.tasks,
+        data_dir=args.data_dir,
+        public_key_file=args.public_key,
+        intake_workers=args.intake_workers,
+    )
     try:
-        verifier = CredentialVerifier.from_file(Path(args.public_key))
+        verifier = CredentialVerifier.from_file(settings.public_key_file)
     except OSError as error:
         raise SystemExit(f"aar-scorer: cannot read the public key: {error}") from error
     try:
-        tasks = load_tasks(Path(args.tasks))
+        tasks = load_tasks(settings.tasks_file)
     except TaskConfigError as error:
         raise SystemExit(f"aar-scorer: {error}") from error
     try:
@@ -80,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"aar-scorer: cannot listen on {where}: {error}; pass another --port or --unix-socket"
         ) from error
-    store = Store(Path(args.data_dir) / "scorer.db")
-    app = build_app(tasks, store, verifier, intake_workers=args.intake_workers)
+    store = Store(settings.database)
+    app = build_app(tasks, store, verifier, intake_workers=settings.intake_workers)
 
     def ready(_: str) -> None:
         names = ", ".join(sorted(tasks)) or "no tasks (list them in the tasks file)"

@@ -22,7 +22,7 @@ from aar_devcluster.anthropic_stub import start as start_stub
 from aar_forum.ui import csrf_token
 from aar_gateway.app import build_app as build_gateway
 from aar_gateway.settings import Settings as GatewaySettings
-from aar_scorer.service import build_app as build_scorer
+from aar_scorer.app import build_app as build_scorer
 from aar_scorer.store import Store as ScorerStore
 from aar_scorer.tasks import load_tasks, write_task_files
 

@@ -18,7 +18,8 @@ from aar_forum import upstream as forum_upstream
 from aar_gateway import admin as gateway_admin
 from aar_operator import services as operator_services
 from aar_operator.models import AgentBudget, ResearchRunSpec
-from aar_scorer import service as scorer_service
+from aar_scorer import app as scorer_app
+from aar_scorer import scorer as scorer_domain
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = ("operator", "agent", "trainer", "forum", "scorer", "gateway", "devcluster")
@@ -33,10 +34,11 @@ NOT_BODIES = {("operator/models.py", "Best")}
 
 def test_server_and_client_use_the_same_class_objects() -> None:
     # The scorer's routes and the operator's client.
-    assert scorer_service.RunRegistration is operator_services.RunRegistration
-    assert scorer_service.RunRegistration is api.RunRegistration
-    assert scorer_service.BestScore is api.BestScore
-    assert scorer_service.SubmissionResponse is api.SubmissionResponse
+    assert scorer_app.RunRegistration is operator_services.RunRegistration
+    assert scorer_app.RunRegistration is api.RunRegistration
+    assert scorer_domain.RunRegistration is api.RunRegistration
+    assert scorer_app.BestScore is api.BestScore
+    assert scorer_domain.SubmissionResponse is api.SubmissionResponse
     # The gateway's routes and the operator's client.
     assert gateway_admin.api is api
     spec = ResearchRunSpec.model_validate(

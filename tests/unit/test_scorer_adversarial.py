@@ -38,7 +38,7 @@ from aar_common.credentials import (
 )
 from aar_common.web import json_response, make_app
 from aar_scorer.ladder import recovery_bound
-from aar_scorer.service import build_app
+from aar_scorer.app import build_app
 from aar_scorer.store import Store
 from aar_scorer.tasks import load_tasks, write_task_files
 

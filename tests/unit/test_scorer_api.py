@@ -23,7 +23,7 @@ from aar_common.credentials import (
     generate_signing_key,
     public_key_pem,
 )
-from aar_scorer.service import build_app
+from aar_scorer.app import build_app
 from aar_scorer.store import Store
 from aar_scorer.tasks import load_tasks, write_task_files
 

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from aar_common.api import RunRegistration
 from aar_common.credentials import (
     CredentialIssuer,
     CredentialVerifier,
@@ -29,9 +30,9 @@ from aar_common.credentials import (
 )
 from aar_common.ports import free_port
 from aar_common.web import listen
+from aar_scorer.app import SCORER_KEY, build_app
 from aar_scorer.intake import IntakeError
 from aar_scorer.main import main as scorer_main
-from aar_scorer.service import SCORER_KEY, RunRegistration, build_app
 from aar_scorer.store import Store
 from aar_scorer.tasks import load_tasks, write_task_files
 

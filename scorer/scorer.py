@@ -1,0 +1,339 @@
+"""The Scorer: what the scorer decides (quotas, probe verdicts, the Ladder's feedback) and
+keeps (registered runs, the store, the review book). The HTTP routes around it are in app.py.
+
+Every decision about a submission is made on the event loop without an await in between, so
+concurrent submissions of one run are decided one after another, and the answer goes out only
+once the submission is on disk. Submissions arrive as `Submission`s, received by intake workers
+or by this process's own handler (aar_scorer.intake).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from aiohttp import web
+
+from aar_common.api import Feedback, Quota, RunRegistration, Status, SubmissionResponse
+from aar_common.credentials import CredentialVerifier, Principal, Role
+from aar_common.web import error_body, fail, verify_token
+from aar_scorer.intake import Answer, BodyError, Intake, ParsedSubmission, Submission
+from aar_scorer.ladder import Ladder, level
+from aar_scorer.metrics import Metrics
+from aar_scorer.probing import ProbeIndex, ProbeReason, Verdict
+from aar_scorer.review import ReviewBook
+from aar_scorer.store import Store
+from aar_scorer.tasks import ProbeAction, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """What the scorer keeps in memory about one registered run (rebuilt from the store)."""
+
+    task: Task
+    review_required: bool
+    ladder: Ladder
+    probes: ProbeIndex
+    # (window start, agent or "" for the whole run) -> submissions counted in that window
+    counts: dict[tuple[int, str], int] = field(default_factory=dict)
+
+
+class _QuotaUse(NamedTuple):
+    """A submission counted against its quota: when, when the window resets, what is left."""
+
+    now: float
+    resets_at: float
+    remaining: int
+
+
+class _Feedback(NamedTuple):
+    """What a decided submission is told, and the accuracies it is stored with."""
+
+    public: float | None
+    private: float | None
+    score: float | None
+    released: bool
+    message: str
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+class Scorer:
+    """The service's state over its store; handlers below are thin HTTP around it."""
+
+    def __init__(
+        self,
+        tasks: dict[str, Task],
+        store: Store,
+        metrics: Metrics,
+        intake: Intake,
+        verifier: CredentialVerifier,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tasks = tasks
+        self.store = store
+        self.metrics = metrics
+        self.intake = intake
+        self.verifier = verifier
+        self.clock = clock
+        self.reviews = ReviewBook(store.reader, tasks)
+        self.runs: dict[str, RunState] = {}
+        self._next_submission = store.next_id("submissions")
+        for row in store.reader.execute(
+            "SELECT run, task, review_required FROM runs WHERE id IN "
+            "(SELECT MAX(id) FROM runs GROUP BY run)"
+        ):
+            if row["task"] in tasks:
+                self.runs[row["run"]] = self._load_run(
+                    row["run"], tasks[row["task"]], bool(row["review_required"])
+                )
+
+    def _load_run(self, run: str, task: Task, review_required: bool) -> RunState:
+        """Rebuild a run's Ladder and probe index from its stored submissions."""
+        step = task.spec.feedback.step
+        probes = ProbeIndex(task.spec.probing, task.size, len(task.spec.labels))
+        best: int | None = None
+        for row in self.store.reader.execute(
+            "SELECT id, packed, walk_length, public_accuracy, released FROM submissions "
+            "WHERE run = ? AND task = ? AND status != 'refused' ORDER BY id",
+            (run, task.name),
+        ):
+            probes.add(row["id"], int.from_bytes(row["packed"], "little"), row["walk_length"])
+            if row["released"]:
+                best = max(level(row["public_accuracy"], step), best if best is not None else -1)
+        return RunState(task, review_required, Ladder(step, best), probes)
+
+    def _count(self, state: RunState, run: str, window: int, agent: str) -> int:
+        key = (window, agent)
+        if key not in state.counts:
+            if any(counted != window for counted, _ in state.counts):
+                # A new window: the old one's counts are done with.
+                state.counts = {k: v for k, v in state.counts.items() if k[0] == window}
+            start = float(window)
+            sql = "SELECT COUNT(*) FROM submissions WHERE run = ? AND created_at >= ?"
+            parameters: tuple[Any, ...] = (run, start)
+            if agent:
+                sql += " AND agent = ?"
+                parameters = (run, start, agent)
+            state.counts[key] = int(self.store.reader.execute(sql, parameters).fetchone()[0])
+        return state.counts[key]
+
+    async def register(self, run: str, body: RunRegistration, by: str) -> dict[str, Any]:
+        task = self.known_task(body.task)
+        await self.store.write(
+            (
+                "INSERT INTO runs (run, task, review_required, registered_by, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (run, task.name, int(body.review_required), by, self.clock()),
+            )
+        )
+        current = self.runs.get(run)
+        if current is not None and current.task is task:
+            current.review_required = body.review_required
+        else:
+            self.runs[run] = self._load_run(run, task, body.review_required)
+        return {"run": run, "task": task.name, "review_required": body.review_required}
+
+    def known_task(self, name: str) -> Task:
+        task = self.tasks.get(name)
+        if task is None:
+            fail(404, f"unknown task {name!r}; the scorer knows: {', '.join(sorted(self.tasks))}")
+        return task
+
+    def run_state(self, run: str) -> RunState:
+        state = self.runs.get(run)
+        if state is None:
+            fail(
+                404,
+                f"run {run} is not registered with the scorer; the operator registers each run "
+                "when it starts (PUT /api/v1/runs/{namespace}/{run})",
+            )
+        return state
+
+    async def answer(self, submission: Submission) -> Answer:
+        """The HTTP answer to a submission, once it is decided and, if stored, on disk."""
+        try:
+            agent = verify_token(self.verifier, submission.token)
+            if agent.role is not Role.AGENT:
+                fail(403, "submissions come from agents; admins review them (/api/v1/review)")
+            if isinstance(submission.parsed, BodyError):
+                fail(submission.parsed.status, submission.parsed.message)
+            decided = await self.submit(agent, submission.parsed)
+        except web.HTTPException as error:
+            if 400 <= error.status < 500 and error.status != 429:
+                self.metrics.submissions.labels("invalid").inc()
+            return Answer(error.status, (error.text or "").encode(), dict(error.headers))
+        except Exception:
+            # Said in the log, and to the client as any server error is; the worker that sent
+            # it must get an answer either way.
+            log.exception("Failed to decide a submission")
+            return Answer(
+                500,
+                json.dumps(error_body(500, "the scorer failed on this submission")).encode(),
+                {"Content-Type": "application/json"},
+            )
+        self.metrics.latency.observe(time.monotonic() - submission.arrived)
+        return Answer(200, decided.model_dump_json().encode(), {"Content-Type": "application/json"})
+
+    async def submit(self, agent: Principal, body: ParsedSubmission) -> SubmissionResponse:
+        """Decide a submission and store it; every step up to the write runs without an await,
+        so the submissions of one run are decided one after another."""
+        run = agent.run_key
+        state = self.run_state(run)
+        packed = self._answers(state, run, body)
+        quota = self._take_quota(state, run, agent.agent)
+        verdict, status = self._probe_verdict(state, packed)
+        submission = self._next_submission
+        self._next_submission += 1
+        feedback = self._feedback(state, run, packed, verdict, status)
+        if status is not Status.REFUSED:
+            state.probes.add(submission, packed, verdict.walk_length)
+        await self._store_row(submission, agent, body, packed, quota, verdict, status, feedback)
+        self.metrics.submissions.labels(status.value).inc()
+        return SubmissionResponse(
+            id=submission,
+            status=status,
+            feedback=Feedback(
+                score=feedback.score, released=feedback.released, message=feedback.message
+            ),
+            quota=Quota(remaining=quota.remaining, resets_at=_iso(quota.resets_at)),
+        )
+
+    def _answers(self, state: RunState, run: str, body: ParsedSubmission) -> int:
+        """The packed answers, once they are for the run's task and fit it."""
+        task = self.known_task(body.task)
+        if task is not state.task:
+            fail(400, f"run {run} is registered for task {state.task.name}, not {task.name}")
+        if body.answer_error is not None:
+            fail(400, body.answer_error)
+        assert body.packed is not None  # intake packs the answers of every task it knows
+        return body.packed
+
+    def _take_quota(self, state: RunState, run: str, agent: str) -> _QuotaUse:
+        """Count the submission against its agent's and its run's quota; 429 when either is
+        spent (and then nothing is counted)."""
+        now = self.clock()
+        quota = state.task.spec.quota
+        window = int(now // quota.window_seconds) * quota.window_seconds
+        resets_at = window + quota.window_seconds
+        used_agent = self._count(state, run, window, agent)
+        used_run = self._count(state, run, window, "")
+        if used_agent >= quota.per_agent or used_run >= quota.per_run:
+            whose = (
+                f"agent {agent}'s quota of {quota.per_agent}"
+                if used_agent >= quota.per_agent
+                else f"run {run}'s quota of {quota.per_run}"
+            )
+            self.metrics.submissions.labels("rate_limited").inc()
+            fail(
+                429,
+                f"{whose} submissions per {quota.window_seconds} s is spent; "
+                f"it resets at {_iso(resets_at)}",
+                headers={"retry-after": str(max(1, math.ceil(resets_at - now)))},
+            )
+        state.counts[(window, agent)] = used_agent + 1
+        state.counts[(window, "")] = used_run + 1
+        remaining = min(quota.per_agent - used_agent, quota.per_run - used_run) - 1
+        return _QuotaUse(now, resets_at, remaining)
+
+    def _probe_verdict(self, state: RunState, packed: int) -> tuple[Verdict, Status]:
+        """Whether the answers look like label probing, and what the task says to do then."""
+        verdict = state.probes.check(packed)
+        if verdict.reason is None:
+            return verdict, Status.ACCEPTED
+        action = state.task.spec.probing.action
+        self.metrics.probes.labels(verdict.reason.value, action.value).inc()
+        return verdict, Status.REFUSED if action is ProbeAction.REFUSE else Status.FLAGGED
+
+    def _feedback(
+        self, state: RunState, run: str, packed: int, verdict: Verdict, status: Status
+    ) -> _Feedback:
+        """The accuracies and what the Ladder releases of them: a score only for a new best
+        of the run, and nothing at all for a refused submission."""
+        task = state.task
+        if status is Status.REFUSED:
+            message = f"refused: {_describe(verdict, task)}; a refused submission gets no feedback"
+            return _Feedback(None, None, None, False, message)
+        public, private = task.accuracies(packed)
+        release = state.ladder.submit(public)
+        assert release.level is not None
+        best = round(task.pgr(release.level * task.spec.feedback.step), 6)
+        if release.released:
+            score: float | None = best
+            message = f"new best public score of run {run}: PGR {best}"
+            self.metrics.released.inc()
+        else:
+            score = None
+            message = (
+                f"no new feedback: this submission did not reach the next Ladder step above "
+                f"the run's best public score (PGR {best})"
+            )
+        if status is Status.FLAGGED:
+            message += f"; flagged for review: {_describe(verdict, task)}"
+        return _Feedback(public, private, score, release.released, message)
+
+    async def _store_row(
+        self,
+        submission: int,
+        agent: Principal,
+        body: ParsedSubmission,
+        packed: int,
+        quota: _QuotaUse,
+        verdict: Verdict,
+        status: Status,
+        feedback: _Feedback,
+    ) -> None:
+        """The submission's row, on disk before the answer goes out."""
+        stored = packed.to_bytes((packed.bit_length() + 7) // 8, "little")
+        row = {
+            "id": submission,
+            "run": agent.run_key,
+            "agent": agent.agent,
+            "task": body.task,
+            "created_at": quota.now,
+            # Of the packed answers: equal predictions, equal digests, at no cost per answer.
+            "digest": f"sha256:{hashlib.sha256(stored).hexdigest()}",
+            "packed": stored,
+            "method": body.method,
+            "artifact": body.artifact,
+            "status": status.value,
+            "probe_reason": verdict.reason.value if verdict.reason else None,
+            "probe_nearest": verdict.nearest,
+            "probe_distance": verdict.distance,
+            "walk_length": verdict.walk_length,
+            "public_accuracy": feedback.public,
+            "private_accuracy": feedback.private,
+            "released": int(feedback.released),
+            "feedback_score": feedback.score,
+            "feedback_message": feedback.message,
+        }
+        await self.store.write(
+            (
+                f"INSERT INTO submissions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+        )
+
+
+def _describe(verdict: Verdict, task: Task) -> str:
+    probing = task.spec.probing
+    if verdict.reason is ProbeReason.NEAR_DUPLICATE:
+        return (
+            f"differs from submission {verdict.nearest} of this run in {verdict.distance} "
+            f"answers (fewer than {probing.min_distance})"
+        )
+    return (
+        f"ends a walk of {verdict.walk_length} submissions, each within "
+        f"{probing.walk_distance} answers of an earlier one"
+    )
