@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Installed when pyproject.toml changes; the stamp keeps repeated runs fast.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-cluster lint format tools cluster-up cluster-down cluster-status clean
+.PHONY: demo test test-unit test-service test-cluster lint format tools cluster-up cluster-down cluster-status clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ test: lint tools
 	$(BIN)/pytest tests || { status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$status; }
 
+# The tiers, by what their tests need (tests/README.md).
 test-unit: tools
 	$(BIN)/pytest tests/unit
+
+test-service: tools
+	$(BIN)/pytest tests/service
 
 test-cluster: tools
 	$(BIN)/pytest tests/cluster

@@ -26,8 +26,8 @@ from aar_forum.metrics import Metrics as ForumMetrics
 from aar_gateway.metrics import Metrics as GatewayMetrics
 from aar_operator import metrics as operator_metrics
 from aar_operator.status import pod_scheduled
-from aar_scorer.probing import ProbeReason
 from aar_scorer.metrics import Metrics as ScorerMetrics
+from aar_scorer.probing import ProbeReason
 from aar_scorer.tasks import ProbeAction
 
 ALL_ON = [

@@ -1,4 +1,4 @@
-"""What the agent tier's tests share besides fixtures: the run's identity and credentials, and
+"""What the agent's tests share besides fixtures: the run's identity and credentials, and
 a running service called as an admin."""
 
 from __future__ import annotations

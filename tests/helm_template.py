@@ -1,5 +1,7 @@
-"""charts/aar rendered by `helm template` with the project's own helm, for unit tests of what the
-chart makes. A module of its own, not conftest: test modules import it by name.
+"""charts/aar rendered by `helm template` with the project's own helm, for tests of what the
+chart makes (the unit tier's, and the service tier's gateway served as the chart configures it).
+A module of its own, not conftest, beside the root conftest so that test modules of every tier
+import it by name (pytest puts each conftest's folder on sys.path).
 
 helm is one of the tools `make tools` installs, so a missing helm fails these tests with the fix
 instead of skipping them: a skipped chart test reads as a passing one.

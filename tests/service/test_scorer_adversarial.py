@@ -21,7 +21,6 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from scorer_harness import ServedScorer, StartScorer
 
 from aar_common.credentials import (
     CredentialIssuer,
@@ -38,9 +38,6 @@ from aar_common.credentials import (
 )
 from aar_common.web import json_response, make_app
 from aar_scorer.ladder import recovery_bound
-from aar_scorer.app import build_app
-from aar_scorer.store import Store
-from aar_scorer.tasks import load_tasks, write_task_files
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -163,7 +160,7 @@ class ScorerUnderAttack:
         return ask
 
 
-async def scorer_for(tmp_path: Path, port: int, action: str) -> tuple[web.AppRunner, Store, str]:
+async def scorer_for(start_scorer: StartScorer, action: str) -> ServedScorer:
     task = {
         "name": "secret",
         "labels": [0, 1],
@@ -172,12 +169,7 @@ async def scorer_for(tmp_path: Path, port: int, action: str) -> tuple[web.AppRun
         "feedback": {"step": STEP},
         "probing": {"action": action},
     }
-    tasks = load_tasks(write_task_files(tmp_path / "tasks", [(task, TRUTH, "never-shown-seed")]))
-    store = Store(tmp_path / "scorer.db")
-    runner = web.AppRunner(build_app(tasks, store, CredentialVerifier(public_key_pem(KEY))))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, store, f"http://127.0.0.1:{port}"
+    return await start_scorer((task, TRUTH, "never-shown-seed"), key=KEY)
 
 
 @pytest.mark.parametrize(
@@ -188,19 +180,17 @@ async def test_attacks_recover_no_more_than_the_bound_and_all_from_an_exact_scor
     attack: Callable[[Oracle], Awaitable[Outcome]],
     submissions: int,
     naive: Oracle,
-    tmp_path: Path,
-    unused_tcp_port: int,
+    start_scorer: StartScorer,
 ) -> None:
     assert submissions <= QUOTA
-    runner, store, url = await scorer_for(tmp_path, unused_tcp_port, "flag")
+    served = await scorer_for(start_scorer, "flag")
     try:
         async with aiohttp.ClientSession() as http:
-            scorer = ScorerUnderAttack(url, http)
+            scorer = ScorerUnderAttack(served.url, http)
             await scorer.register("attack")
             against_scorer = await attack(scorer.oracle("attack"))
     finally:
-        await runner.cleanup()
-        store.close()
+        await served.stop()
     against_naive = await attack(naive)
 
     bound = recovery_bound(SIZE, submissions, STEP)
@@ -221,19 +211,18 @@ async def test_attacks_recover_no_more_than_the_bound_and_all_from_an_exact_scor
 
 
 async def test_refusing_probes_gives_flipped_answers_no_feedback(
-    tmp_path: Path, unused_tcp_port: int
+    start_scorer: StartScorer,
 ) -> None:
-    runner, store, url = await scorer_for(tmp_path, unused_tcp_port, "refuse")
+    served = await scorer_for(start_scorer, "refuse")
     try:
         async with aiohttp.ClientSession() as http:
-            scorer = ScorerUnderAttack(url, http)
+            scorer = ScorerUnderAttack(served.url, http)
             await scorer.register("refused")
             oracle = scorer.oracle("refused")
             base = [0] * SIZE
             await oracle(base)
             answers = [await oracle([1, *base[1:]]), await oracle([*base[:-1], 1])]
     finally:
-        await runner.cleanup()
-        store.close()
+        await served.stop()
     assert answers == [None, None]
     assert scorer.statuses == ["accepted", "refused", "refused"]

@@ -12,7 +12,6 @@ import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,15 @@ import anthropic
 import pytest
 import yaml
 from aiohttp import web
+from gateway_harness import Gateway as ServedGateway
+from gateway_harness import write_keys as write_key_files
 from helm_template import helm_template
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_common.ports import free_port
-from aar_devcluster.anthropic_stub import AnthropicStub, Reply, serving
-from aar_gateway.app import build_app
+from aar_devcluster.anthropic_stub import AnthropicStub, Reply
 from aar_gateway.main import main as gateway_main
 from aar_gateway.pricing import USAGE_FIELDS
-from aar_gateway.settings import Settings
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -52,37 +51,8 @@ def dollars(usage: dict[str, int]) -> Decimal:
     return sum((usage[k] * OPUS_46[k] for k in USAGE_FIELDS), Decimal(0)) / 10**6
 
 
-@dataclass
-class Gateway:
-    """A gateway on a loopback port in front of a stand-in, with a way to restart it."""
-
-    stub: AnthropicStub
-    stub_url: str
-    directory: Path
-    options: dict[str, Any] = field(default_factory=dict)
-    url: str = ""
-    runner: web.AppRunner | None = None
-
-    def settings(self) -> Settings:
-        return Settings(
-            api_key_file=self.directory / "api-key",
-            public_key_file=self.directory / "public-key.pem",
-            data_dir=self.directory / "data",
-            upstream=self.stub_url,
-            **self.options,
-        )
-
-    async def start(self) -> None:
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.runner = web.AppRunner(build_app(self.settings()))
-        await self.runner.setup()
-        await web.SockSite(self.runner, listener).start()
-        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+class Gateway(ServedGateway):
+    """The served gateway as these tests call it: agents through the SDK, the operator as admin."""
 
     def client(
         self, agent: str = "w2s-1", run: str = "w2s", namespace: str = "ns", **options: Any
@@ -124,15 +94,13 @@ class Gateway:
 
 
 def write_keys(directory: Path) -> None:
-    (directory / "api-key").write_text(REAL_KEY + "\n")
-    (directory / "public-key.pem").write_bytes(public_key_pem(KEY))
+    write_key_files(directory, REAL_KEY, KEY)
 
 
 @pytest.fixture
-async def stub() -> AsyncIterator[tuple[AnthropicStub, str]]:
-    server = AnthropicStub(api_key=REAL_KEY)
-    async with serving(server) as url:
-        yield server, url
+async def stub(start_stub: Any) -> tuple[AnthropicStub, str]:
+    served: tuple[AnthropicStub, str] = await start_stub(api_key=REAL_KEY)
+    return served
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """What the forum's tests share: credentials, a handle on a running forum, and reading
-server-sent events as a browser's EventSource would. (A module of its own: test modules of
-several folders cannot all import from their `conftest`.)"""
+server-sent events as a browser's EventSource would. (A module of its own, not conftest: test
+modules import it by name; the `start_forum` fixture is in conftest.)"""
 
 from __future__ import annotations
 

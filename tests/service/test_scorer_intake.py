@@ -11,7 +11,6 @@ import os
 import pickle
 import random
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,21 +19,20 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from scorer_harness import ServedScorer, StartScorer
 
 from aar_common.api import RunRegistration
 from aar_common.credentials import (
     CredentialIssuer,
-    CredentialVerifier,
     generate_signing_key,
     public_key_pem,
 )
 from aar_common.ports import free_port
 from aar_common.web import listen
-from aar_scorer.app import SCORER_KEY, build_app
+from aar_scorer.app import SCORER_KEY
 from aar_scorer.intake import IntakeError
 from aar_scorer.main import main as scorer_main
-from aar_scorer.store import Store
-from aar_scorer.tasks import load_tasks, write_task_files
+from aar_scorer.tasks import write_task_files
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -65,59 +63,34 @@ class Server:
             return await response.text()
 
 
-class Served:
-    """A scorer as `aar-scorer` serves it: the workers accept on the public socket, the deciding
-    process serves the socket `Intake.listen` gives it."""
-
-    def __init__(self, runner: web.AppRunner, store: Store, public: socket.socket) -> None:
-        self.runner, self.store, self.public = runner, store, public
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-        self.store.close()
-        self.public.close()
-
-
-async def serve(tmp_path: Path, port: int, workers: int) -> Served:
-    tasks = load_tasks(write_task_files(tmp_path / "tasks", [(TASK, TRUTH, "intake-test-seed")]))
-    store = Store(tmp_path / "data" / "scorer.db")
-    app = build_app(
-        tasks, store, CredentialVerifier(public_key_pem(KEY)), lambda: 1_800_000_000.0, workers
+async def serve(
+    start_scorer: StartScorer, workers: int, directory: Path | None = None
+) -> ServedScorer:
+    return await start_scorer(
+        (TASK, TRUTH, "intake-test-seed"),
+        key=KEY,
+        directory=directory,
+        clock=lambda: 1_800_000_000.0,
+        workers=workers,
     )
-    public = listen("127.0.0.1", port)
-    runner = web.AppRunner(app)
-    try:
-        serving = app[SCORER_KEY].intake.listen(public)
-        await runner.setup()
-    except BaseException:
-        store.close()
-        public.close()
-        raise
-    await web.SockSite(runner, serving).start()
-    return Served(runner, store, public)
 
 
 @pytest.fixture
-async def servers(tmp_path: Path) -> AsyncIterator[dict[int, Server]]:
+async def servers(tmp_path: Path, start_scorer: StartScorer) -> AsyncIterator[dict[int, Server]]:
     """The same scorer twice, on stores of their own: receiving submissions in the deciding
     process (0 workers) and in one worker process (1)."""
-    started = []
     async with aiohttp.ClientSession() as http:
         servers = {}
         for workers in (0, 1):
-            port = free_port()
-            served = await serve(tmp_path / f"workers-{workers}", port, workers)
-            started.append(served)
-            servers[workers] = Server(f"http://127.0.0.1:{port}", http, served.runner.app)
+            served = await serve(start_scorer, workers, tmp_path / f"workers-{workers}")
+            servers[workers] = Server(served.url, http, served.runner.app)
             async with http.put(
-                f"http://127.0.0.1:{port}/api/v1/runs/lab/run-i",
+                f"{served.url}/api/v1/runs/lab/run-i",
                 json={"task": "intake", "review_required": False},
                 headers=ADMIN,
             ) as response:
                 assert response.status == 200
         yield servers
-    for served in started:
-        await served.stop()
 
 
 def agent(name: str) -> dict[str, str]:
@@ -369,9 +342,9 @@ class HeldDecisions:
         self._scorer.submit = self._submit
 
 
-async def test_a_stopping_scorer_answers_what_its_workers_hold(tmp_path: Path) -> None:
-    port = free_port()
-    served = await serve(tmp_path, port, workers=1)
+async def test_a_stopping_scorer_answers_what_its_workers_hold(start_scorer: StartScorer) -> None:
+    served = await serve(start_scorer, workers=1)
+    port = served.port
     scorer = served.runner.app[SCORER_KEY]
     await scorer.register("lab/run-i", RunRegistration(task="intake"), "reviewer")
     # The decision waits until the scorer has been told to stop.
@@ -388,8 +361,8 @@ async def test_a_stopping_scorer_answers_what_its_workers_hold(tmp_path: Path) -
     assert intake_workers() == []
 
 
-async def test_workers_stop_with_the_scorer(tmp_path: Path) -> None:
-    served = await serve(tmp_path, free_port(), workers=2)
+async def test_workers_stop_with_the_scorer(start_scorer: StartScorer) -> None:
+    served = await serve(start_scorer, workers=2)
     pids = intake_workers()
     assert len(pids) == 2
     await served.stop()
@@ -398,12 +371,12 @@ async def test_workers_stop_with_the_scorer(tmp_path: Path) -> None:
 
 
 async def test_a_worker_that_cannot_start_stops_the_scorer_saying_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_scorer: StartScorer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An interpreter that exits at once, as a broken installation would.
     monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(IntakeError, match=r"did not start .*pass --intake-workers 0"):
-        await serve(tmp_path, free_port(), workers=1)
+        await serve(start_scorer, workers=1)
     assert intake_workers() == []
 
 
@@ -515,10 +488,10 @@ async def test_workers_die_with_a_killed_scorer_and_free_its_port(tmp_path: Path
 
 
 async def test_a_submission_the_scorer_stopped_answering_is_said_to_be_maybe_stored(
-    tmp_path: Path,
+    start_scorer: StartScorer,
 ) -> None:
-    port = free_port()
-    served = await serve(tmp_path, port, workers=1)
+    served = await serve(start_scorer, workers=1)
+    port = served.port
     try:
         scorer = served.runner.app[SCORER_KEY]
         await scorer.register("lab/run-i", RunRegistration(task="intake"), "reviewer")

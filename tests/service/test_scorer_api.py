@@ -13,19 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
+from scorer_harness import ServedScorer, StartScorer
 
 from aar_common.cli import main as aar
-from aar_common.credentials import (
-    CredentialIssuer,
-    CredentialVerifier,
-    generate_signing_key,
-    public_key_pem,
-)
-from aar_scorer.app import build_app
-from aar_scorer.store import Store
-from aar_scorer.tasks import load_tasks, write_task_files
+from aar_common.credentials import CredentialIssuer, generate_signing_key
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -84,30 +76,22 @@ TASK: dict[str, Any] = {
 }
 
 
-async def start(tmp_path: Path, task: dict[str, Any], clock: Clock) -> tuple[web.AppRunner, Store]:
-    tasks = load_tasks(write_task_files(tmp_path / "tasks", [(task, TRUTH, "seed-for-the-test")]))
-    store = Store(tmp_path / "data" / "scorer.db")
-    app = build_app(tasks, store, CredentialVerifier(public_key_pem(KEY)), clock)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    return runner, store
+async def start(start_scorer: StartScorer, task: dict[str, Any], clock: Clock) -> ServedScorer:
+    return await start_scorer((task, TRUTH, "seed-for-the-test"), key=KEY, clock=clock)
 
 
 @pytest.fixture
-async def scorer(tmp_path: Path, unused_tcp_port: int) -> AsyncIterator[Scorer]:
+async def scorer(start_scorer: StartScorer) -> AsyncIterator[Scorer]:
     clock = Clock()
-    runner, store = await start(tmp_path, TASK, clock)
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    served = await start(start_scorer, TASK, clock)
     admin = {"Authorization": f"Bearer {ISSUER.mint_admin('reviewer')}"}
     async with aiohttp.ClientSession() as http:
-        service = Scorer(f"http://127.0.0.1:{unused_tcp_port}", http, clock, admin)
+        service = Scorer(served.url, http, clock, admin)
         status, _, _ = await service.call(
             "PUT", "/api/v1/runs/lab/run-a", admin, {"task": "toy", "review_required": True}
         )
         assert status == 200
         yield service
-    await runner.cleanup()
-    store.close()
 
 
 async def test_task_facts_are_public_and_labels_are_not(scorer: Scorer) -> None:
@@ -366,16 +350,15 @@ async def test_the_review_cli_lists_shows_and_decides(
 
 
 async def test_flagged_probes_get_feedback_but_count_only_when_approved(
-    tmp_path: Path, unused_tcp_port: int
+    start_scorer: StartScorer,
 ) -> None:
     clock = Clock()
     flagging = TASK | {"probing": {"min_distance": 50, "walk_distance": 50, "action": "flag"}}
-    runner, store = await start(tmp_path, flagging, clock)
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    served = await start(start_scorer, flagging, clock)
     admin = {"Authorization": f"Bearer {ISSUER.mint_admin('reviewer')}"}
     try:
         async with aiohttp.ClientSession() as http:
-            scorer = Scorer(f"http://127.0.0.1:{unused_tcp_port}", http, clock, admin)
+            scorer = Scorer(served.url, http, clock, admin)
             await scorer.call(
                 "PUT", "/api/v1/runs/lab/run-a", admin, {"task": "toy", "review_required": False}
             )
@@ -405,5 +388,4 @@ async def test_flagged_probes_get_feedback_but_count_only_when_approved(
             _, best, _ = await scorer.call("GET", "/api/v1/runs/lab/run-a/best", admin)
             assert best["submission"] == probe["id"]
     finally:
-        await runner.cleanup()
-        store.close()
+        await served.stop()

@@ -5,26 +5,19 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from forum_harness import ISSUER, Forum
+from forum_harness import ISSUER, SIGNING_KEY, Forum
+from gateway_harness import Gateway, write_keys
 from playwright.async_api import Browser, Page, async_playwright, expect
+from scorer_harness import StartScorer
 
-from aar_common.credentials import CredentialVerifier
-from aar_devcluster.anthropic_stub import AnthropicStub, Reply
-from aar_devcluster.anthropic_stub import start as start_stub
+from aar_devcluster.anthropic_stub import Reply
 from aar_forum.ui import csrf_token
-from aar_gateway.app import build_app as build_gateway
-from aar_gateway.settings import Settings as GatewaySettings
-from aar_scorer.app import build_app as build_scorer
-from aar_scorer.store import Store as ScorerStore
-from aar_scorer.tasks import load_tasks, write_task_files
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -51,9 +44,7 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-async def scorer(
-    tmp_path: Path, public_key_file: Path, unused_tcp_port_factory: Any
-) -> AsyncIterator[str]:
+async def scorer(tmp_path: Path, start_scorer: StartScorer) -> str:
     """The real scorer, with a small task, the run registered and one submission scored."""
     truth = random.Random(5).choices([0, 1], k=100)
     task = {
@@ -64,17 +55,10 @@ async def scorer(
         "feedback": {"step": 0.05},
         "probing": {"min_distance": 5, "walk_distance": 5, "walk_length": 10},
     }
-    tasks = load_tasks(
-        write_task_files(tmp_path / "tasks", [(task, truth, "forum-web-ui-test-seed")])
+    served = await start_scorer(
+        (task, truth, "forum-web-ui-test-seed"), key=SIGNING_KEY, directory=tmp_path / "scorer"
     )
-    store = ScorerStore(tmp_path / "scorer" / "scorer.db")
-    runner = web.AppRunner(
-        build_scorer(tasks, store, CredentialVerifier.from_file(public_key_file))
-    )
-    await runner.setup()
-    port = unused_tcp_port_factory()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}"
+    url = served.url
     admin = {"Authorization": f"Bearer {ISSUER.mint_admin('operator')}"}
     agent = {"Authorization": f"Bearer {ISSUER.mint_agent('lab', 'w2s', 'w2s-1')}"}
     predictions = [t if i < 90 else 1 - t for i, t in enumerate(truth)]  # 90% right
@@ -91,30 +75,20 @@ async def scorer(
             headers=agent,
         ) as response:
             assert (await response.json())["status"] == "accepted"
-    yield url
-    await runner.cleanup()
-    store.close()
+    return url
 
 
 @pytest.fixture
-async def gateway(tmp_path: Path, public_key_file: Path) -> AsyncIterator[str]:
+async def gateway(tmp_path: Path, start_stub: Any) -> AsyncIterator[str]:
     """The real gateway in front of the Messages-API stand-in; two agents of lab/w2s have
     spent through it: w2s-1 $7.50 (1M input, 100k output tokens of claude-opus-4-6 at $5 and
     $25 per million), w2s-3 $1.00 (200k input tokens)."""
-    stub = AnthropicStub(api_key="sk-ant-test")
-    stub_runner, stub_url = await start_stub(stub)
-    (tmp_path / "api-key").write_text("sk-ant-test")
-    settings = GatewaySettings(
-        api_key_file=tmp_path / "api-key",
-        public_key_file=public_key_file,
-        data_dir=tmp_path / "gateway",
-        upstream=stub_url,
-    )
-    runner = web.AppRunner(build_gateway(settings))
-    await runner.setup()
-    listener = socket.create_server(("127.0.0.1", 0))
-    await web.SockSite(runner, listener).start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stub, stub_url = await start_stub(api_key="sk-ant-test")
+    served = Gateway(stub, stub_url, tmp_path / "gateway")
+    served.directory.mkdir()
+    write_keys(served.directory, "sk-ant-test", SIGNING_KEY)
+    await served.start()
+    url = served.url
     admin = {"Authorization": f"Bearer {ISSUER.mint_admin('operator')}"}
     async with aiohttp.ClientSession() as http:
         async with http.put(
@@ -147,8 +121,7 @@ async def gateway(tmp_path: Path, public_key_file: Path) -> AsyncIterator[str]:
             ) as response:
                 assert response.status == 200, await response.text()
     yield url
-    await runner.cleanup()
-    await stub_runner.cleanup()
+    await served.stop()
 
 
 async def sign_in(page: Page, forum: Forum) -> None:
