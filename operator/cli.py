@@ -34,7 +34,9 @@ def _run(args: argparse.Namespace) -> int:
     register(registry, config)
     kopf.run(
         registry=registry,
-        clusterwide=True,
+        # Namespaced RBAC (the chart's Roles in each run namespace) can watch only those.
+        clusterwide=not config.namespaced,
+        namespaces=config.run_namespaces if config.namespaced else (),
         # One replica (the chart's Deployment uses Recreate): no peering objects needed.
         standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{config.liveness_port}/healthz",

@@ -31,6 +31,7 @@ from aar_operator.models import (
     now_utc,
     parse_time,
 )
+from aar_operator.namespaces import refusal
 from aar_operator.naming import agent_index, agent_name
 from aar_operator.services import (
     RunRegistration,
@@ -66,9 +67,11 @@ async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | N
     created = parse_time(body["metadata"]["creationTimestamp"])
     now = now_utc()
     with metrics.reconciling("ResearchRun", namespace, name):
-        spec, problems = _validate(name, body, created)
+        refused = refusal("ResearchRun", namespace, context.config)
+        spec, problems = (None, [refused]) if refused else _validate(name, body, created)
         if spec is None or problems:
-            # No children for a spec we cannot honour: fix the spec and the run starts.
+            # No children for a spec we cannot honour (fix it and the run starts), nor in a
+            # namespace where runs may not be.
             return await write_invalid_spec(
                 context.kube, body, "ResearchRun", previous, problems, now
             )

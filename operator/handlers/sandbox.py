@@ -25,6 +25,7 @@ from aar_operator.models import (
     format_time,
     now_utc,
 )
+from aar_operator.namespaces import refusal
 from aar_operator.naming import pod_name
 from aar_operator.status import (
     BUDGET_EXHAUSTED,
@@ -83,7 +84,11 @@ async def reconcile_sandbox(context: Context, body: kopf.Body) -> dict[str, Any]
     now = now_utc()
     run = body["spec"].get("run") or name
     with metrics.reconciling("AgentSandbox", namespace, run):
-        spec, problems = _validate(name, body)
+        refused = refusal("AgentSandbox", namespace, context.config)
+        if refused:
+            # A Pod made before its namespace was refused (a narrowed allow-list) stops.
+            await _delete_pod(context, body)
+        spec, problems = (None, [refused]) if refused else _validate(name, body)
         if spec is None or problems:
             metrics.sandbox_state(namespace, name, run, INVALID_SPEC)
             return await write_invalid_spec(
@@ -123,6 +128,29 @@ def _validate(name: str, body: kopf.Body) -> tuple[AgentSandboxSpec | None, list
     except ValidationError as error:
         return None, [str(error)]
     return spec, validate_sandbox(name, spec)
+
+
+async def _delete_pod(context: Context, body: kopf.Body) -> None:
+    """Delete the sandbox's Pod, if it has one; every other child is left as it is."""
+    metadata = body["metadata"]
+    ref = Ref("v1", "Pod", metadata["namespace"], pod_name(metadata["name"]))
+    try:
+        pod = await context.kube.get(ref)
+    except ApiError as error:
+        # An operator with no rights there made no Pod there either: the refusal still stands.
+        if error.status != 403:
+            raise
+        return
+    if (
+        pod is None
+        or controller_uid(pod) != metadata["uid"]
+        or pod["metadata"].get("deletionTimestamp")
+    ):
+        return
+    changes = Changes()
+    if await context.kube.delete(ref, uid=pod["metadata"]["uid"]):
+        changes.add("Deleted", ref)
+    await changes.post(context.kube, body)
 
 
 def _run_owner(body: kopf.Body) -> Owner | None:

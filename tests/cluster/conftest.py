@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,31 @@ def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> It
 
 
 @pytest.fixture
+def more_namespaces(control_plane: ControlPlane, namespace: str) -> Iterator[Callable[[str], str]]:
+    """Makes `<namespace>-<suffix>` for this test (another namespace than the one its runs go
+    in: the operator's own, one outside an allow-list), deleted afterwards."""
+    admin = Tool("kubectl", control_plane.kubeconfig_path)
+    made: list[str] = []
+
+    def make(suffix: str) -> str:
+        name = f"{namespace}-{suffix}"
+        admin.run("create", "namespace", name)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        admin.run("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture
+def operator_namespace(more_namespaces: Callable[[str], str]) -> str:
+    """Where the operator of a test lives (its signing key, its public key), apart from the
+    test's namespace: runs are never allowed in the operator's own namespace."""
+    return more_namespaces("operator")
+
+
+@pytest.fixture
 def kubectl(control_plane: ControlPlane, namespace: str) -> Tool:
     """kubectl 1.33 as the cluster admin, in this test's namespace."""
     return Tool("kubectl", control_plane.kubeconfig_path, namespace)
@@ -85,10 +110,13 @@ def crds(control_plane: ControlPlane) -> None:
 
 @pytest.fixture
 def aar_operator(
-    control_plane: ControlPlane, namespace: str, crds: None, tmp_path: Path
+    control_plane: ControlPlane, operator_namespace: str, crds: None, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
-    """`aar-operator run` as a subprocess; its signing key lives in this test's namespace."""
-    process = OperatorProcess(control_plane.kubeconfig_path, namespace, tmp_path / "operator.log")
+    """`aar-operator run` as a subprocess, for runs in this test's namespace; its signing key
+    lives in `operator_namespace`, which doubles as the scorer's."""
+    process = OperatorProcess(
+        control_plane.kubeconfig_path, operator_namespace, tmp_path / "operator.log"
+    )
     process.start()
     yield process
     process.stop()

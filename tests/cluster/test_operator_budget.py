@@ -147,13 +147,14 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
     control_plane: ControlPlane,
     kubectl: Tool,
     namespace: str,
+    operator_namespace: str,
     crds: None,
     services: Services,
     tmp_path: Path,
 ) -> None:
     operator = OperatorProcess(
         control_plane.kubeconfig_path,
-        namespace,
+        operator_namespace,
         tmp_path / "operator.log",
         environment={
             "AAR_CREDENTIAL_SIGNING_KEY_FILE": str(services.signing_key),
@@ -267,12 +268,16 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
 
 
 def test_a_gateway_that_cannot_be_reached_is_reported_and_the_run_goes_on(
-    control_plane: ControlPlane, kubectl: Tool, namespace: str, crds: None, tmp_path: Path
+    control_plane: ControlPlane,
+    kubectl: Tool,
+    operator_namespace: str,
+    crds: None,
+    tmp_path: Path,
 ) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     operator = OperatorProcess(
         control_plane.kubeconfig_path,
-        namespace,
+        operator_namespace,
         tmp_path / "operator.log",
         environment={
             "AAR_OPERATOR_SERVICES": "true",

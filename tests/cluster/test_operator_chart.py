@@ -4,6 +4,7 @@ Secrets. The operator runs here with the chart's ServiceAccount token, not as cl
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def test_chart_rbac_runs_the_operator_and_hides_the_scorers_secrets(
     kubectl: Tool,
     chart: Chart,
     namespace: str,
+    more_namespaces: Callable[[str], str],
     crds: None,
     tmp_path: Path,
 ) -> None:
@@ -90,30 +92,37 @@ def test_chart_rbac_runs_the_operator_and_hides_the_scorers_secrets(
     )
     process.start()
     try:
-        run: dict[str, Any] = {
-            "apiVersion": "aar.dev/v1alpha1",
-            "kind": "ResearchRun",
-            "metadata": {"name": "rbac"},
-            "spec": {"agents": 2, "task": {"name": "t"}, "sandbox": {"image": "agent:test"}},
-        }
-        kubectl.apply(run)
-        for kind, suffix in CHILDREN:
-            eventually(
-                lambda k=kind, s=suffix: (
-                    names(kubectl, k, "aar.dev/run=rbac") == [f"rbac-0{s}", f"rbac-1{s}"]
-                ),
-                what=f"two {kind} made with the chart's RBAC",
-            )
+        # Runs go in a namespace of their own: never the operator's (the release namespace).
+        runs = Tool("kubectl", control_plane.kubeconfig_path, more_namespaces("runs"))
+        runs_make_sandboxes(runs)
         scorer = Tool("kubectl", control_plane.kubeconfig_path, scorer_namespace)
         ours = kubectl.json("get", "configmap", "aar-credential-public-key")["data"]
         assert scorer.json("get", "configmap", "aar-credential-public-key")["data"] == ours
-        status = eventually(
-            lambda: (kubectl.json("get", "agentsandbox", "rbac-0").get("status") or {}).get(
-                "conditions"
-            ),
-            what="sandbox status written",
-        )
-        assert {c["type"] for c in status} >= {"Ready", "PodScheduled"}
     finally:
         process.stop()
         print(f"--- operator log (tail) ---\n{process.log()}")
+
+
+def runs_make_sandboxes(kubectl: Tool) -> None:
+    """A two-agent run in kubectl's namespace gets both agents' children and their status."""
+    run: dict[str, Any] = {
+        "apiVersion": "aar.dev/v1alpha1",
+        "kind": "ResearchRun",
+        "metadata": {"name": "rbac"},
+        "spec": {"agents": 2, "task": {"name": "t"}, "sandbox": {"image": "agent:test"}},
+    }
+    kubectl.apply(run)
+    for kind, suffix in CHILDREN:
+        eventually(
+            lambda k=kind, s=suffix: (
+                names(kubectl, k, "aar.dev/run=rbac") == [f"rbac-0{s}", f"rbac-1{s}"]
+            ),
+            what=f"two {kind} made with the chart's RBAC",
+        )
+    status = eventually(
+        lambda: (kubectl.json("get", "agentsandbox", "rbac-0").get("status") or {}).get(
+            "conditions"
+        ),
+        what="sandbox status written",
+    )
+    assert {c["type"] for c in status} >= {"Ready", "PodScheduled"}

@@ -50,7 +50,11 @@ def managed(kubectl: Tool, kind: str, run: str) -> list[str]:
 
 
 def test_example_run_yields_exactly_the_sandboxes_and_their_children(
-    kubectl: Tool, aar_operator: OperatorProcess, gvisor: None, namespace: str
+    kubectl: Tool,
+    aar_operator: OperatorProcess,
+    gvisor: None,
+    namespace: str,
+    operator_namespace: str,
 ) -> None:
     kubectl.run("apply", "-f", str(EXAMPLE))
     agents = [f"w2s-chat-{i}" for i in range(9)]
@@ -112,7 +116,10 @@ def test_example_run_yields_exactly_the_sandboxes_and_their_children(
     # The credential verifies with the published public key and names this agent only.
     secret = kubectl.json("get", "secret", "w2s-chat-3-credential")
     assert secret["immutable"] is True
-    public = kubectl.json("get", "configmap", "aar-credential-public-key")["data"]["public-key.pem"]
+    published = kubectl.json(
+        "get", "configmap", "aar-credential-public-key", "-n", operator_namespace
+    )
+    public = published["data"]["public-key.pem"]
     token = base64.b64decode(secret["data"]["credential"]).decode()
     principal = CredentialVerifier(public.encode()).verify(token)
     assert (principal.role, principal.namespace, principal.run, principal.agent) == (
