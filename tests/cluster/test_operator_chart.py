@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 from helm_chart import Chart
+from helm_template import helm_template, render
 from operator_process import OperatorProcess, eventually, names
 
 from aar_devcluster.controlplane import ControlPlane, kubeconfig
@@ -126,3 +127,131 @@ def runs_make_sandboxes(kubectl: Tool) -> None:
         what="sandbox status written",
     )
     assert {c["type"] for c in status} >= {"Ready", "PodScheduled"}
+
+
+# Kinds that exist outside any namespace: all a ClusterRole of a namespaced operator may name.
+CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces"}
+
+
+def test_chart_with_run_namespaces_grants_roles_there_and_nothing_namespaced_cluster_wide(
+    repo_root: Path,
+) -> None:
+    objects = render(
+        repo_root,
+        "--namespace",
+        "aar-system",
+        "--set",
+        "operator.runNamespaces={research,team-b}",
+    )
+    rbac = [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ClusterRole")]
+    operator = [o for o in rbac if o["metadata"]["name"].startswith("aar-operator")]
+    runs = {
+        kind: sorted(
+            o["metadata"]["namespace"]
+            for o in operator
+            if o["kind"] == kind and o["metadata"]["name"] == "aar-operator-runs"
+        )
+        for kind in ("Role", "RoleBinding")
+    }
+    assert runs == {"Role": ["research", "team-b"], "RoleBinding": ["research", "team-b"]}
+    # Elsewhere only the key Roles of old: the public key (and the signing key at home).
+    assert sorted(
+        o["metadata"]["namespace"]
+        for o in operator
+        if o["metadata"]["name"] == "aar-operator" and o["kind"] == "Role"
+    ) == ["aar-scorer", "aar-system"]
+    [cluster_role] = [o for o in operator if o["kind"] == "ClusterRole"]
+    named = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert named <= CLUSTER_SCOPED, named - CLUSTER_SCOPED
+    role = next(o for o in operator if o["metadata"]["name"] == "aar-operator-runs")
+    granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert {("pods", "create"), ("researchruns/status", "patch"), ("secrets", "create")} <= granted
+    assert not {("secrets", v) for v in ("get", "list", "watch")} & granted
+
+    [deployment] = [
+        o for o in objects if o["kind"] == "Deployment" and "operator" in o["metadata"]["name"]
+    ]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert (env["AAR_RUN_NAMESPACES"], env["AAR_OPERATOR_NAMESPACED"]) == (
+        "research,team-b",
+        "true",
+    )
+
+    # Without a list: one ClusterRole for the children, and no allow-list for the operator.
+    objects = render(repo_root, "--namespace", "aar-system")
+    [cluster_role] = [
+        o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "aar-operator"
+    ]
+    assert "pods" in {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert not [o for o in objects if o["metadata"]["name"] == "aar-operator-runs"]
+
+
+def test_chart_refuses_run_namespaces_that_are_the_scorers_or_its_own(repo_root: Path) -> None:
+    for forbidden in ("aar-scorer", "aar-system"):
+        result = helm_template(
+            repo_root,
+            "--namespace",
+            "aar-system",
+            "--set",
+            f"operator.runNamespaces={{{forbidden}}}",
+        )
+        assert result.returncode != 0
+        assert f"operator.runNamespaces must not list {forbidden}" in result.stderr
+
+
+def test_chart_with_run_namespaces_runs_the_operator_with_roles_only_there(
+    control_plane: ControlPlane,
+    kubectl: Tool,
+    chart: Chart,
+    namespace: str,
+    more_namespaces: Callable[[str], str],
+    crds: None,
+    tmp_path: Path,
+) -> None:
+    listed, other = more_namespaces("runs"), more_namespaces("other")
+    chart.install("--set", f"operator.runNamespaces={{{listed}}}", release="aar")
+    account = "aar-operator"
+    who = f"system:serviceaccount:{namespace}:{account}"
+    for verb in ("create", "delete"):
+        assert can(kubectl, who, verb, "pods", listed), verb
+        assert not can(kubectl, who, verb, "pods", other), verb
+        assert not can(kubectl, who, verb, "pods", chart.scorer_namespace), verb
+    assert not can(kubectl, who, "list", "researchruns.aar.dev", other)
+    # Not even `create` on Secrets outside the listed namespaces, the scorer's above all.
+    assert can(kubectl, who, "create", "secrets", listed)
+    assert not can(kubectl, who, "create", "secrets", chart.scorer_namespace)
+
+    # The operator as the chart configures it (namespaced, its allow-list) with the chart's rights.
+    [container] = kubectl.json("get", "deployment", account)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    config = service_account_kubeconfig(control_plane, kubectl, account, tmp_path / "sa.kubeconfig")
+    process = OperatorProcess(
+        config,
+        namespace,
+        tmp_path / "operator.log",
+        environment={
+            name: env[name]
+            for name in ("AAR_SCORER_NAMESPACE", "AAR_RUN_NAMESPACES", "AAR_OPERATOR_NAMESPACED")
+        },
+    )
+    process.start()
+    try:
+        elsewhere = Tool("kubectl", control_plane.kubeconfig_path, other)
+        elsewhere.apply(
+            {
+                "apiVersion": "aar.dev/v1alpha1",
+                "kind": "ResearchRun",
+                "metadata": {"name": "unseen"},
+                "spec": {"agents": 1, "task": {"name": "t"}, "sandbox": {"image": "agent:test"}},
+            }
+        )
+        runs_make_sandboxes(Tool("kubectl", control_plane.kubeconfig_path, listed))
+        # Watching only the listed namespace, the operator never sees the other run.
+        assert not elsewhere.json("get", "researchrun", "unseen").get("status")
+        assert names(elsewhere, "agentsandboxes") == []
+    finally:
+        process.stop()
+        print(f"--- operator log (tail) ---\n{process.log()}")
