@@ -8,7 +8,6 @@ matches the upstream's usage to the cent (and beyond) however many requests it a
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,22 @@ _BUILTIN: dict[str, tuple[str, str, str, str, str]] = {
     "claude-3-haiku": ("0.25", "1.25", "0.30", "0.50", "0.03"),
 }
 
-# `claude-sonnet-4-5-20250929` and `claude-3-7-sonnet-latest` are priced as their family.
-_SNAPSHOT_SUFFIX = re.compile(r"-(\d{8}|latest)$")
+# Dated snapshots and `-latest` names priced as the model they name, each listed: a name is priced
+# only when the table lists it or an alias names it, never by stripping a date off it (a later
+# snapshot may be priced differently, and billing it at its family's price would be a guess).
+_BUILTIN_ALIASES = {
+    "claude-opus-4-5-20251101": "claude-opus-4-5",
+    "claude-opus-4-1-20250805": "claude-opus-4-1",
+    "claude-opus-4-20250514": "claude-opus-4",
+    "claude-sonnet-4-5-20250929": "claude-sonnet-4-5",
+    "claude-sonnet-4-20250514": "claude-sonnet-4",
+    "claude-3-7-sonnet-20250219": "claude-3-7-sonnet",
+    "claude-3-7-sonnet-latest": "claude-3-7-sonnet",
+    "claude-haiku-4-5-20251001": "claude-haiku-4-5",
+    "claude-3-5-haiku-20241022": "claude-3-5-haiku",
+    "claude-3-5-haiku-latest": "claude-3-5-haiku",
+    "claude-3-haiku-20240307": "claude-3-haiku",
+}
 
 
 class PricingError(ValueError):
@@ -81,6 +94,13 @@ class Price(BaseModel):
             int(write_1h * 1000),
             int(self.cache_read * 1000),
         )
+
+    def worst_case_nano(self, input_tokens: int, output_tokens: int) -> int:
+        """The most a request with at most these counts can cost: every input token at the
+        dearest rate the API may bill it at (uncached, a cache write of either TTL, or a read)."""
+        rate_in, rate_out, rate_write, rate_write_1h, rate_read = self.nano_per_token()
+        dearest = max(rate_in, rate_write, rate_write_1h, rate_read)
+        return input_tokens * dearest + output_tokens * rate_out
 
 
 # The counts the Messages API reports at the top level of `usage` (`cache_creation`, a breakdown
@@ -135,21 +155,29 @@ class PriceTable(BaseModel):
 
     version: str = Field(min_length=1)
     models: dict[str, Price] = Field(default_factory=dict)
+    # Other names of listed models (a dated snapshot, a `-latest` name): priced as the model.
+    aliases: dict[str, str] = Field(default_factory=dict)
     # Unknown models are refused unless a default price is configured: never billed at 0.
     default: Price | None = None
 
     def price(self, model: str) -> Price:
         """The price of `model`, or a PricingError that says how to add one."""
-        for name in (model, _SNAPSHOT_SUFFIX.sub("", model)):
-            if name in self.models:
-                return self.models[name]
+        name = self.aliases.get(model, model)
+        if name in self.models:
+            return self.models[name]
         if self.default is not None:
             return self.default
         raise PricingError(
             f"model {model!r} has no price at this gateway (price table {self.version}), so its "
             "use cannot be metered; use a priced model or ask the fleet's operator to add it "
-            "under gateway.prices.models in the chart values"
+            "under gateway.prices.models in the chart values (a dated snapshot of a priced "
+            f"model too: it is priced only when listed, or named in the table's aliases as "
+            f"{{{model!r}: <priced model>}})"
         )
+
+    def unknown_aliases(self) -> list[str]:
+        """Aliases that name no model of the table, as `alias -> model`."""
+        return [f"{a} -> {m}" for a, m in sorted(self.aliases.items()) if m not in self.models]
 
     def cost_nano(self, model: str, usage: Usage) -> int:
         """The cost of `usage` on `model`, in nano-dollars."""
@@ -177,6 +205,7 @@ def builtin_table() -> PriceTable:
             )
             for model, (i, o, w, w1, r) in _BUILTIN.items()
         },
+        aliases=_BUILTIN_ALIASES,
     )
 
 
@@ -184,6 +213,7 @@ def load_table(path: Path | None) -> PriceTable:
     """The built-in table, with a configured YAML/JSON file's models and default laid over it.
 
     The file names its own `version` (required): ledger rows record which table priced them.
+    Its `aliases` (`{name: priced model}`) add to the built-in ones.
     """
     table = builtin_table()
     if path is None:
@@ -202,11 +232,17 @@ def load_table(path: Path | None) -> PriceTable:
     except ValidationError as error:
         problems = describe(error, whole="top level")
         raise PricingError(f"price table {path} is invalid: {problems}") from error
-    return PriceTable(
+    merged = PriceTable(
         version=override.version,
         models={**table.models, **override.models},
+        aliases={**table.aliases, **override.aliases},
         default=override.default,
     )
+    if unknown := merged.unknown_aliases():
+        raise PricingError(
+            f"price table {path}: aliases must name a model the table prices: {', '.join(unknown)}"
+        )
+    return merged
 
 
 def nano_to_usd(nano: int) -> Decimal:

@@ -24,7 +24,7 @@ from aar_gateway.pricing import (
 from aar_gateway.store import Exchange, Store
 
 
-def test_costs_are_exact_nano_dollars_and_snapshots_are_priced_as_their_family() -> None:
+def test_costs_are_exact_nano_dollars_and_listed_snapshots_are_priced_as_their_model() -> None:
     table = builtin_table()
     usage = Usage(input_tokens=3, output_tokens=7, cache_read_input_tokens=1)
     # claude-3-haiku: 0.25 in, 1.25 out, 0.03 read ($/MTok): 0.75 + 8.75 + 0.03 micro-dollars.
