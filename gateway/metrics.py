@@ -45,6 +45,13 @@ class Metrics:
             ["run", "agent"],
             registry=registry,
         )
+        self.reservations = Gauge(
+            "aar_budget_reserved_usd",
+            "Dollars held by requests in flight: each one's worst-case cost, until it is billed; "
+            "agent is empty for the run as a whole",
+            ["run", "agent"],
+            registry=registry,
+        )
         self.upstream_latency = Histogram(
             "aar_llm_upstream_latency_seconds",
             "Time from sending a request upstream to its response headers",
@@ -67,3 +74,6 @@ class Metrics:
                 self.remaining.remove(run, agent)
             return
         self.remaining.labels(run, agent).set(float(nano_to_usd(max(0, cap_nano - spent_nano))))
+
+    def reserved(self, run: str, agent: str, held_nano: int) -> None:
+        self.reservations.labels(run, agent).set(float(nano_to_usd(held_nano)))

@@ -10,6 +10,11 @@ answered request gets that answer again, from the ledger, with no new exchange a
 one of a request still in flight waits for it. Without a key a retry is a new exchange, billed as
 the upstream bills it. So the ledger matches the upstream's bill: nothing is counted twice and
 nothing paid for is left out.
+
+Budgets: a request goes upstream only once its worst-case cost is held against its agent's and its
+run's budget (reservations.py); when its answer ends the hold gives way to the real cost, and a
+request that ends any other way gives its hold back, so requests in flight together never spend
+past a cap.
 """
 
 from __future__ import annotations
@@ -29,10 +34,20 @@ from aiohttp import web
 
 from aar_common.credentials import Role
 from aar_common.web import authenticate, error_body, fail
-from aar_gateway.limits import RateLimiter, budget_refusal, retry_after
+from aar_gateway.limits import RateLimiter, budget_refusal, retry_after, usd_exact
 from aar_gateway.meter import StreamMeter
 from aar_gateway.metrics import Metrics
-from aar_gateway.pricing import PriceTable, PricingError, Usage
+from aar_gateway.pricing import Price, PriceTable, PricingError, Usage
+from aar_gateway.reservations import (
+    COUNT_MARGIN,
+    Hold,
+    Reservations,
+    WorstCase,
+    input_bound,
+    needs_count,
+    prompt_allowance,
+    unbounded_by,
+)
 from aar_gateway.store import RUN_ROW, Exchange, Replay, Store
 
 log = logging.getLogger(__name__)
@@ -43,6 +58,9 @@ _FORWARD_REQUEST = ("anthropic-version", "anthropic-beta", "content-type", "acce
 # Response headers the agent may see: the retry hints its SDK obeys, and the upstream's ids.
 _FORWARD_RESPONSE = ("content-type", "request-id", "retry-after", "x-should-retry", "cache-control")
 _FORWARD_RESPONSE_PREFIXES = ("anthropic-ratelimit-", "retry-after-")
+# What count_tokens takes of a Messages request (it refuses the rest, max_tokens included).
+_COUNTED_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+MESSAGES, COUNT_TOKENS = "/v1/messages", "/v1/messages/count_tokens"
 
 
 @dataclass(frozen=True)
@@ -53,8 +71,10 @@ class Call:
     run: str
     agent: str
     model: str
+    path: str = "/v1/messages"
     replay_key: str | None = None  # run/agent/Idempotency-Key, when the agent sent one
     digest: str | None = None  # the body's sha256, to tell a retry from a reused key
+    hold: Hold | None = None  # its worst-case cost, reserved until the answer ends
 
 
 class Proxy:
@@ -78,6 +98,8 @@ class Proxy:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._in_flight: dict[str, asyncio.Event] = {}  # replay keys of requests under way
+        # In memory only: after a restart none is left, as every request holding one has ended.
+        self.reservations = Reservations()
 
     async def start(self) -> None:
         """Open the one pooled client session every upstream call goes through."""
@@ -94,11 +116,10 @@ class Proxy:
     # Handlers
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        call, raw = await self._identify(request)
+        call, raw, body = await self._identify(request, MESSAGES)
         key = request.headers.get("idempotency-key")
         if not key:
-            self._admit(call)
-            return await self._forward(request, call, "/v1/messages", raw)
+            return await self._admit_and_forward(request, call, raw, body)
         if len(key) > 255:
             fail(400, "Idempotency-Key: at most 255 characters (a UUID is plenty)")
         # A retry of an answered request gets that answer again, without a new exchange or a new
@@ -123,17 +144,31 @@ class Proxy:
             )
         self._in_flight[scope] = asyncio.Event()
         try:
-            self._admit(call)
-            return await self._forward(request, call, "/v1/messages", raw)
+            return await self._admit_and_forward(request, call, raw, body)
         finally:
             self._in_flight.pop(scope).set()
 
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
-        # Counting is free upstream: authenticated and forwarded, neither budgeted nor billed.
-        call, raw = await self._identify(request)
-        return await self._forward(request, call, "/v1/messages/count_tokens", raw)
+        # Counting is free upstream, so nothing is reserved or billed; but it is refused as any
+        # request is (no run, no price, a spent budget): the key is not for runs that may not ask.
+        call, raw, _ = await self._identify(request, COUNT_TOKENS)
+        self._admissible(call)
+        return await self._forward(request, call, COUNT_TOKENS, raw)
 
-    async def _identify(self, request: web.Request) -> tuple[Call, bytes]:
+    async def _admit_and_forward(
+        self, request: web.Request, call: Call, raw: bytes, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        call = await self._admit(request, call, raw, body)
+        try:
+            return await self._forward(request, call, MESSAGES, raw)
+        finally:
+            # Billed already when an answer came (_bill); otherwise nothing was spent.
+            assert call.hold is not None
+            self._release(call.hold)
+
+    async def _identify(
+        self, request: web.Request, path: str
+    ) -> tuple[Call, bytes, dict[str, Any]]:
         """Who asks (an agent) and for which model."""
         principal = authenticate(request)
         if principal.role is not Role.AGENT:
@@ -144,24 +179,45 @@ class Proxy:
             )
         run, agent = principal.run_key, principal.agent
         raw = await request.read()
-        model = _model_of(raw)
-        return Call(f"gw_{uuid.uuid4().hex}", run, agent, model), raw
+        body = _body_of(raw)
+        return Call(f"gw_{uuid.uuid4().hex}", run, agent, body["model"], path), raw, body
 
-    def _admit(self, call: Call) -> None:
-        """Refuse, before anything is spent, a request that may not start now."""
-        run, agent = call.run, call.agent
+    def _admissible(self, call: Call) -> Price:
+        """The model's price, unless the request is refused whatever it asks: spend cannot be
+        recorded, the model has no price, the run is not registered or a budget is spent."""
         if self.store.failure is not None:
             # Fail closed: no request starts while spend cannot be persisted.
             self._refuse(
                 call, 503, "api_error", f"the gateway cannot record spend: {self.store.failure}"
             )
         try:
-            self.prices.price(call.model)
+            price = self.prices.price(call.model)
         except PricingError as error:
             # Not the request's fault, and no retry or shorter prompt would help: a policy refusal.
             self._refuse(call, 403, "permission_error", str(error))
-        if refusal := budget_refusal(self.store, run, agent):
+        if refusal := budget_refusal(self.store, self.reservations, call.run, call.agent):
             self._refuse(call, refusal.status, refusal.error_type, refusal.message)
+        return price
+
+    async def _admit(
+        self, request: web.Request, call: Call, raw: bytes, body: dict[str, Any]
+    ) -> Call:
+        """Refuse, before anything is spent, a request that may not start now; otherwise hold
+        its worst-case cost against its budgets and return the call holding it."""
+        run, agent = call.run, call.agent
+        price = self._admissible(call)
+        if unbounded := unbounded_by(body):
+            self._refuse(
+                call,
+                403,
+                "permission_error",
+                f"this gateway does not forward {unbounded}: the cost of such a request cannot "
+                "be bounded before it starts, so no budget could be kept; use client tools",
+            )
+        worst = await self._worst_case(request, call, raw, body, price)
+        # From here to the hold nothing awaits: no other request can take the room meanwhile.
+        if refusal := budget_refusal(self.store, self.reservations, run, agent, worst):
+            self._refuse(call, refusal.status, refusal.error_type, refusal.message, refusal.headers)
         # Last, so that only requests about to go upstream use up the agent's rate.
         if wait := self.limiter.wait(f"{run}/{agent}", time.monotonic()):
             self._refuse(
@@ -172,6 +228,76 @@ class Proxy:
                 f"retry in {retry_after(wait)} s",
                 {"retry-after": retry_after(wait)},
             )
+        hold = self.reservations.hold(run, agent, worst.nano)
+        self._reserved_changed(hold)
+        return replace(call, hold=hold)
+
+    async def _worst_case(
+        self,
+        request: web.Request,
+        call: Call,
+        raw: bytes,
+        body: dict[str, Any],
+        price: Price,
+    ) -> WorstCase:
+        """The most the request can cost: its input bounded from the body (or counted upstream,
+        for images and documents), and all of max_tokens as output."""
+        max_tokens = body.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            fail(
+                400,
+                "max_tokens: a positive integer is required (the gateway reserves what the "
+                f"answer may cost against the budget before it asks; got {max_tokens!r})",
+            )
+        if needs_count(raw, body):
+            counted = await self._count_upstream(request, call, body)
+            input_tokens = input_bound(len(raw), body, counted)
+            basis = (
+                f"the upstream's count of {counted:,} for this body of images or documents, "
+                f"plus 1/{COUNT_MARGIN}"
+            )
+        else:
+            input_tokens = input_bound(len(raw), body)
+            basis = f"from the body's {len(raw):,} bytes"
+            if allowance := prompt_allowance(body):
+                basis += f" and {allowance:,} for the tools' prompt"
+        return WorstCase(
+            input_tokens=input_tokens,
+            max_tokens=max_tokens,
+            nano=price.worst_case_nano(input_tokens, max_tokens),
+            output_nano_per_token=price.nano_per_token()[1],
+            input_basis=basis,
+        )
+
+    async def _count_upstream(self, request: web.Request, call: Call, body: dict[str, Any]) -> int:
+        """The upstream's count of the request's input tokens (count_tokens is free)."""
+        assert self._session is not None, "the proxy is used before its application started"
+        question = {name: body[name] for name in _COUNTED_FIELDS if name in body}
+        try:
+            async with self._session.post(
+                self.upstream + COUNT_TOKENS,
+                data=json.dumps(question).encode(),
+                headers=self._upstream_headers(request),
+            ) as upstream:
+                answer = await upstream.read()
+                status = upstream.status
+        except (TimeoutError, aiohttp.ClientError) as error:
+            answer, status = repr(error).encode(), 502
+        counted = _input_tokens_of(answer) if status == 200 else None
+        if counted is None:
+            # What the upstream would not count, it would not answer either: say why, as it did.
+            refused = 400 <= status < 500
+            self._refuse(
+                call,
+                status if refused else 502,
+                "invalid_request_error" if refused else "api_error",
+                "a request with images or documents has its input counted upstream before it "
+                f"starts, to reserve what it may cost, and the count failed ({status}): "
+                f"{answer.decode(errors='replace')[:300]}",
+                None if refused else {"retry-after": "1"},
+                retry=not refused,
+            )
+        return counted
 
     def _refuse(
         self,
@@ -180,16 +306,17 @@ class Proxy:
         error_type: str,
         message: str,
         headers: dict[str, str] | None = None,
+        *,
+        retry: bool | None = None,
     ) -> NoReturn:
-        self.metrics.requests.labels(call.run, call.agent, call.model, str(status)).inc()
-        # Only a rate limit passes; the SDK must not retry anything else refused here.
-        should_retry = "true" if status == 429 else "false"
+        if call.path == MESSAGES:
+            self.metrics.requests.labels(call.run, call.agent, call.model, str(status)).inc()
+        # Unless told: only a rate limit passes; the SDK must not retry anything else refused here.
+        should_retry = "true" if (status == 429 if retry is None else retry) else "false"
         fail(status, message, error_type, {"x-should-retry": should_retry, **(headers or {})})
 
-    async def _forward(
-        self, request: web.Request, call: Call, path: str, raw: bytes
-    ) -> web.StreamResponse:
-        assert self._session is not None, "the proxy is used before its application started"
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        """The agent's headers the upstream may see, and the real key."""
         headers = {
             name: value
             for name in _FORWARD_REQUEST
@@ -199,6 +326,21 @@ class Proxy:
         headers["content-type"] = "application/json"
         headers["x-api-key"] = self._api_key
         headers["accept-encoding"] = "identity"  # usage is read from the bytes as they pass
+        return headers
+
+    def _release(self, hold: Hold) -> None:
+        if self.reservations.release(hold):
+            self._reserved_changed(hold)
+
+    def _reserved_changed(self, hold: Hold) -> None:
+        for agent in (hold.agent, RUN_ROW):
+            self.metrics.reserved(hold.run, agent, self.reservations.held(hold.run, agent))
+
+    async def _forward(
+        self, request: web.Request, call: Call, path: str, raw: bytes
+    ) -> web.StreamResponse:
+        assert self._session is not None, "the proxy is used before its application started"
+        headers = self._upstream_headers(request)
         started = time.perf_counter()
         try:
             async with self._session.post(
@@ -208,7 +350,7 @@ class Proxy:
                     time.perf_counter() - started
                 )
                 status = upstream.status
-                if path == "/v1/messages" and status == 200:
+                if path == MESSAGES and status == 200:
                     if upstream.content_type == "text/event-stream":
                         response = await self._relay_stream(request, call, upstream)
                     else:
@@ -232,7 +374,7 @@ class Proxy:
                 "api_error",
                 f"the upstream {self.upstream} could not be reached: {error}",
             )
-        if path == "/v1/messages":
+        if path == MESSAGES:
             self.metrics.requests.labels(call.run, call.agent, call.model, str(status)).inc()
         return response
 
@@ -240,7 +382,7 @@ class Proxy:
         self, call: Call, path: str, status: int, error_type: str, message: str
     ) -> NoReturn:
         log.warning("Upstream failed for %s of %s: %s", call.agent, call.run, message)
-        if path == "/v1/messages":
+        if path == MESSAGES:
             self.metrics.requests.labels(call.run, call.agent, call.model, str(status)).inc()
         fail(status, message, error_type, {"x-should-retry": "true", "retry-after": "1"})
 
@@ -327,12 +469,25 @@ class Proxy:
         complete: bool,
         answer: bytes | None = None,
     ) -> None:
+        # Settle: the hold gives way to the real cost in the same step, so no check sees neither.
+        if call.hold is not None:
+            self._release(call.hold)
         if not usage.billable:
             return
         replay = None
         if call.replay_key is not None and call.digest is not None and answer is not None:
             replay = Replay(call.replay_key, call.digest, upstream.content_type, answer)
         cost = self.prices.cost_nano(call.model, usage)
+        if call.hold is not None and cost > call.hold.nano:
+            log.warning(
+                "Request %s of %s (%s) cost %s, more than the %s reserved for it: usage %s",
+                call.agent,
+                call.run,
+                call.model,
+                usd_exact(cost),
+                usd_exact(call.hold.nano),
+                usage.model_dump(),
+            )
         exchange = Exchange(
             request_id=call.request_id,
             run=call.run,
@@ -362,8 +517,8 @@ class Proxy:
                 self.metrics.budget_left(run, name, cap, self.store.spent(run, name).cost_nano)
 
 
-def _model_of(raw: bytes) -> str:
-    """The request's model, or a 400 that says what is wrong with the body."""
+def _body_of(raw: bytes) -> dict[str, Any]:
+    """The request's body, naming a model, or a 400 that says what is wrong with it."""
     try:
         body: Any = json.loads(raw)
     except ValueError as error:
@@ -371,7 +526,19 @@ def _model_of(raw: bytes) -> str:
     model = body.get("model") if isinstance(body, dict) else None
     if not isinstance(model, str) or not model:
         fail(400, "model: Field required (the request body must be a JSON object naming a model)")
-    return model
+    result: dict[str, Any] = body
+    return result
+
+
+def _input_tokens_of(answer: bytes) -> int | None:
+    """The count in a count_tokens answer, if it is one."""
+    try:
+        counted = json.loads(answer).get("input_tokens")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(counted, int) and not isinstance(counted, bool) and counted >= 0:
+        return counted
+    return None
 
 
 def _is_error_json(body: bytes) -> bool:
