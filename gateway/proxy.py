@@ -286,16 +286,22 @@ class Proxy:
         counted = _input_tokens_of(answer) if status == 200 else None
         if counted is None:
             # What the upstream would not count, it would not answer either: say why, as it did.
-            refused = 400 <= status < 500
+            # A rate limit or a failure upstream is retried by the agent's SDK; the rest is not.
+            if status == 429:
+                refusal, error_type, retry = 429, "rate_limit_error", True
+            elif 400 <= status < 500:
+                refusal, error_type, retry = status, "invalid_request_error", False
+            else:
+                refusal, error_type, retry = 502, "api_error", True
             self._refuse(
                 call,
-                status if refused else 502,
-                "invalid_request_error" if refused else "api_error",
+                refusal,
+                error_type,
                 "a request with images or documents has its input counted upstream before it "
                 f"starts, to reserve what it may cost, and the count failed ({status}): "
                 f"{answer.decode(errors='replace')[:300]}",
-                None if refused else {"retry-after": "1"},
-                retry=not refused,
+                {"retry-after": "1"} if retry else None,
+                retry=retry,
             )
         return counted
 

@@ -476,3 +476,47 @@ async def test_server_tools_are_refused_and_images_are_counted_upstream_before_t
             model=OPUS, max_tokens=10, messages=[{"role": "user", "content": "what is it?"}]
         )
     assert len(gateway.stub.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("count_status", "status", "retried"),
+    [(529, 502, "true"), (429, 429, "true"), (400, 400, "false")],
+)
+async def test_an_image_whose_count_fails_upstream_is_refused_holding_nothing(
+    tmp_path: Path, count_status: int, status: int, retried: str
+) -> None:
+    async def count_fails(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"type": "error", "error": {"type": "x", "message": "cannot count now"}},
+            status=count_status,
+        )
+
+    async def never(_: web.Request) -> web.Response:
+        raise AssertionError("a request whose count failed went upstream")
+
+    app = web.Application()
+    app.router.add_post("/v1/messages/count_tokens", count_fails)
+    app.router.add_post("/v1/messages", never)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listener = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, listener).start()
+    write_keys(tmp_path)
+    instance = Gateway(AnthropicStub(), f"http://127.0.0.1:{listener.getsockname()[1]}", tmp_path)
+    await instance.start()
+    try:
+        await instance.budget(1.0)
+        image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+        async with instance.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(
+                    model=OPUS, max_tokens=10, messages=[{"role": "user", "content": [image]}]
+                )
+        assert refused.value.status_code == status
+        assert refused.value.response.headers["x-should-retry"] == retried
+        assert f"the count failed ({count_status}): " in str(refused.value)
+        assert "cannot count now" in str(refused.value)
+        assert await reserved(instance) == 0
+    finally:
+        await instance.stop()
+        await runner.cleanup()
