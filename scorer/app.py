@@ -33,13 +33,16 @@ async def _submit(request: web.Request) -> web.Response:
 
 async def _task(request: web.Request) -> web.Response:
     authenticate(request)
-    task = request.app[SCORER_KEY].known_task(request.match_info["task"])
+    scorer = request.app[SCORER_KEY]
+    task = scorer.known_task(request.match_info["task"])
     return json_response(
         {
             "name": task.name,
             "metric": task.spec.metric.value,
             "size": task.size,
             "labels": task.spec.labels,
+            # The bound stated for everything released for the task so far (counts only).
+            "feedback": scorer.feedback_facts(task),
         }
     )
 
@@ -59,8 +62,21 @@ async def _leaderboard(request: web.Request) -> web.Response:
     run = _run_parameter(request, principal)
     state = scorer.run_state(run)
     if principal.role is Role.AGENT:
-        return json_response(scorer.reviews.public_board(run, state.task))
-    return json_response(scorer.reviews.admin_board(run, state.task, state.review_required))
+        board = scorer.reviews.public_board(run, state.task)
+    else:
+        board = scorer.reviews.admin_board(run, state.task, state.review_required)
+    facts = scorer.feedback_facts(state.task)
+    board["feedback"] = {
+        "closed": facts["closed"],
+        "task_best_public_score": facts["best_public_score"],
+        "message": (
+            f"feedback for task {state.task.name} is closed: its leakage budget is spent; "
+            "submissions are still scored and kept for reviewers"
+            if facts["closed"]
+            else f"feedback for task {state.task.name} is open"
+        ),
+    }
+    return json_response(board)
 
 
 async def _register(request: web.Request) -> web.Response:

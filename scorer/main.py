@@ -21,7 +21,7 @@ from aar_scorer.settings import (
     Settings,
 )
 from aar_scorer.store import Store
-from aar_scorer.tasks import TaskConfigError, load_tasks
+from aar_scorer.tasks import TaskConfigError, load_tasks, refuse_vacuous
 
 
 def _worker_count(text: str) -> int:
@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"aar-scorer: cannot read the public key: {error}") from error
     try:
         tasks = load_tasks(settings.tasks_file)
+        bounds = refuse_vacuous(tasks)
     except TaskConfigError as error:
         raise SystemExit(f"aar-scorer: {error}") from error
     try:
@@ -94,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def ready(_: str) -> None:
         names = ", ".join(sorted(tasks)) or "no tasks (list them in the tasks file)"
         print(f"Serving {names} on {address(public)}", flush=True)
+        # What each task's feedback settings imply for the stated leakage bound.
+        for line in bounds:
+            print(line, flush=True)
 
     try:
         with public:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.submissions = Counter(
             "aar_scorer_submissions",
             "Submissions by result: accepted, flagged, refused, rate_limited, invalid",
@@ -15,7 +16,25 @@ class Metrics:
         )
         self.released = Counter(
             "aar_scorer_feedback_released",
-            "Submissions whose public score the Ladder released (a new best of their run)",
+            "Submissions whose public score the Ladder released (a new best of their task)",
+            registry=registry,
+        )
+        self.feedback_closed = Gauge(
+            "aar_scorer_feedback_closed",
+            "1 when a task's leakage budget is spent and nothing more is released for it",
+            ["task"],
+            registry=registry,
+        )
+        self.leakage_bits = Gauge(
+            "aar_scorer_leakage_bound_bits",
+            "Bits the task's feedback can have carried so far (the stated bound's B)",
+            ["task"],
+            registry=registry,
+        )
+        self.leakage_labels = Gauge(
+            "aar_scorer_leakage_bound_labels",
+            "Public labels beyond chance the stated bound admits for the task so far",
+            ["task"],
             registry=registry,
         )
         self.probes = Counter(

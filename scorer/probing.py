@@ -1,25 +1,34 @@
-"""Probing detection: submissions built to read single labels off the feedback.
+"""Probing detection: submissions built to read labels off the feedback, judged against every
+earlier scored submission of the task, whatever run, agent or quota window it came from.
 
-Two patterns, both about a run's earlier scored submissions (refused ones got no feedback, so
-nothing can be read by comparing with them):
+Three patterns (refused submissions got no feedback, so nothing can be read by comparing with
+them, and they are not kept):
 - near duplicate: fewer than `min_distance` answers differ from some earlier submission, as in
   "flip one answer and watch the score";
 - walk: a chain of submissions, each within `walk_distance` answers of its nearest earlier one,
-  reaching `walk_length` links: the same attack taking a few answers per step.
+  reaching `walk_length` links: the same attack taking a few answers per step;
+- fan: `fan_size` later submissions within `fan_distance` answers of one earlier submission, a
+  star around a base whatever the distances between its points: queries that each change a
+  different part of the base, spaced to stay clear of the other two rules.
 
-The comparison is an XOR and a popcount of packed answers (aar_scorer.packing). Only a close
-earlier submission matters, so the check runs in two passes over the run's earlier submissions:
-the first 256 bits of each, kept column by column so that one numpy operation covers every
-earlier submission, give a lower bound on each distance; only the few whose bound is within
-`walk_distance` are compared in full. Independent submissions differ in about half of those
-bits, so the full comparison is almost never needed and a check costs about the same with a
-thousand earlier submissions as with ten. Submissions built to share their first bits only cost
-the full comparison, never a missed probe: the bound is a true lower bound.
+The comparison is an XOR and a popcount of packed answers (aar_scorer.packing). Only close
+earlier submissions matter (within R = the larger of `walk_distance` and `fan_distance`), and
+finding them costs about the same however long the task's history is:
+- the history is cut into R + 1 blocks of answers; a submission within R answers of an earlier
+  one has at least one block identical to it (pigeonhole), so a sorted array of every indexed
+  submission's block hashes, searched for the new submission's, names every close one (and,
+  rarely, a stranger whose hash collides, which the full comparison then rules out);
+- the submissions not yet in that array (fewer than `_TAIL`; the array takes them in one merge)
+  are compared by their first 256 bits, a lower bound on each distance, and only the few whose
+  bound is within R are compared in full.
+Independent submissions share no block and differ in about half of those 256 bits, so the full
+comparison is almost never needed. Both passes are exact: no close submission is ever missed.
+A task too small for blocks of `_MIN_BLOCK_BITS` compares the prefixes of its whole history.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -31,28 +40,38 @@ from aar_scorer.tasks import Probing
 class ProbeReason(StrEnum):
     NEAR_DUPLICATE = "near_duplicate"
     WALK = "walk"
+    FAN = "fan"
 
 
-# Bits of each submission compared in the first pass: 256 make a chance match with an
+# Bits of each submission compared in the prefix pass: 256 make a chance match with an
 # independent submission vanishingly rare (about 128 of them differ, with a spread of 8).
 _PREFIX_WORDS = 4
+# Submissions compared by prefix before they join the block index in one merge: the prefix pass
+# over them costs a few microseconds, a merge about a millisecond per 10,000 indexed ones.
+_TAIL = 2048
+# Narrower blocks would match by chance too often to narrow anything down.
+_MIN_BLOCK_BITS = 24
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """How a new submission relates to the run's earlier ones."""
+    """How a new submission relates to the task's earlier ones."""
 
-    nearest: int | None  # id of the closest earlier submission within walk_distance, or None
+    nearest: int | None  # id of the closest earlier one within walk_distance, or a fan's base
     distance: int | None  # answers that differ from it
     walk_length: int  # links in the chain of close submissions ending here (1: no chain)
     reason: ProbeReason | None  # why this looks like a probe, or None
+    fan: int = 0  # the largest star this submission joins, itself included (0: none)
+    # Positions in the index of the earlier submissions within fan_distance: their stars grow.
+    neighbors: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
 
 _UNRELATED = Verdict(nearest=None, distance=None, walk_length=1, reason=None)
 
 
 class ProbeIndex:
-    """One run's scored submissions as rows of 64-bit words, with the walk length each ended."""
+    """One task's scored submissions as rows of 64-bit words, with the walk length each ended
+    and the later submissions within fan_distance of each."""
 
     def __init__(self, settings: Probing, size: int, classes: int) -> None:
         self.settings = settings
@@ -65,11 +84,31 @@ class ProbeIndex:
         self._bytes = 8 * ((bits + 63) // 64)
         words = self._bytes // 8
         self._prefix_words = min(_PREFIX_WORDS, words)
-        # A differing answer flips at most _bits_per_answer bits, so a submission within
-        # walk_distance answers is within this many bits, in the prefix as in the whole.
-        self._close_bits = settings.walk_distance * self._bits_per_answer
+        # A differing answer flips at most _bits_per_answer bits, so a submission within R
+        # answers is within this many bits, in the prefix, in a block and in the whole.
+        radius = max(settings.walk_distance, settings.fan_radius)
+        self._close_bits = radius * self._bits_per_answer
+        blocks = self._close_bits + 1
+        used = (bits + 7) // 8  # bytes that hold answers
+        self._starts: npt.NDArray[np.intp] | None = None
+        if 8 * used // blocks >= _MIN_BLOCK_BITS:
+            # Blocks of whole bytes, so that a block's hash is a sum of table lookups: the sum of
+            # a fixed random 64-bit weight per set bit (mod 2^64). Equal blocks, equal hashes;
+            # different ones collide with odds of about 2^-63.
+            self._starts = np.array([used * j // blocks for j in range(blocks)], dtype=np.intp)
+            weights = np.random.default_rng(18).integers(0, 2**64, (used, 8), np.uint64)
+            table = np.zeros((used, 256), dtype=np.uint64)
+            for bit in range(8):
+                table[:, (np.arange(256) >> bit) & 1 == 1] += weights[:, bit : bit + 1]
+            self._table = table.ravel()
+            self._offsets = np.arange(used, dtype=np.intp) * 256
+            self._used = used
+        self._keys = np.zeros(0, dtype=np.uint64)  # sorted block hashes of the indexed rows
+        self._key_rows = np.zeros(0, dtype=np.uint32)  # the row each hash came from
+        self._indexed = 0  # rows below this are in the block index; the rest are the tail
         self._rows = np.zeros((16, words), dtype=np.uint64)
         self._prefix = np.zeros((self._prefix_words, 16), dtype=np.uint64)  # column per row
+        self._children = np.zeros(16, dtype=np.int64)  # later submissions within fan_distance
         self.ids: list[int] = []
         self.walks: list[int] = []
 
@@ -77,35 +116,83 @@ class ProbeIndex:
         key = (packed >> self._shift).to_bytes(self._bytes, "little")
         return np.frombuffer(key, dtype="<u8").astype(np.uint64, copy=False)
 
-    def check(self, candidate: int) -> Verdict:
+    def _block_keys(self, rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The block hashes of rows of words, one row of hashes per row."""
+        assert self._starts is not None
+        data = rows.view(np.uint8)[:, : self._used]
+        weighted = self._table.take(data + self._offsets)
+        keys: npt.NDArray[np.uint64] = np.add.reduceat(weighted, self._starts, axis=1)
+        return keys
+
+    def _candidates(self, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """Rows that may be within R answers: every one that is, and few that are not."""
         count = len(self.ids)
-        if not count:
+        found: list[npt.NDArray[np.intp]] = []
+        if self._indexed:
+            keys = self._block_keys(words[np.newaxis, :])[0]
+            low = np.searchsorted(self._keys, keys)
+            hits = self._keys.take(low, mode="clip") == keys
+            for block in np.flatnonzero(hits):
+                high = np.searchsorted(self._keys, keys[block], "right")
+                found.append(self._key_rows[low[block] : high].astype(np.intp))
+        if count > self._indexed:
+            # The tail: a lower bound on every distance from the prefixes, all at once.
+            prefix = self._prefix[:, self._indexed : count] ^ words[: self._prefix_words, None]
+            bound = np.bitwise_count(prefix).sum(axis=0, dtype=np.uint16)
+            found.append(np.flatnonzero(bound <= self._close_bits) + self._indexed)
+        if len(found) == 1 and count > self._indexed:
+            return found[0]  # the tail's alone: sorted and distinct already
+        if not found:
+            return np.zeros(0, dtype=np.intp)
+        return np.unique(np.concatenate(found))  # sorted: the earliest of equals comes first
+
+    def check(self, candidate: int) -> Verdict:
+        if not self.ids:
             return _UNRELATED
         words = self._words(candidate)
-        # First pass: a lower bound on every distance, from the prefixes of all earlier
-        # submissions at once.
-        prefix = self._prefix[:, :count] ^ words[: self._prefix_words, np.newaxis]
-        bound = np.bitwise_count(prefix).sum(axis=0, dtype=np.uint16)
-        close = np.flatnonzero(bound <= self._close_bits)
-        if not close.size:
+        rows = self._candidates(words)
+        if not rows.size:
             return _UNRELATED
-        # Second pass, over the few that may be close: the whole distance.
-        differing = np.bitwise_xor(self._rows[close], words)
+        differing = np.bitwise_xor(self._rows[rows], words)
         distances = np.bitwise_count(differing).sum(axis=1, dtype=np.int64)
-        nearest = int(distances.argmin())  # the earliest of equally near ones
-        distance = int(distances[nearest]) // self._bits_per_answer
-        if distance > self.settings.walk_distance:
-            return _UNRELATED
-        row = int(close[nearest])
-        walk = self.walks[row] + 1
+        distances //= self._bits_per_answer
+        settings = self.settings
+        near = distances <= settings.fan_radius
+        neighbors = rows[near]
+        fan, base = 0, -1
+        if neighbors.size:
+            stars = self._children[neighbors] + 1
+            biggest = int(stars.argmax())
+            fan, base = int(stars[biggest]), int(neighbors[biggest])
+        nearest = int(distances.argmin())
+        distance = int(distances[nearest])
+        if distance > settings.walk_distance:
+            nearest_id, walk, distance_or_none = None, 1, None
+        else:
+            row = int(rows[nearest])
+            nearest_id, walk, distance_or_none = self.ids[row], self.walks[row] + 1, distance
         reason = None
-        if distance < self.settings.min_distance:
+        if distance_or_none is not None and distance < settings.min_distance:
             reason = ProbeReason.NEAR_DUPLICATE
-        elif walk >= self.settings.walk_length:
+        elif walk >= settings.walk_length:
             reason = ProbeReason.WALK
-        return Verdict(self.ids[row], distance, walk, reason)
+        elif fan >= settings.fan_size:
+            reason = ProbeReason.FAN
+            nearest_id = self.ids[base]
+            distance_or_none = int(distances[np.searchsorted(rows, base)])
+        return Verdict(
+            nearest_id,
+            distance_or_none,
+            walk,
+            reason,
+            fan,
+            tuple(int(row) for row in neighbors),
+        )
 
-    def add(self, submission: int, packed: int, walk_length: int) -> None:
+    def add(
+        self, submission: int, packed: int, walk_length: int, neighbors: tuple[int, ...] = ()
+    ) -> None:
+        """Keep a scored submission; `neighbors` are its verdict's, whose stars it joins."""
         count = len(self.ids)
         if count == len(self._rows):
             rows = np.zeros((2 * count, self._rows.shape[1]), dtype=np.uint64)
@@ -114,8 +201,25 @@ class ProbeIndex:
             prefix = np.zeros((self._prefix_words, 2 * count), dtype=np.uint64)
             prefix[:, :count] = self._prefix
             self._prefix = prefix
+            self._children = np.concatenate([self._children, np.zeros(count, dtype=np.int64)])
         words = self._words(packed)
         self._rows[count] = words
         self._prefix[:, count] = words[: self._prefix_words]
+        if neighbors:
+            self._children[list(neighbors)] += 1
         self.ids.append(submission)
         self.walks.append(walk_length)
+        if self._starts is not None and count + 1 - self._indexed >= _TAIL:
+            self._merge(count + 1)
+
+    def _merge(self, count: int) -> None:
+        """Move the tail into the block index: its hashes, sorted, into the sorted array."""
+        assert self._starts is not None
+        keys = self._block_keys(self._rows[self._indexed : count]).ravel()
+        rows = np.repeat(np.arange(self._indexed, count, dtype=np.uint32), len(self._starts))
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        at = np.searchsorted(self._keys, keys)
+        self._keys = np.insert(self._keys, at, keys)
+        self._key_rows = np.insert(self._key_rows, at, rows)
+        self._indexed = count

@@ -1,5 +1,10 @@
-"""The Scorer: what the scorer decides (quotas, probe verdicts, the Ladder's feedback) and
-keeps (registered runs, the store, the review book). The HTTP routes around it are in app.py.
+"""The Scorer: what the scorer decides (quotas, probe verdicts, the Ladder's feedback, the
+leakage budget) and keeps (registered runs, each task's Ladder, leakage account and probe
+history, the store, the review book). The HTTP routes around it are in app.py.
+
+Feedback and probe detection are per task, across every run, agent and quota window of it, for
+the life of its labels (docs/scorer.md, Feedback): a new run's feedback starts from the task's
+released state. Quotas are per run and agent: they are about cost.
 
 Every decision about a submission is made on the event loop without an await in between, so
 concurrent submissions of one run are decided one after another, and the answer goes out only
@@ -25,7 +30,7 @@ from aar_common.api import Feedback, Quota, RunRegistration, Status, SubmissionR
 from aar_common.credentials import CredentialVerifier, Principal, Role
 from aar_common.web import error_body, fail, verify_token
 from aar_scorer.intake import Answer, BodyError, Intake, ParsedSubmission, Submission
-from aar_scorer.ladder import Ladder, level
+from aar_scorer.ladder import DELTA, Budget, Ladder, level
 from aar_scorer.metrics import Metrics
 from aar_scorer.probing import ProbeIndex, ProbeReason, Verdict
 from aar_scorer.review import ReviewBook
@@ -36,13 +41,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class TaskState:
+    """What the scorer keeps in memory about one task, across all its runs (rebuilt from the
+    store): the Ladder, the leakage account and the probe history."""
+
+    task: Task
+    ladder: Ladder
+    budget: Budget
+    probes: ProbeIndex
+
+
+@dataclass
 class RunState:
     """What the scorer keeps in memory about one registered run (rebuilt from the store)."""
 
     task: Task
     review_required: bool
-    ladder: Ladder
-    probes: ProbeIndex
     # (window start, agent or "" for the whole run) -> submissions counted in that window
     counts: dict[tuple[int, str], int] = field(default_factory=dict)
 
@@ -63,6 +77,7 @@ class _Feedback(NamedTuple):
     score: float | None
     released: bool
     message: str
+    open: bool  # answered while the task's feedback was open: counted against its budget
 
 
 def _iso(timestamp: float) -> str:
@@ -90,29 +105,65 @@ class Scorer:
         self.reviews = ReviewBook(store.reader, tasks)
         self.runs: dict[str, RunState] = {}
         self._next_submission = store.next_id("submissions")
+        self.task_states = {name: self._load_task(task) for name, task in tasks.items()}
+        for state in self.task_states.values():
+            self._observe(state)
         for row in store.reader.execute(
             "SELECT run, task, review_required FROM runs WHERE id IN "
             "(SELECT MAX(id) FROM runs GROUP BY run)"
         ):
             if row["task"] in tasks:
-                self.runs[row["run"]] = self._load_run(
-                    row["run"], tasks[row["task"]], bool(row["review_required"])
-                )
+                self.runs[row["run"]] = RunState(tasks[row["task"]], bool(row["review_required"]))
 
-    def _load_run(self, run: str, task: Task, review_required: bool) -> RunState:
-        """Rebuild a run's Ladder and probe index from its stored submissions."""
+    def _load_task(self, task: Task) -> TaskState:
+        """Rebuild a task's Ladder, leakage account and probe history from the stored
+        submissions of all its runs, registered now or not."""
         step = task.spec.feedback.step
         probes = ProbeIndex(task.spec.probing, task.size, len(task.spec.labels))
         best: int | None = None
+        answered = 0
         for row in self.store.reader.execute(
-            "SELECT id, packed, walk_length, public_accuracy, released FROM submissions "
-            "WHERE run = ? AND task = ? AND status != 'refused' ORDER BY id",
-            (run, task.name),
+            "SELECT id, packed, walk_length, public_accuracy, released, feedback_open "
+            "FROM submissions WHERE task = ? AND status != 'refused' ORDER BY id",
+            (task.name,),
         ):
-            probes.add(row["id"], int.from_bytes(row["packed"], "little"), row["walk_length"])
+            packed = int.from_bytes(row["packed"], "little")
+            # The stars each submission joined, as they were when it came in.
+            probes.add(row["id"], packed, row["walk_length"], probes.check(packed).neighbors)
             if row["released"]:
                 best = max(level(row["public_accuracy"], step), best if best is not None else -1)
-        return RunState(task, review_required, Ladder(step, best), probes)
+            answered += row["feedback_open"]
+        budget = Budget(task.public_size, step, task.open_limit, answered)
+        return TaskState(task, Ladder(step, best), budget, probes)
+
+    def _observe(self, state: TaskState) -> None:
+        """The task's leakage account, as metrics."""
+        name = state.task.name
+        self.metrics.feedback_closed.labels(name).set(0 if state.budget.open else 1)
+        self.metrics.leakage_bits.labels(name).set(state.budget.bits)
+        self.metrics.leakage_labels.labels(name).set(state.budget.labels)
+
+    def feedback_facts(self, task: Task) -> dict[str, Any]:
+        """What the task's feedback has leaked so far, as the bound states it (agents may see
+        it: it depends on counts only)."""
+        state = self.task_states[task.name]
+        feedback = task.spec.feedback
+        best = state.ladder.best
+        return {
+            "step": feedback.step,
+            "public_labels": task.public_size,
+            "leakage_budget": feedback.leakage_budget,
+            "budget_labels": task.budget_labels,
+            "open_submissions": task.open_limit,
+            "counted_submissions": state.budget.answered,
+            "closed": not state.budget.open,
+            "best_public_score": None if best is None else round(task.pgr(best * feedback.step), 6),
+            "bound": {
+                "bits": round(state.budget.bits, 3),
+                "labels": round(state.budget.labels, 3),
+                "delta": DELTA,
+            },
+        }
 
     def _count(self, state: RunState, run: str, window: int, agent: str) -> int:
         key = (window, agent)
@@ -142,7 +193,7 @@ class Scorer:
         if current is not None and current.task is task:
             current.review_required = body.review_required
         else:
-            self.runs[run] = self._load_run(run, task, body.review_required)
+            self.runs[run] = RunState(task, body.review_required)
         return {"run": run, "task": task.name, "review_required": body.review_required}
 
     def known_task(self, name: str) -> Task:
@@ -193,12 +244,13 @@ class Scorer:
         state = self.run_state(run)
         packed = self._answers(state, run, body)
         quota = self._take_quota(state, run, agent.agent)
-        verdict, status = self._probe_verdict(state, packed)
+        task_state = self.task_states[state.task.name]
+        verdict, status = self._probe_verdict(task_state, packed)
         submission = self._next_submission
         self._next_submission += 1
-        feedback = self._feedback(state, run, packed, verdict, status)
+        feedback = self._feedback(task_state, packed, verdict, status)
         if status is not Status.REFUSED:
-            state.probes.add(submission, packed, verdict.walk_length)
+            task_state.probes.add(submission, packed, verdict.walk_length, verdict.neighbors)
         await self._store_row(submission, agent, body, packed, quota, verdict, status, feedback)
         self.metrics.submissions.labels(status.value).inc()
         return SubmissionResponse(
@@ -247,7 +299,7 @@ class Scorer:
         remaining = min(quota.per_agent - used_agent, quota.per_run - used_run) - 1
         return _QuotaUse(now, resets_at, remaining)
 
-    def _probe_verdict(self, state: RunState, packed: int) -> tuple[Verdict, Status]:
+    def _probe_verdict(self, state: TaskState, packed: int) -> tuple[Verdict, Status]:
         """Whether the answers look like label probing, and what the task says to do then."""
         verdict = state.probes.check(packed)
         if verdict.reason is None:
@@ -257,31 +309,40 @@ class Scorer:
         return verdict, Status.REFUSED if action is ProbeAction.REFUSE else Status.FLAGGED
 
     def _feedback(
-        self, state: RunState, run: str, packed: int, verdict: Verdict, status: Status
+        self, state: TaskState, packed: int, verdict: Verdict, status: Status
     ) -> _Feedback:
-        """The accuracies and what the Ladder releases of them: a score only for a new best
-        of the run, and nothing at all for a refused submission."""
+        """The accuracies and what the task's Ladder releases of them: a score only for a new
+        best of the task while its leakage budget lasts, and nothing at all for a refused
+        submission."""
         task = state.task
         if status is Status.REFUSED:
             message = f"refused: {_describe(verdict, task)}; a refused submission gets no feedback"
-            return _Feedback(None, None, None, False, message)
+            return _Feedback(None, None, None, False, message, False)
         public, private = task.accuracies(packed)
+        if not state.budget.take():
+            message = _closed(state)
+            if status is Status.FLAGGED:
+                message += f"; flagged for review: {_describe(verdict, task)}"
+            return _Feedback(public, private, None, False, message, False)
         release = state.ladder.submit(public)
         assert release.level is not None
         best = round(task.pgr(release.level * task.spec.feedback.step), 6)
         if release.released:
             score: float | None = best
-            message = f"new best public score of run {run}: PGR {best}"
+            message = f"new best public score of task {task.name}: PGR {best}"
             self.metrics.released.inc()
         else:
             score = None
             message = (
                 f"no new feedback: this submission did not reach the next Ladder step above "
-                f"the run's best public score (PGR {best})"
+                f"the task's best public score (PGR {best}), over all its runs"
             )
+        if not state.budget.open:
+            message += "; " + _closed(state)
         if status is Status.FLAGGED:
             message += f"; flagged for review: {_describe(verdict, task)}"
-        return _Feedback(public, private, score, release.released, message)
+        self._observe(state)
+        return _Feedback(public, private, score, release.released, message, True)
 
     async def _store_row(
         self,
@@ -317,6 +378,7 @@ class Scorer:
             "released": int(feedback.released),
             "feedback_score": feedback.score,
             "feedback_message": feedback.message,
+            "feedback_open": int(feedback.open),
         }
         await self.store.write(
             (
@@ -326,12 +388,34 @@ class Scorer:
         )
 
 
+def _closed(state: TaskState) -> str:
+    """Why nothing more is released for the task; it depends on counts only."""
+    task = state.task
+    best = state.ladder.best
+    if best is None:
+        said = "no public score was released before"
+    else:
+        score = round(task.pgr(best * task.spec.feedback.step), 6)
+        said = f"the task's best public score stays PGR {score}"
+    return (
+        f"feedback for task {task.name} is closed: its leakage budget "
+        f"({task.spec.feedback.leakage_budget} of its {task.public_size} public labels) is spent, "
+        f"so no public score is released any more ({said}); submissions are still scored and "
+        "kept for reviewers"
+    )
+
+
 def _describe(verdict: Verdict, task: Task) -> str:
     probing = task.spec.probing
     if verdict.reason is ProbeReason.NEAR_DUPLICATE:
         return (
-            f"differs from submission {verdict.nearest} of this run in {verdict.distance} "
+            f"differs from submission {verdict.nearest} of this task in {verdict.distance} "
             f"answers (fewer than {probing.min_distance})"
+        )
+    if verdict.reason is ProbeReason.FAN:
+        return (
+            f"makes {verdict.fan} later submissions within {probing.fan_radius} answers of "
+            f"submission {verdict.nearest} of this task (a fan: {probing.fan_size} or more)"
         )
     return (
         f"ends a walk of {verdict.walk_length} submissions, each within "

@@ -60,9 +60,12 @@ CREATE TABLE IF NOT EXISTS submissions (
     private_accuracy REAL,
     released INTEGER NOT NULL,
     feedback_score REAL,
-    feedback_message TEXT NOT NULL
+    feedback_message TEXT NOT NULL,
+    -- 1: answered while the task's feedback was open, counted against its leakage budget
+    feedback_open INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS submissions_by_run ON submissions (run, created_at);
+CREATE INDEX IF NOT EXISTS submissions_by_task ON submissions (task, id);
 CREATE INDEX IF NOT EXISTS submissions_by_agent ON submissions (run, agent, created_at);
 
 CREATE TABLE IF NOT EXISTS reviews (
@@ -113,6 +116,12 @@ class Store:
         self.path = path
         self.group_window = group_window
         self.reader = open_database(path, SCHEMA + _APPEND_ONLY)
+        columns = {row[1] for row in self.reader.execute("PRAGMA table_info(submissions)")}
+        if "feedback_open" not in columns:
+            # A database from before leakage budgets: every scored answer there was open.
+            self.reader.execute(
+                "ALTER TABLE submissions ADD COLUMN feedback_open INTEGER NOT NULL DEFAULT 1"
+            )
         self._writer = open_database(path)
         # The writer never checkpoints on its own: that would stall the loop for milliseconds.
         self._writer.execute("PRAGMA wal_autocheckpoint=0")

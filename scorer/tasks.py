@@ -8,6 +8,7 @@ import hmac
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
@@ -24,6 +25,7 @@ from pydantic import (
 )
 
 from aar_common.validation import describe
+from aar_scorer.ladder import open_submissions, recovery_bound, transcript_bits
 from aar_scorer.packing import Packer
 
 
@@ -64,13 +66,24 @@ class Quota(BaseModel):
 
 
 class Feedback(BaseModel):
-    """The Ladder's step: a public score is released only when it beats the run's best by this
-    much, and is released rounded down to a multiple of it."""
+    """The task's Ladder and leakage budget (docs/scorer.md, Feedback): a public score is
+    released only when it beats the task's best by `step`, rounded down to a multiple of it,
+    and only while the bound on what the task's feedback leaks stays within the budget."""
 
     model_config = ConfigDict(extra="forbid")
 
-    step: float = Field(default=0.01, gt=0, le=0.5)
+    step: float = Field(default=0.05, gt=0, le=0.5)
     public_fraction: float = Field(default=0.5, gt=0, lt=1)
+    leakage_budget: float | None = Field(
+        default=0.125,
+        gt=0,
+        le=1,
+        description="the most public labels beyond chance the stated bound may admit over the "
+        "task's life, as a fraction of the public labels; null for no budget",
+    )
+    allow_vacuous_bound: bool = Field(
+        default=False, description="serve the task even when its bound says nothing (n/4 or more)"
+    )
 
 
 class ProbeAction(StrEnum):
@@ -86,16 +99,25 @@ class Probing(BaseModel):
     min_distance: int = Field(default=10, ge=1)
     walk_distance: int = Field(default=40, ge=1)
     walk_length: int = Field(default=4, ge=2)
+    fan_distance: int | None = Field(default=None, ge=1, description="default walk_distance")
+    fan_size: int = Field(default=8, ge=2)
     action: ProbeAction = ProbeAction.REFUSE
 
     @model_validator(mode="after")
-    def _walk_wider_than_duplicate(self) -> Self:
-        if self.walk_distance < self.min_distance:
-            raise ValueError(
-                f"probing.walk_distance ({self.walk_distance}) must be at least "
-                f"probing.min_distance ({self.min_distance})"
-            )
+    def _wider_than_duplicate(self) -> Self:
+        for name in ("walk_distance", "fan_distance"):
+            distance = getattr(self, name)
+            if distance is not None and distance < self.min_distance:
+                raise ValueError(
+                    f"probing.{name} ({distance}) must be at least "
+                    f"probing.min_distance ({self.min_distance})"
+                )
         return self
+
+    @property
+    def fan_radius(self) -> int:
+        """How close a later submission must be to join a fan around an earlier one."""
+        return self.walk_distance if self.fan_distance is None else self.fan_distance
 
 
 class TaskSpec(BaseModel):
@@ -153,6 +175,14 @@ class Task:
         self._private_truth = self._truth & ~public_mask
         self.public_size = len(self.public_positions)
         self.private_size = self.size - self.public_size
+        # How many scored submissions of the task's life get answers that depend on labels
+        # (None: no budget, no limit); counts only, never labels, decide it.
+        budget = self.budget_labels
+        self.open_limit = (
+            None
+            if budget is None
+            else open_submissions(self.public_size, spec.feedback.step, budget)
+        )
 
     @property
     def name(self) -> str:
@@ -168,6 +198,68 @@ class Task:
         """Performance Gap Recovered: 0 at the weak baseline, 1 at the ceiling."""
         weak, ceiling = self.spec.baselines.weak, self.spec.baselines.ceiling
         return (accuracy - weak) / (ceiling - weak)
+
+    @property
+    def budget_labels(self) -> float | None:
+        """The leakage budget in public labels beyond chance, or None for no budget."""
+        fraction = self.spec.feedback.leakage_budget
+        return None if fraction is None else fraction * self.public_size
+
+
+@dataclass(frozen=True)
+class BoundReport:
+    """What a task's configuration implies for the stated bound, said at start."""
+
+    text: str
+    vacuous: bool  # the bound can say nothing: n/4 or more labels beyond chance
+
+
+def bound_report(task: Task) -> BoundReport:
+    """The bound a task's feedback settings imply: bits per full run quota, and labels beyond
+    chance at the leakage budget; vacuous when the budget is n/4 or more, or, without a budget,
+    when one full run quota's bound is."""
+    feedback, n = task.spec.feedback, task.public_size
+    run_quota = task.spec.quota.per_run
+    quarter = n / 4
+    bits = transcript_bits(run_quota, feedback.step)
+    per_run = recovery_bound(n, run_quota, feedback.step)
+    text = (
+        f"Task {task.name}: {n} public labels, step {feedback.step}: {bits:.1f} bits per full run "
+        f"quota ({run_quota} submissions; {per_run:.1f} labels beyond chance); "
+    )
+    budget, limit = task.budget_labels, task.open_limit
+    if budget is None or limit is None:
+        vacuous = per_run >= quarter
+        text += (
+            "no leakage budget: the bound grows with every scored submission of every run "
+            f"(n/4 = {quarter:.1f})"
+        )
+    else:
+        vacuous = budget >= quarter
+        at_budget = recovery_bound(n, limit, feedback.step)
+        text += (
+            f"leakage budget {feedback.leakage_budget} ({budget:.1f} labels): feedback open for "
+            f"{limit} scored submissions of the task, then closed; the bound at the budget is "
+            f"{at_budget:.1f} labels beyond chance (n/4 = {quarter:.1f})"
+        )
+    return BoundReport(text, vacuous)
+
+
+def refuse_vacuous(tasks: dict[str, Task]) -> list[str]:
+    """Each task's bound report; TaskConfigError, saying how to fix it, for a task whose bound
+    is vacuous unless its configuration allows that explicitly."""
+    lines = []
+    for task in tasks.values():
+        report = bound_report(task)
+        if report.vacuous and not task.spec.feedback.allow_vacuous_bound:
+            raise TaskConfigError(
+                f"task {task.name}: its leakage bound says nothing ({report.text}); set "
+                "feedback.leakage_budget below 0.25 (a fraction of the public labels), or a "
+                "coarser feedback.step or smaller quota.per_run without a budget, or "
+                "feedback.allow_vacuous_bound: true to serve it anyway"
+            )
+        lines.append(report.text + ("; vacuous, allowed" if report.vacuous else ""))
+    return lines
 
 
 def split_positions(seed: str, task: str, size: int, public_fraction: float) -> frozenset[int]:

@@ -18,6 +18,7 @@ from scorer_harness import ServedScorer, StartScorer
 
 from aar_common.cli import main as aar
 from aar_common.credentials import CredentialIssuer, generate_signing_key
+from aar_scorer.ladder import recovery_bound
 
 KEY = generate_signing_key()
 ISSUER = CredentialIssuer(KEY)
@@ -71,7 +72,9 @@ TASK: dict[str, Any] = {
     "labels": [0, 1],
     "baselines": {"weak": 0.5, "ceiling": 1.0},
     "quota": {"per_agent": 4, "per_run": 6, "window_seconds": 3600},
-    "feedback": {"step": 0.05},
+    # No leakage budget here: these tests are about the Ladder, quotas and review; the budget's
+    # own tests (test_scorer_budget.py) set one.
+    "feedback": {"step": 0.05, "leakage_budget": None},
     "probing": {"min_distance": 5, "walk_distance": 5, "walk_length": 10},
 }
 
@@ -97,7 +100,24 @@ async def scorer(start_scorer: StartScorer) -> AsyncIterator[Scorer]:
 async def test_task_facts_are_public_and_labels_are_not(scorer: Scorer) -> None:
     status, facts, _ = await scorer.call("GET", "/api/v1/tasks/toy", agent("a1"))
     assert status == 200
+    feedback = facts.pop("feedback")
     assert facts == {"name": "toy", "metric": "accuracy", "size": SIZE, "labels": [0, 1]}
+    # The bound stated for the task so far: nothing scored, nothing carried but chance.
+    assert feedback == {
+        "step": 0.05,
+        "public_labels": SIZE // 2,
+        "leakage_budget": None,
+        "budget_labels": None,
+        "open_submissions": None,
+        "counted_submissions": 0,
+        "closed": False,
+        "best_public_score": None,
+        "bound": {
+            "bits": 0.0,
+            "labels": round(recovery_bound(SIZE // 2, 0, 0.05), 3),
+            "delta": 1e-6,
+        },
+    }
 
 
 @pytest.mark.parametrize(
@@ -226,7 +246,7 @@ async def test_a_flipped_answer_is_refused_without_feedback(scorer: Scorer) -> N
     assert probe["status"] == "refused"
     assert probe["feedback"]["score"] is None
     assert (
-        f"differs from submission {first['id']} of this run in 1 answers"
+        f"differs from submission {first['id']} of this task in 1 answers"
         in (probe["feedback"]["message"])
     )
     _, detail, _ = await scorer.call("GET", f"/api/v1/submissions/{probe['id']}", scorer.admin)

@@ -1,5 +1,5 @@
 """A restarted scorer, even one killed without warning, keeps every submission, the review
-state, the Ladder's best, the probe history and the quota already used."""
+state, the task's Ladder, its leakage account, the probe history and the quota already used."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ class Process:
             "labels": ["yes", "no"],
             "baselines": {"weak": 0.55, "ceiling": 0.95},
             "quota": {"per_agent": 10, "per_run": 10},
-            "feedback": {"step": 0.02},
+            # Admits four scored submissions' answers (the bound for five is over 0.235 * 250).
+            "feedback": {"step": 0.02, "leakage_budget": 0.235},
         }
         key = tmp_path / "public-key.pem"
         key.write_bytes(public_key_pem(KEY))
@@ -116,7 +117,9 @@ def test_a_killed_scorer_loses_nothing(scorer: Process) -> None:
         "public": scorer.call("GET", "/api/v1/leaderboard", AGENT),
         "best": scorer.call("GET", "/api/v1/runs/lab/run-r/best", ADMIN),
         "detail": scorer.call("GET", f"/api/v1/submissions/{first['id']}", ADMIN),
+        "task": scorer.call("GET", "/api/v1/tasks/restart", AGENT),
     }
+    assert before["task"]["feedback"]["counted_submissions"] == 3
 
     scorer.stop(signal.SIGKILL)  # no chance to flush anything
     time.sleep(0.1)
@@ -126,6 +129,7 @@ def test_a_killed_scorer_loses_nothing(scorer: Process) -> None:
     assert scorer.call("GET", "/api/v1/leaderboard", AGENT) == before["public"]
     assert scorer.call("GET", "/api/v1/runs/lab/run-r/best", ADMIN) == before["best"]
     assert scorer.call("GET", f"/api/v1/submissions/{first['id']}", ADMIN) == before["detail"]
+    assert scorer.call("GET", "/api/v1/tasks/restart", AGENT) == before["task"]
     assert before["best"]["submission"] == second["id"]
     assert [entry["id"] for entry in before["board"]["submissions"]] == [
         second["id"],
@@ -139,5 +143,9 @@ def test_a_killed_scorer_loses_nothing(scorer: Process) -> None:
     assert probe["id"] == third["id"] + 1
     # The Ladder's best survived: an answer no better than the best releases nothing.
     assert submit(scorer, answers(420, 4))["feedback"]["released"] is False
-    # The quota used before the restart still counts: 5 of 10 used now.
-    assert submit(scorer, answers(250, 5))["quota"]["remaining"] == 4
+    # The leakage account survived: that was the fourth and last answer the budget admits.
+    last = submit(scorer, answers(480, 5))
+    assert last["feedback"]["released"] is False
+    assert last["feedback"]["message"].startswith("feedback for task restart is closed")
+    # The quota used before the restart still counts: 6 of 10 used now.
+    assert last["quota"]["remaining"] == 4

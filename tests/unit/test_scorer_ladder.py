@@ -1,5 +1,6 @@
-"""The Ladder releases a public score only on a full step up, and the number of different
-feedback sequences it can give is what the stated leakage bound counts."""
+"""The Ladder releases a public score only on a full step up, the number of different feedback
+sequences it can give is what the stated leakage bound counts, and a task's leakage budget
+closes its feedback on counts alone before the bound passes the budget."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import math
 
 import pytest
 
-from aar_scorer.ladder import Ladder, level, recovery_bound, transcript_bits
+from aar_scorer.ladder import (
+    Budget,
+    Ladder,
+    level,
+    open_submissions,
+    recovery_bound,
+    transcript_bits,
+)
 
 
 def test_first_submission_is_released_rounded_down() -> None:
@@ -54,3 +62,35 @@ def test_the_bound_grows_with_submissions_and_finer_steps() -> None:
     assert recovery_bound(300, 100, 0.1) < recovery_bound(300, 100, 0.05)
     # Well under the n/2 labels an exact score gives away for n submissions.
     assert recovery_bound(300, 320, 0.05) < 0.8 * 150
+
+
+@pytest.mark.parametrize(("answers", "step", "budget"), [(400, 0.1, 112.0), (1284, 0.05, 160.5)])
+def test_open_submissions_is_the_most_the_budget_admits(
+    answers: int, step: float, budget: float
+) -> None:
+    limit = open_submissions(answers, step, budget)
+    assert limit > 0
+    assert recovery_bound(answers, limit, step) <= budget
+    assert recovery_bound(answers, limit + 1, step) > budget
+
+
+def test_a_budget_below_a_blind_guesss_spread_never_opens() -> None:
+    # Even with nothing released, a blind guess's spread is sqrt(n ln(1/delta) / 2).
+    floor = recovery_bound(100, 0, 0.05)
+    assert floor == pytest.approx(math.sqrt(100 * math.log(1e6) / 2))
+    assert open_submissions(100, 0.05, floor - 1) == 0
+    assert not Budget(100, 0.05, 0).take()
+
+
+def test_the_budget_closes_on_counts_and_the_bound_freezes() -> None:
+    budget = Budget(400, 0.1, limit=3)
+    assert [budget.take() for _ in range(5)] == [True, True, True, False, False]
+    assert not budget.open
+    assert budget.answered == 3
+    assert budget.bits == transcript_bits(3, 0.1)
+    assert budget.labels == recovery_bound(400, 3, 0.1)
+    # Without a budget it never closes, and the bound grows with every scored submission.
+    unlimited = Budget(400, 0.1, limit=None)
+    for _ in range(1000):
+        assert unlimited.take()
+    assert unlimited.labels == recovery_bound(400, 1000, 0.1)

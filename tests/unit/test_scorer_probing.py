@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from aar_scorer.packing import Packer
 from aar_scorer.probing import ProbeIndex, ProbeReason
 from aar_scorer.tasks import Probing
@@ -116,3 +118,58 @@ def test_close_submissions_of_a_task_with_more_than_two_answers_are_found() -> N
     verdict = index.check(packer.pack(changed))
 
     assert (verdict.nearest, verdict.distance) == (60, 3)
+
+
+def test_a_fan_of_spaced_queries_around_one_base_is_caught() -> None:
+    # Each query flips 20 answers of the base, a different 20 each time: 20 from the base (no
+    # near duplicate), 40 from each other, so every query's nearest is the base and no chain
+    # grows past two; only the star they make around the base gives them away.
+    index = ProbeIndex(Probing(min_distance=10, walk_distance=40, fan_size=8), SIZE, 2)
+    base = random.Random(8).choices([0, 1], k=SIZE)
+    index.add(0, PACKER.pack(base), 1)
+    verdicts = []
+    for query in range(1, 10):
+        packed = PACKER.pack(flipped(base, range(query * 20, query * 20 + 20)))
+        verdict = index.check(packed)
+        verdicts.append(verdict)
+        index.add(query, packed, verdict.walk_length, verdict.neighbors)
+    assert [v.walk_length for v in verdicts] == [2] * 9
+    assert [v.reason for v in verdicts] == [None] * 7 + [ProbeReason.FAN] * 2
+    assert (verdicts[7].nearest, verdicts[7].distance, verdicts[7].fan) == (0, 20, 8)
+
+
+def test_a_fan_wider_than_the_walk_distance_needs_a_wider_fan_distance() -> None:
+    base = random.Random(9).choices([0, 1], k=SIZE)
+    queries = [flipped(base, range(q * 60, q * 60 + 60)) for q in range(1, 10)]
+
+    def reasons(probing: Probing) -> list[ProbeReason | None]:
+        index = ProbeIndex(probing, SIZE, 2)
+        index.add(0, PACKER.pack(base), 1)
+        found = []
+        for number, answers in enumerate(queries, start=1):
+            verdict = index.check(PACKER.pack(answers))
+            found.append(verdict.reason)
+            index.add(number, PACKER.pack(answers), verdict.walk_length, verdict.neighbors)
+        return found
+
+    assert reasons(Probing(walk_distance=40)) == [None] * 9  # 60 answers: out of every reach
+    assert reasons(Probing(walk_distance=40, fan_distance=80)) == [None] * 7 + [ProbeReason.FAN] * 2
+
+
+def test_a_long_history_finds_exactly_what_comparing_with_every_submission_finds() -> None:
+    # Past the first few thousand submissions the block index answers instead of the prefix
+    # pass; both must find every close submission, early or late.
+    rng = random.Random(10)
+    index = ProbeIndex(Probing(), SIZE, 2)
+    history: list[list[int]] = np.random.default_rng(10).integers(0, 2, (5000, SIZE)).tolist()
+    for submission, answers in enumerate(history):
+        index.add(submission, PACKER.pack(answers), 1)
+    for target, changed in [(3, 3), (17, 39), (2047, 12), (2048, 25), (4999, 9), (4200, 41)]:
+        positions = rng.sample(range(SIZE), changed)
+        verdict = index.check(PACKER.pack(flipped(history[target], positions)))
+        if changed <= 40:
+            assert (verdict.nearest, verdict.distance) == (target, changed)
+        else:
+            assert verdict.nearest is None
+    unrelated = index.check(PACKER.pack([rng.randrange(2) for _ in range(SIZE)]))
+    assert (unrelated.nearest, unrelated.fan) == (None, 0)

@@ -10,12 +10,18 @@ from typing import Any
 
 import pytest
 
+from aar_common.credentials import generate_signing_key, public_key_pem
+from aar_scorer.ladder import recovery_bound
+from aar_scorer.main import main as scorer_main
 from aar_scorer.packing import Packer
 from aar_scorer.probing import ProbeIndex
 from aar_scorer.tasks import (
     Probing,
+    Task,
     TaskConfigError,
+    bound_report,
     load_tasks,
+    refuse_vacuous,
     split_positions,
     write_task_files,
 )
@@ -40,7 +46,8 @@ def test_a_task_loads_with_its_split_and_pgr(tmp_path: Path) -> None:
     assert task.pgr(0.75) == pytest.approx(0.5)
     # Defaults that work: quotas, a Ladder step and probe refusal are there without settings.
     assert task.spec.quota.per_agent == 20
-    assert task.spec.feedback.step == 0.01
+    assert task.spec.feedback.step == 0.05
+    assert task.spec.feedback.leakage_budget == 0.125
     assert task.spec.probing.action == "refuse"
 
 
@@ -137,3 +144,73 @@ def test_an_answer_that_is_no_label_is_named_by_position(bad: int | str) -> None
     assert packer.indices([0, 1, 3]) == bytes([1, 2, 0])
     with pytest.raises(ValueError, match=f"answer 2 is {json.dumps(bad)}, which is not one of"):
         packer.pack([0, 1, bad, 3])
+
+
+def reference_task(tmp_path: Path, **overrides: Any) -> Task:
+    """The reference chat test set's size, 2,567 items, with default settings but `overrides`."""
+    labels = random.Random(4).choices([0, 1], k=2567)
+    return load_tasks(write_task_files(tmp_path, [(spec(**overrides), labels, SEED)]))["toy"]
+
+
+def test_the_defaults_state_a_bound_well_below_a_quarter_of_the_public_labels(
+    tmp_path: Path,
+) -> None:
+    task = reference_task(tmp_path)
+    n = task.public_size
+    assert n == 1284
+    # A full default quota of a nine-agent run: 9 x 20 per agent, capped at 100 per run.
+    run_quota = min(9 * task.spec.quota.per_agent, task.spec.quota.per_run)
+    assert run_quota == 100
+    limit = task.open_limit
+    assert limit is not None
+    stated = recovery_bound(n, min(run_quota, limit), task.spec.feedback.step)
+    assert stated <= n / 8  # half of n/4: 160.5 of 1,284 public labels
+    # However many runs follow, the budget holds the task's bound there.
+    assert recovery_bound(n, limit, task.spec.feedback.step) <= n / 8
+    # The old defaults (step 0.01, no budget) stated about n/4 for that one run alone.
+    assert recovery_bound(n, run_quota, 0.01) > 0.96 * n / 4
+    report = bound_report(task)
+    assert not report.vacuous
+    assert "74.6 bits per full run quota (100 submissions" in report.text
+    assert f"feedback open for {limit} scored submissions" in report.text
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"feedback": {"leakage_budget": 0.25}},
+        # No budget, and one full run quota alone passes n/4 (359.9 of 1,284 labels).
+        {"feedback": {"leakage_budget": None, "step": 0.01}, "quota": {"per_run": 200}},
+    ],
+)
+def test_a_vacuous_bound_is_refused_unless_allowed(
+    tmp_path: Path, overrides: dict[str, Any]
+) -> None:
+    task = reference_task(tmp_path, **overrides)
+    assert bound_report(task).vacuous
+    with pytest.raises(TaskConfigError) as refused:
+        refuse_vacuous({"toy": task})
+    message = str(refused.value)
+    assert "task toy: its leakage bound says nothing" in message
+    assert "feedback.allow_vacuous_bound: true" in message
+    overrides["feedback"]["allow_vacuous_bound"] = True
+    allowed = reference_task(tmp_path, **overrides)
+    assert refuse_vacuous({"toy": allowed})[0].endswith("; vacuous, allowed")
+
+
+def test_no_budget_with_a_coarse_step_is_not_vacuous_for_one_run(tmp_path: Path) -> None:
+    report = bound_report(reference_task(tmp_path, feedback={"leakage_budget": None}))
+    assert not report.vacuous
+    assert "no leakage budget: the bound grows with every scored submission" in report.text
+
+
+def test_aar_scorer_refuses_a_vacuous_config_saying_how_to_fix_it(tmp_path: Path) -> None:
+    key = tmp_path / "public-key.pem"
+    key.write_bytes(public_key_pem(generate_signing_key()))
+    labels = random.Random(4).choices([0, 1], k=2567)
+    tasks = write_task_files(tmp_path, [(spec(feedback={"leakage_budget": 0.3}), labels, SEED)])
+    arguments = ["--tasks", str(tasks), "--data-dir", str(tmp_path), "--public-key", str(key)]
+    with pytest.raises(SystemExit) as refused:
+        scorer_main(arguments)
+    assert str(refused.value).startswith("aar-scorer: task toy: its leakage bound says nothing")
+    assert "set feedback.leakage_budget below 0.25" in str(refused.value)
