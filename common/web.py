@@ -1,13 +1,16 @@
 """HTTP plumbing shared by the forum, scorer and gateway (aiohttp): authentication with aar
-credentials, errors as JSON that say how to fix them, pydantic request bodies, health and
-Prometheus endpoints, and serving on TCP or a Unix socket until SIGTERM."""
+credentials, errors as JSON that say how to fix them, pydantic request bodies, the health
+endpoint, and serving on TCP or a Unix socket until SIGTERM, with Prometheus' `/metrics` on a
+listener of its own (the metrics port), never on the API's."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
 import json
+import os
 import signal
 import socket
 import stat
@@ -31,6 +34,9 @@ GC_THRESHOLDS = (7000, 10, 10)
 # Connections the kernel holds for a server that has not accepted them yet: hundreds of agents
 # reconnect at once after a restart.
 LISTEN_BACKLOG = 1024
+# The metrics port: Prometheus' alone; the sandboxes' NetworkPolicy opens only the API port.
+METRICS_PORT_ENV = "AAR_METRICS_PORT"
+DEFAULT_METRICS_PORT = 9090
 
 VERIFIER_KEY = web.AppKey("verifier", CredentialVerifier)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -174,11 +180,20 @@ def make_app(
     *,
     client_max_size: int = 1024**2,
 ) -> web.Application:
-    """An application with the verifier, `/healthz` and `/metrics` in place."""
+    """An application with the verifier and `/healthz` in place. Its `registry` is served by
+    `metrics_app` on the metrics port, not here: agents reach the API port, and every run's
+    counters would be a channel between runs."""
     app = json_errors_app(client_max_size)
     app[VERIFIER_KEY] = verifier
     app[REGISTRY_KEY] = registry
     app.router.add_get("/healthz", _healthz)
+    return app
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    """`GET /metrics` of `registry` and nothing else, for the metrics port's listener."""
+    app = json_errors_app()
+    app[REGISTRY_KEY] = registry
     app.router.add_get("/metrics", _metrics)
     return app
 
@@ -202,6 +217,31 @@ def listen(
         sock.close()
         raise
     return sock
+
+
+def add_metrics_port(parser: argparse.ArgumentParser) -> None:
+    """The `--metrics-port` flag every service takes (default $AAR_METRICS_PORT or 9090)."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get(METRICS_PORT_ENV) or DEFAULT_METRICS_PORT),
+        help=f"serve /metrics on this port, on the same host, and only there; 0: not at all "
+        f"(default ${METRICS_PORT_ENV} or {DEFAULT_METRICS_PORT})",
+    )
+
+
+def metrics_listener(program: str, host: str, port: int) -> socket.socket | None:
+    """The metrics port's listening socket on `host` (None for port 0: no metrics served); a
+    SystemExit that says what to change when it cannot listen."""
+    if not port:
+        return None
+    try:
+        return listen(host, port)
+    except OSError as error:
+        raise SystemExit(
+            f"{program}: cannot serve /metrics on {host}:{port}: {error.strerror}; pass another "
+            f"--metrics-port (or set {METRICS_PORT_ENV}), or 0 to serve none"
+        ) from error
 
 
 def address(sock: socket.socket) -> str:
@@ -231,15 +271,25 @@ async def serve(
     port: int = 8080,
     unix_socket: Path | None = None,
     sock: socket.socket | None = None,
+    metrics: socket.socket | None = None,
     ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve on `sock`, or else on a socket made from the address arguments, until SIGTERM or
-    SIGINT, then finish in-flight requests and run cleanups."""
+    SIGINT, then finish in-flight requests and run cleanups. With `metrics`, a listening
+    socket, this process also serves `/metrics` of the app's registry there."""
     if sock is None:
         sock = listen(host, port, unix_socket)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
+    exporter: web.AppRunner | None = None
+    exporter_site: web.SockSite | None = None
+    if metrics is not None:
+        exporter = web.AppRunner(metrics_app(app[REGISTRY_KEY]), handle_signals=False)
+        await exporter.setup()
+        exporter_site = web.SockSite(exporter, metrics)
     settle_collector()
+    if exporter_site is not None:
+        await exporter_site.start()
     site = web.SockSite(runner, sock)
     await site.start()
     if ready is not None:
@@ -255,3 +305,5 @@ async def serve(
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
         await runner.cleanup()
+        if exporter is not None:
+            await exporter.cleanup()

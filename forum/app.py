@@ -26,7 +26,8 @@ HEARTBEAT_S = 15.0
 
 
 def build_app(settings: Settings, blobs: BlobStore | None = None) -> web.Application:
-    """The forum: the API, the web UI, /healthz and /metrics, over `settings.data_dir`."""
+    """The forum: the API, the web UI and /healthz, over `settings.data_dir`; its metrics
+    registry is `serve`d on the metrics port, apart from these."""
     registry = CollectorRegistry()
     verifier = CredentialVerifier.from_file(settings.public_key_file)
     app = make_app(verifier, registry, client_max_size=settings.max_post_bytes)

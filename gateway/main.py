@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV
-from aar_common.web import serve
+from aar_common.web import add_metrics_port, metrics_listener, serve
 from aar_gateway.app import build_app
 from aar_gateway.settings import Settings
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
+    add_metrics_port(parser)
     parser.add_argument(
         "--upstream", default=env.get("AAR_GATEWAY_UPSTREAM", "https://api.anthropic.com")
     )
@@ -67,11 +68,13 @@ def main(argv: list[str] | None = None) -> None:
         upstream_timeout=args.upstream_timeout,
     )
     app = build_app(settings)
+    metrics = metrics_listener("aar-gateway", args.host, args.metrics_port)
     asyncio.run(
         serve(
             app,
             host=args.host,
             port=args.port,
+            metrics=metrics,
             ready=lambda name: log.info("Serving the gateway on %s for %s", name, args.upstream),
         )
     )

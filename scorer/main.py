@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV, CredentialVerifier
-from aar_common.web import address, listen, serve
+from aar_common.web import add_metrics_port, address, listen, metrics_listener, serve
 from aar_scorer.app import SCORER_KEY, build_app
 from aar_scorer.intake import IntakeError
 from aar_scorer.settings import (
@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--unix-socket", type=Path, help="serve on this Unix socket instead")
+    add_metrics_port(parser)
     parser.add_argument(
         "--intake-workers",
         type=_worker_count,
@@ -89,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"aar-scorer: cannot listen on {where}: {error}; pass another --port or --unix-socket"
         ) from error
+    # Opened here, in the deciding process, and never handed to the intake workers: /metrics is
+    # not on the public port, which the workers share and pass on.
+    metrics = metrics_listener("aar-scorer", args.host, args.metrics_port)
     store = Store(settings.database)
     app = build_app(tasks, store, verifier, intake_workers=settings.intake_workers)
 
@@ -102,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with public:
             serving = app[SCORER_KEY].intake.listen(public)
-            asyncio.run(serve(app, sock=serving, ready=ready))
+            asyncio.run(serve(app, sock=serving, metrics=metrics, ready=ready))
     except IntakeError as error:
         raise SystemExit(f"aar-scorer: {error}") from error
     finally:

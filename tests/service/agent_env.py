@@ -30,6 +30,7 @@ TASK_TRUTH = ["A", "B", "B", "A"] * 50
 class Service:
     url: str
     process: subprocess.Popen[str]
+    metrics_url: str = ""  # the metrics port's, apart from the API's
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """Call the service as an admin (what a person or the operator sees)."""

@@ -45,6 +45,7 @@ from scorer_harness import ScorerTask, ServedScorer, StartScorer, serve_scorer
 
 from aar_agent.config import Settings, settings_from_env
 from aar_common.credentials import public_key_pem
+from aar_common.web import REGISTRY_KEY, metrics_app
 from aar_devcluster.anthropic_stub import AnthropicStub, serving
 from aar_forum.app import build_app as build_forum
 from aar_forum.settings import Settings as ForumSettings
@@ -116,9 +117,21 @@ async def start_forum(
         port = unused_tcp_port_factory()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         runners.append(runner)
+        exporter = web.AppRunner(metrics_app(app[REGISTRY_KEY]))
+        await exporter.setup()
+        metrics_port = unused_tcp_port_factory()
+        await web.TCPSite(exporter, "127.0.0.1", metrics_port).start()
+        runners.append(exporter)
         http = aiohttp.ClientSession()
         sessions.append(http)
-        return Forum(f"http://127.0.0.1:{port}", settings, http, app, runner)
+        return Forum(
+            f"http://127.0.0.1:{port}",
+            settings,
+            http,
+            app,
+            runner,
+            f"http://127.0.0.1:{metrics_port}",
+        )
 
     yield start
     for session in sessions:
@@ -205,9 +218,11 @@ def make_settings(sandbox_env: dict[str, str]) -> Callable[..., Settings]:
 # The services as their own processes, for the agent.
 
 
-def _serve(command: list[str], ready: str, port: int) -> Service:
-    """Start a service and wait for the line (on stdout or stderr) saying it listens; the rest
-    of its output is drained so a chatty log can never fill the pipe and stall it."""
+def _serve(command: list[str], ready: str, port: int, metrics_port: int) -> Service:
+    """Start a service, its /metrics on `metrics_port`, and wait for the line (on stdout or
+    stderr) saying it listens; the rest of its output is drained so a chatty log can never fill
+    the pipe and stall it."""
+    command = [*command, "--metrics-port", str(metrics_port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     seen = []
@@ -218,7 +233,7 @@ def _serve(command: list[str], ready: str, port: int) -> Service:
     else:
         raise AssertionError(f"{command[0]} exited before it served: {''.join(seen)}")
     threading.Thread(target=process.stdout.read, daemon=True).start()
-    return Service(f"http://127.0.0.1:{port}", process)
+    return Service(f"http://127.0.0.1:{port}", process, f"http://127.0.0.1:{metrics_port}")
 
 
 @pytest.fixture
@@ -254,6 +269,7 @@ def services(
         ],
         "aar-forum listening",
         forum_port,
+        unused_tcp_port_factory(),
     )
     tasks_file = write_task_files(tmp_path / "scorer-tasks", [scorer_task])
     task = scorer_task[0]
@@ -266,6 +282,7 @@ def services(
         ],
         f"Serving {task['name']}",
         scorer_port,
+        unused_tcp_port_factory(),
     )
     scorer.call("PUT", f"/api/v1/runs/{NAMESPACE}/{RUN}", {"task": task["name"]})
     yield forum, scorer
@@ -298,6 +315,7 @@ def gateway(
         ],
         "Serving the gateway on",
         port,
+        unused_tcp_port_factory(),
     )
     yield service
     stop(service)

@@ -25,6 +25,7 @@ class Forum:
     http: aiohttp.ClientSession
     app: web.Application
     runner: web.AppRunner
+    metrics_url: str = ""  # /metrics, on a port of its own as `aar-forum` serves it
 
     @staticmethod
     def agent(name: str, run: str = "lab/w2s") -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from aar_common.credentials import public_key_pem
+from aar_common.web import REGISTRY_KEY, address, metrics_app
 from aar_devcluster.anthropic_stub import AnthropicStub
 from aar_gateway.app import build_app
 from aar_gateway.settings import Settings
@@ -34,7 +35,9 @@ class Gateway:
     directory: Path
     options: dict[str, Any] = field(default_factory=dict)
     url: str = ""
+    metrics_url: str = ""  # /metrics, on a port of its own as `aar-gateway` serves it
     runner: web.AppRunner | None = None
+    exporter: web.AppRunner | None = None
 
     def settings(self) -> Settings:
         return Settings(
@@ -47,12 +50,21 @@ class Gateway:
 
     async def start(self) -> None:
         listener = socket.create_server(("127.0.0.1", 0))
-        self.runner = web.AppRunner(build_app(self.settings()))
+        app = build_app(self.settings())
+        self.runner = web.AppRunner(app)
         await self.runner.setup()
         await web.SockSite(self.runner, listener).start()
         self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        metrics = socket.create_server(("127.0.0.1", 0))
+        self.exporter = web.AppRunner(metrics_app(app[REGISTRY_KEY]))
+        await self.exporter.setup()
+        await web.SockSite(self.exporter, metrics).start()
+        self.metrics_url = address(metrics)
 
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.exporter is not None:
+            await self.exporter.cleanup()
+            self.exporter = None

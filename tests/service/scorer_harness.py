@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from aar_common.credentials import CredentialVerifier, public_key_pem
-from aar_common.web import listen
+from aar_common.web import REGISTRY_KEY, address, listen, metrics_app
 from aar_scorer.app import SCORER_KEY, build_app
 from aar_scorer.store import Store
 from aar_scorer.tasks import load_tasks, write_task_files
@@ -25,12 +25,21 @@ ScorerTask = tuple[dict[str, Any], list[Any], str]
 
 class ServedScorer:
     """A scorer on a loopback port over its own SQLite file: the workers, if any, accept on the
-    public socket, the deciding process serves the socket `Intake.listen` gives it."""
+    public socket, the deciding process serves the socket `Intake.listen` gives it, and its
+    /metrics on a port of its own (`metrics_url`)."""
 
-    def __init__(self, runner: web.AppRunner, store: Store, public: socket.socket) -> None:
-        self.runner, self.store, self.public = runner, store, public
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        store: Store,
+        public: socket.socket,
+        exporter: web.AppRunner,
+        metrics_url: str,
+    ) -> None:
+        self.runner, self.store, self.public, self.exporter = runner, store, public, exporter
         self.port: int = public.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = metrics_url
         self._stopped: asyncio.Future[None] | None = None
 
     async def stop(self) -> None:
@@ -41,6 +50,7 @@ class ServedScorer:
 
     async def _stop(self) -> None:
         await self.runner.cleanup()
+        await self.exporter.cleanup()
         self.store.close()
         self.public.close()
 
@@ -68,7 +78,11 @@ async def serve_scorer(
         public.close()
         raise
     await web.SockSite(runner, serving).start()
-    return ServedScorer(runner, store, public)
+    exporter = web.AppRunner(metrics_app(app[REGISTRY_KEY]))
+    await exporter.setup()
+    metrics = listen("127.0.0.1", 0)
+    await web.SockSite(exporter, metrics).start()
+    return ServedScorer(runner, store, public, exporter, address(metrics))
 
 
 # The `start_scorer` fixture: start_scorer(task, key=..., directory=..., clock=..., workers=...).

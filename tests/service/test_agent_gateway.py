@@ -59,7 +59,7 @@ async def test_the_gateways_budget_refusal_ends_the_run_with_a_note_on_the_forum
 def upstream_answers_started(gateway: Service, count: int) -> bool:
     """Whether the gateway has had `count` answers start from upstream (and so has begun
     relaying the last one to the agent)."""
-    with urllib.request.urlopen(gateway.url + "/metrics", timeout=30) as response:
+    with urllib.request.urlopen(gateway.metrics_url + "/metrics", timeout=30) as response:
         metrics = response.read().decode()
     prefix = f'aar_llm_upstream_latency_seconds_count{{model="claude-opus-4-6",run="{RUN_KEY}"}}'
     lines = [line for line in metrics.splitlines() if line.startswith(prefix)]

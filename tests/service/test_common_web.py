@@ -100,15 +100,43 @@ async def test_errors_are_json_that_say_what_is_wrong(base_url: str) -> None:
             assert (await response.json())["error"]["type"] == "not_found_error"
 
 
-async def test_health_and_metrics_are_served(base_url: str) -> None:
+async def test_health_is_served_and_metrics_are_not_on_the_api_port(base_url: str) -> None:
     admin = {"Authorization": f"Bearer {ISSUER.mint_admin('alice')}"}
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base_url}/healthz") as response:
             assert await response.text() == "ok"
         async with http.get(f"{base_url}/metrics") as response:
-            assert "aar_test_things_total 1.0" in await response.text()
+            assert response.status == 404
         async with http.get(f"{base_url}/admin", headers=admin) as response:
             assert response.status == 200
+
+
+async def test_serve_serves_metrics_on_the_metrics_socket_alone() -> None:
+    registry = CollectorRegistry()
+    Counter("aar_test_things", "Things counted in a test", registry=registry).inc()
+    app = make_app(CredentialVerifier(public_key_pem(KEY)), registry)
+    api, metrics = listen("127.0.0.1", 0), listen("127.0.0.1", 0)
+    api_url, metrics_url = address(api), address(metrics)
+    addresses: list[str] = []
+    serving = asyncio.ensure_future(serve(app, sock=api, metrics=metrics, ready=addresses.append))
+    try:
+        for _ in range(100):
+            if addresses:
+                break
+            await asyncio.sleep(0.02)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{metrics_url}/metrics") as response:
+                assert response.status == 200
+                assert "aar_test_things_total 1.0" in await response.text()
+            async with http.get(f"{api_url}/metrics") as response:
+                assert response.status == 404
+            # The metrics port answers nothing else: not the API, not even its health.
+            async with http.get(f"{metrics_url}/healthz") as response:
+                assert response.status == 404
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
 
 
 _SERVE_AND_REPORT = """

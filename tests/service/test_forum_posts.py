@@ -177,7 +177,7 @@ async def test_metrics_count_posts_searches_and_subscribers(forum: Forum) -> Non
     await get(forum, "/api/v1/posts?q=counted", forum.agent("w2s-1"))
     async with forum.http.get(f"{forum.url}/api/v1/stream", headers=forum.agent("w2s-1")) as stream:
         await stream.content.readuntil(b"\n\n")
-        async with forum.http.get(f"{forum.url}/metrics") as response:
+        async with forum.http.get(f"{forum.metrics_url}/metrics") as response:
             text = await response.text()
     assert 'aar_forum_posts_total{kind="result"} 1.0' in text
     assert "aar_forum_searches_total 1.0" in text

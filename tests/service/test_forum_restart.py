@@ -23,6 +23,7 @@ class Process:
             **os.environ,
             "AAR_DATA_DIR": str(data_dir),
             PUBLIC_KEY_FILE_ENV: str(public_key_file),
+            "AAR_METRICS_PORT": "0",  # no /metrics: not what these tests read
         }
         self.popen = subprocess.Popen(
             # The console script, as the image runs it.

@@ -155,5 +155,5 @@ async def test_an_idle_stream_gets_keepalives(
         # A post in between is delivered as usual, and measured.
         post = await forum.post(forum.agent("w2s-2"), title="between heartbeats")
         assert (await asyncio.wait_for(next_event(stream), 10))[1]["id"] == post["id"]
-    async with forum.http.get(f"{forum.url}/metrics") as response:
+    async with forum.http.get(f"{forum.metrics_url}/metrics") as response:
         assert "aar_forum_stream_delivery_seconds_count 1.0" in await response.text()

@@ -89,7 +89,10 @@ class Gateway(ServedGateway):
         return result
 
     async def metrics(self) -> str:
-        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as response:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(self.metrics_url + "/metrics") as response,
+        ):
             return await response.text()
 
 
@@ -524,6 +527,8 @@ async def serve_process(env: dict[str, str], port: int) -> asyncio.subprocess.Pr
         "127.0.0.1",
         "--port",
         str(port),
+        "--metrics-port",
+        "0",
         env={**os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
     )

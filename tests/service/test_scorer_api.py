@@ -40,6 +40,7 @@ class Scorer:
     http: aiohttp.ClientSession
     clock: Clock
     admin: dict[str, str]
+    metrics_url: str
 
     async def call(
         self, method: str, path: str, headers: dict[str, str], body: Any = None
@@ -89,7 +90,7 @@ async def scorer(start_scorer: StartScorer) -> AsyncIterator[Scorer]:
     served = await start(start_scorer, TASK, clock)
     admin = {"Authorization": f"Bearer {ISSUER.mint_admin('reviewer')}"}
     async with aiohttp.ClientSession() as http:
-        service = Scorer(served.url, http, clock, admin)
+        service = Scorer(served.url, http, clock, admin, served.metrics_url)
         status, _, _ = await service.call(
             "PUT", "/api/v1/runs/lab/run-a", admin, {"task": "toy", "review_required": True}
         )
@@ -264,7 +265,7 @@ async def test_metrics_count_results_probes_and_latency(scorer: Scorer) -> None:
     await scorer.submit(agent("a1"), base)
     await scorer.submit(agent("a1"), [1 - base[0], *base[1:]])
     await scorer.submit(agent("a1"), [0] * 3)
-    async with scorer.http.get(scorer.url + "/metrics") as response:
+    async with scorer.http.get(scorer.metrics_url + "/metrics") as response:
         text = await response.text()
     assert 'aar_scorer_submissions_total{result="accepted"} 1.0' in text
     assert 'aar_scorer_submissions_total{result="refused"} 1.0' in text
@@ -378,7 +379,7 @@ async def test_flagged_probes_get_feedback_but_count_only_when_approved(
     admin = {"Authorization": f"Bearer {ISSUER.mint_admin('reviewer')}"}
     try:
         async with aiohttp.ClientSession() as http:
-            scorer = Scorer(served.url, http, clock, admin)
+            scorer = Scorer(served.url, http, clock, admin, served.metrics_url)
             await scorer.call(
                 "PUT", "/api/v1/runs/lab/run-a", admin, {"task": "toy", "review_required": False}
             )

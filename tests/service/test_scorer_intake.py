@@ -49,8 +49,10 @@ TASK = {
 
 
 class Server:
-    def __init__(self, url: str, http: aiohttp.ClientSession, app: web.Application) -> None:
-        self.url, self.http, self.app = url, http, app
+    def __init__(
+        self, url: str, http: aiohttp.ClientSession, app: web.Application, metrics_url: str
+    ) -> None:
+        self.url, self.http, self.app, self.metrics_url = url, http, app, metrics_url
 
     async def post(self, headers: dict[str, str], body: Any) -> tuple[int, Any, dict[str, str]]:
         async with self.http.post(
@@ -59,7 +61,7 @@ class Server:
             return response.status, await response.json(), dict(response.headers)
 
     async def metrics(self) -> str:
-        async with self.http.get(self.url + "/metrics") as response:
+        async with self.http.get(self.metrics_url + "/metrics") as response:
             return await response.text()
 
 
@@ -83,7 +85,7 @@ async def servers(tmp_path: Path, start_scorer: StartScorer) -> AsyncIterator[di
         servers = {}
         for workers in (0, 1):
             served = await serve(start_scorer, workers, tmp_path / f"workers-{workers}")
-            servers[workers] = Server(served.url, http, served.runner.app)
+            servers[workers] = Server(served.url, http, served.runner.app, served.metrics_url)
             async with http.put(
                 f"{served.url}/api/v1/runs/lab/run-i",
                 json={"task": "intake", "review_required": False},
@@ -417,10 +419,12 @@ async def test_aar_scorer_serves_a_unix_socket_through_its_workers(tmp_path: Pat
     key.write_bytes(public_key_pem(KEY))
     tasks = write_task_files(tmp_path / "tasks", [(TASK, TRUTH, "intake-test-seed")])
     path = tmp_path / "scorer.sock"
+    metrics_port = free_port()
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "aar-scorer"),
         "--tasks", str(tasks), "--data-dir", str(tmp_path / "data"), "--public-key", str(key),
         "--unix-socket", str(path), "--intake-workers", "2",
+        "--host", "127.0.0.1", "--metrics-port", str(metrics_port),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -440,8 +444,15 @@ async def test_aar_scorer_serves_a_unix_socket_through_its_workers(tmp_path: Pat
             ) as response:
                 assert response.status == 200
                 assert (await response.json())["status"] == "accepted"
+            # Passed on by a worker to the deciding process, which has no /metrics there ...
             async with http.get("http://scorer/metrics") as response:
-                text = await response.text()
+                assert response.status == 404
+        # ... but serves them itself on its metrics port, counting what the workers passed it.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
+        ):
+            text = await response.text()
         assert 'aar_scorer_submissions_total{result="accepted"} 1.0' in text
         assert "aar_scorer_intake_restarts_total 0.0" in text
         process.send_signal(signal.SIGTERM)
@@ -463,6 +474,7 @@ async def test_workers_die_with_a_killed_scorer_and_free_its_port(tmp_path: Path
         str(Path(sys.executable).parent / "aar-scorer"),
         "--tasks", str(tasks), "--data-dir", str(tmp_path / "data"), "--public-key", str(key),
         "--host", "127.0.0.1", "--port", str(port), "--intake-workers", "2",
+        "--metrics-port", "0",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None

@@ -53,6 +53,8 @@ class Process:
             "127.0.0.1",
             "--port",
             str(port),
+            "--metrics-port",
+            "0",
         ]
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen[str] | None = None
