@@ -48,7 +48,10 @@ def test_helm_install_creates_the_forum_deployment_service_and_volume(
     assert pod["securityContext"]["runAsNonRoot"] is True
 
     service = kubectl.json("get", "service", "aar-forum")
-    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8080, "http")]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        (8080, "http"),
+        (9090, "metrics"),
+    ]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     claim = kubectl.json("get", "pvc", "aar-forum-data")

@@ -37,7 +37,10 @@ def test_helm_installs_the_gateway_with_its_key_secret_volume_and_service(
     assert volumes["credential-public-key"]["configMap"]["name"] == "aar-credential-public-key"
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "aar-gateway-data"
     service = kubectl.json("get", "service", "aar-gateway")
-    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8080, "http")]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        (8080, "http"),
+        (9090, "metrics"),
+    ]
     # The Service selects the gateway's pods and nothing else the chart makes.
     selector = ",".join(f"{k}={v}" for k, v in service["spec"]["selector"].items())
     assert kubectl.json("get", "deployments", "-l", selector)["items"][0]["metadata"]["name"] == (

@@ -99,7 +99,10 @@ def test_the_chart_deploys_the_scorer_as_the_interfaces_say(installed: dict[str,
     namespace = installed["namespace"]
     assert admin.json("get", "namespace", namespace)["metadata"]["name"] == namespace
     service = admin.json("get", "service", "aar-scorer")
-    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("http", 8080)]
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [
+        ("http", 8080),
+        ("metrics", 9090),
+    ]
     deployment = admin.json("get", "deployment", "aar-scorer")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "aar-scorer"

@@ -650,6 +650,7 @@ async def test_the_gateway_serves_as_the_chart_configures_it(
         ("Service", "aar-gateway"),
         ("PersistentVolumeClaim", "aar-gateway-data"),
         ("ConfigMap", "aar-gateway-prices"),
+        ("NetworkPolicy", "aar-gateway"),
     }
     assert objects[("Service", "aar-gateway")]["spec"]["ports"][0]["port"] == 8080
     pod = objects[("Deployment", "aar-gateway")]["spec"]["template"]["spec"]
