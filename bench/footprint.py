@@ -164,6 +164,7 @@ def bench_forum(root: Path, issuer: CredentialIssuer, agents: int, requests: int
         [str(BIN / "aar-forum"), "--host", "127.0.0.1", "--port", str(port)],
         {
             "AAR_DATA_DIR": str(root / "forum"),
+            "AAR_METRICS_PORT": str(free_port()),
             "AAR_CREDENTIAL_PUBLIC_KEY_FILE": str(root / "public-key.pem"),
             "AAR_FORUM_WRITES_PER_MINUTE": "0",
             "AAR_FORUM_READS_PER_MINUTE": "0",
@@ -245,6 +246,7 @@ def bench_gateway(
                 "AAR_ANTHROPIC_API_KEY_FILE": str(root / "api-key"),
                 "AAR_CREDENTIAL_PUBLIC_KEY_FILE": str(root / "public-key.pem"),
                 "AAR_DATA_DIR": str(root / "gateway"),
+                "AAR_METRICS_PORT": str(free_port()),
             },
             url + "/healthz",
         )
@@ -310,7 +312,7 @@ def bench_scorer(
             "--public-key",
             str(root / "public-key.pem"),
         ],
-        {},
+        {"AAR_METRICS_PORT": str(free_port())},
         url + "/healthz",
     )
     admin = {"Authorization": f"Bearer {issuer.mint_admin('bench')}"}

@@ -87,6 +87,7 @@ class Server:
             PUBLIC_KEY_FILE_ENV: str(key_file),
             "AAR_FORUM_WRITES_PER_MINUTE": "0",
             "AAR_FORUM_READS_PER_MINUTE": "0",
+            "AAR_METRICS_PORT": str(metrics_port := free_port()),
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "aar_forum.main", "--host", "127.0.0.1", "--port", str(port)],
@@ -101,6 +102,7 @@ class Server:
         if not line.startswith("aar-forum listening"):
             raise SystemExit(f"the forum did not start: {line!r}")
         self.url = f"http://127.0.0.1:{port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}"
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -238,9 +240,10 @@ async def measure_fanout(
     return delays
 
 
-async def delivery_bound(url: str) -> float:
-    """The smallest histogram bucket that holds every stream delivery the forum made."""
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+async def delivery_bound(metrics_url: str) -> float:
+    """The smallest histogram bucket that holds every stream delivery the forum made, read from
+    its metrics port (`metrics_url`)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{metrics_url}/metrics") as response:
         text = await response.text()
     buckets: list[tuple[float, float]] = []
     for line in text.splitlines():
@@ -252,7 +255,7 @@ async def delivery_bound(url: str) -> float:
 
 
 async def run(
-    args: argparse.Namespace, url: str, issuer: CredentialIssuer, words: list[str]
+    args: argparse.Namespace, url: str, metrics_url: str, issuer: CredentialIssuer, words: list[str]
 ) -> dict[str, Any]:
     admin = {"Authorization": f"Bearer {issuer.mint_admin('bench')}"}
     writers = [
@@ -281,7 +284,7 @@ async def run(
         f"median {fanout_p50 * 1000:.0f} ms, worst {fanout_max * 1000:.0f} ms "
         f"over {args.rounds} posts (target under {FANOUT_TARGET_S:.0f} s)"
     )
-    server_bound = await delivery_bound(url)
+    server_bound = await delivery_bound(metrics_url)
     print(
         f"  of which the forum's own part (commit to the write into each stream, from its "
         f"aar_forum_stream_delivery_seconds): every delivery within {server_bound} s; the rest "
@@ -336,7 +339,7 @@ def main() -> None:
         port = args.port or free_port()
         server = Server(root / "data", root / "public-key.pem", port, root / "forum.log")
         try:
-            figures = asyncio.run(run(args, server.url, issuer, words))
+            figures = asyncio.run(run(args, server.url, server.metrics_url, issuer, words))
             figures["load_average_1m"] = round(load_average, 2)
         finally:
             server.stop()

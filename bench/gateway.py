@@ -110,6 +110,7 @@ def _gateway(started: list[subprocess.Popen[bytes]], directory: Path, upstream: 
             "AAR_ANTHROPIC_API_KEY_FILE": str(directory.parent / "api-key"),
             "AAR_CREDENTIAL_PUBLIC_KEY_FILE": str(directory.parent / "public-key.pem"),
             "AAR_DATA_DIR": str(directory),
+            "AAR_METRICS_PORT": "0",  # two run at once; their /metrics are not read here
         },
         stderr=subprocess.DEVNULL,
     )

@@ -90,7 +90,7 @@ def upstream_stand_in(image: str, api_key: str) -> list[dict[str, Any]]:
                 "valueFrom": {"secretKeyRef": {"name": "anthropic-api-key", "key": "api-key"}},
             }
         ],
-        "ports": [{"name": "api", "containerPort": UPSTREAM_PORT}],  # not "http": no /metrics here
+        "ports": [{"name": "api", "containerPort": UPSTREAM_PORT}],  # not "metrics": not scraped
         "readinessProbe": {"tcpSocket": {"port": UPSTREAM_PORT}, "periodSeconds": 2},
         "resources": {
             "requests": {"cpu": "50m", "memory": "64Mi"},

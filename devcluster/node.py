@@ -481,8 +481,8 @@ def kubelet_config(link: Link, ca_file: Path, resolv_conf: Path) -> dict[str, An
 
 
 def prometheus_config(targets_file: Path, rules_dir: Path) -> dict[str, Any]:
-    """Scrape the targets `aar_devcluster.targets` writes (every Running Pod's port named `http`
-    or `metrics`: the chart's services and the operator) and evaluate the rules in `rules_dir`."""
+    """Scrape the targets `aar_devcluster.targets` writes (every Running Pod's port named
+    `metrics`: the chart's services and the operator) and evaluate the rules in `rules_dir`."""
     return {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
         "rule_files": [str(rules_dir / "*.yml")],

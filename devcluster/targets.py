@@ -1,8 +1,9 @@
 """Scrape targets for the node's Prometheus: `python -m aar_devcluster.targets`, started with it.
 
 Debian builds Prometheus without Kubernetes service discovery, so this process lists the Pods
-every few seconds and writes every Running Pod's container port named `http` or `metrics` to a
-file Prometheus reads (`file_sd_configs`), labelled with namespace, pod and app.
+every few seconds and writes every Running Pod's container port named `metrics` (where each
+component serves /metrics, apart from its API port) to a file Prometheus reads
+(`file_sd_configs`), labelled with namespace, pod and app.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 from aar_devcluster.kubeapi import add_api_arguments, api_from, run_every
 
-SCRAPED_PORT_NAMES = ("http", "metrics")
+# The components' metrics ports (the chart's `metrics.port`); their API ports answer 404 there.
+SCRAPED_PORT_NAMES = ("metrics",)
 
 
 def targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -162,11 +162,12 @@ def _prometheus(installed: Installed, query: str) -> list[dict[str, Any]]:
 
 
 def _scraped_pods(installed: Installed) -> dict[str, int]:
-    """Running Pods with a port named http or metrics, per namespace, as the apiserver has them."""
+    """Running Pods with a port named metrics (where each component serves /metrics, apart
+    from its API port), per namespace, as the apiserver has them."""
     counts: dict[str, int] = {}
     for pod in installed.admin.json("get", "pods", "-A")["items"]:
         ports = [p.get("name") for c in pod["spec"]["containers"] for p in c.get("ports", [])]
-        if pod["status"].get("phase") == "Running" and {"http", "metrics"} & set(ports):
+        if pod["status"].get("phase") == "Running" and "metrics" in ports:
             namespace = pod["metadata"]["namespace"]
             counts[namespace] = counts.get(namespace, 0) + 1
     return counts

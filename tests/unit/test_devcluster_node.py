@@ -102,17 +102,24 @@ def pod(phase: str, ports: list[dict[str, Any]], ip: str = "10.244.0.9") -> dict
     }
 
 
-def test_only_running_pods_ports_named_http_or_metrics_are_scraped() -> None:
+def test_only_running_pods_ports_named_metrics_are_scraped() -> None:
     found = targets.targets(
         [
-            pod("Running", [{"name": "http", "containerPort": 8080}]),
-            pod("Running", [{"name": "metrics", "containerPort": 8000}, {"name": "health"}]),
+            # A service: its API port is not scraped, its metrics port is.
+            pod(
+                "Running",
+                [
+                    {"name": "http", "containerPort": 8080},
+                    {"name": "metrics", "containerPort": 9090},
+                ],
+            ),
+            pod("Running", [{"name": "metrics", "containerPort": 9091}, {"name": "health"}]),
             pod("Running", [{"name": "dns", "containerPort": 5353}]),
-            pod("Pending", [{"name": "http", "containerPort": 8080}], ip=""),
-            pod("Succeeded", [{"name": "http", "containerPort": 8080}]),
+            pod("Pending", [{"name": "metrics", "containerPort": 9090}], ip=""),
+            pod("Succeeded", [{"name": "metrics", "containerPort": 9090}]),
         ]
     )
-    assert [t["targets"] for t in found] == [["10.244.0.9:8080"], ["10.244.0.9:8000"]]
+    assert [t["targets"] for t in found] == [["10.244.0.9:9090"], ["10.244.0.9:9091"]]
     assert found[0]["labels"] == {"namespace": "aar-system", "pod": "p", "app": ""}
 
 
