@@ -224,7 +224,8 @@ def add_metrics_port(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=int(os.environ.get(METRICS_PORT_ENV) or DEFAULT_METRICS_PORT),
+        # A string: argparse converts it as it would the flag, so a malformed one is refused.
+        default=os.environ.get(METRICS_PORT_ENV) or str(DEFAULT_METRICS_PORT),
         help=f"serve /metrics on this port, on the same host, and only there; 0: not at all "
         f"(default ${METRICS_PORT_ENV} or {DEFAULT_METRICS_PORT})",
     )

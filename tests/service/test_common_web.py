@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import subprocess
@@ -22,12 +23,16 @@ from aar_common.credentials import (
     public_key_pem,
 )
 from aar_common.web import (
+    DEFAULT_METRICS_PORT,
     GC_THRESHOLDS,
+    METRICS_PORT_ENV,
+    add_metrics_port,
     address,
     authenticate,
     json_response,
     listen,
     make_app,
+    metrics_listener,
     read_model,
     serve,
 )
@@ -214,3 +219,34 @@ async def test_serve_serves_a_socket_it_is_given(tmp_path: Path) -> None:
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await serving
+
+
+def metrics_port(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_metrics_port(parser)
+    port: int = parser.parse_args(argv).metrics_port
+    return port
+
+
+def test_the_metrics_port_comes_from_the_flag_else_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(METRICS_PORT_ENV, raising=False)
+    assert metrics_port([]) == DEFAULT_METRICS_PORT == 9090
+    monkeypatch.setenv(METRICS_PORT_ENV, "9100")  # as the chart sets it
+    assert metrics_port([]) == 9100
+    assert metrics_port(["--metrics-port", "0"]) == 0
+    monkeypatch.setenv(METRICS_PORT_ENV, "ninety")
+    with pytest.raises(SystemExit):
+        metrics_port([])
+    assert "--metrics-port: invalid int value: 'ninety'" in capsys.readouterr().err
+
+
+def test_a_metrics_port_in_use_is_refused_with_what_to_change() -> None:
+    assert metrics_listener("aar-test", "127.0.0.1", 0) is None  # 0: no metrics served
+    with listen("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as refused:
+            metrics_listener("aar-test", "127.0.0.1", port)
+    assert f"aar-test: cannot serve /metrics on 127.0.0.1:{port}" in str(refused.value)
+    assert "pass another --metrics-port" in str(refused.value)
