@@ -321,7 +321,7 @@ async def test_a_model_without_a_price_is_refused_before_it_costs_anything(
     async with gateway.client() as client:
         with pytest.raises(anthropic.PermissionDeniedError) as refused:
             await client.messages.create(model="claude-next-9", max_tokens=10, messages=HI)
-        # A dated snapshot of a priced model is priced as its family.
+        # A dated snapshot the price table lists is priced as the model it names.
         await client.messages.create(model="claude-haiku-4-5-20251001", max_tokens=10, messages=HI)
     assert "model 'claude-next-9' has no price" in str(refused.value)
     assert "gateway.prices" in str(refused.value)
@@ -696,10 +696,13 @@ async def test_the_gateway_serves_as_the_chart_configures_it(
     assert (root / "var/lib/aar/gateway.sqlite3").exists()  # the ledger is on the volume
 
 
-async def test_requests_in_flight_when_the_budget_runs_out_are_billed_and_bound_the_overshoot(
+async def test_usage_beyond_what_a_request_held_is_still_billed_in_full(
     gateway: Gateway,
 ) -> None:
-    await gateway.budget(0.02)  # each request costs $0.013875: two would reach it
+    # The stand-in reports 1000 input tokens for a body of a hundred bytes, which the real API
+    # cannot: each request holds about $0.001 (its bytes and max_tokens at worst) and costs
+    # $0.013875. What was reported is billed all the same, never cut to what was held.
+    await gateway.budget(0.02)
     all_in, release = asyncio.Event(), asyncio.Event()
 
     async def held(_: dict[str, Any]) -> Reply:
@@ -714,14 +717,14 @@ async def test_requests_in_flight_when_the_budget_runs_out_are_billed_and_bound_
             asyncio.create_task(client.messages.create(model=MODEL, max_tokens=10, messages=HI))
             for _ in range(4)
         ]
-        await all_in.wait()  # all four admitted while nothing was spent
+        await all_in.wait()  # four holds of about $0.001 fit in $0.02
         release.set()
         await asyncio.gather(*calls)
         with pytest.raises(anthropic.APIStatusError) as refused:
             await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
     assert refused.value.status_code == 402
     spend = await gateway.spend()
-    # Overshoot: what was in flight, every request of it billed; nothing started after.
+    # Every request billed what it used; nothing started after.
     assert spend["run"]["requests"] == 4
     assert Decimal(spend["run"]["usd"]) == 4 * dollars(USAGE)
 
