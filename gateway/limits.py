@@ -93,9 +93,9 @@ def budget_refusal(
                 "rate_limit_error",
                 f"the {c.scope} budget of {c.name} has {usd_exact(c.cap - c.spent)} left of its "
                 f"cap {usd_exact(c.cap)}, but {usd_exact(c.held)} of that is held by "
-                f"{c.in_flight} requests in flight, and this request could cost up to "
-                f"{usd_exact(worst.nano)}; retry when they end (each is then billed its real "
-                "cost, and gives back the rest)",
+                f"{c.in_flight} request{'' if c.in_flight == 1 else 's'} in flight, and this "
+                f"request could cost up to {usd_exact(worst.nano)}; retry when they end (each "
+                "is then billed its real cost, and gives back the rest)",
                 {"retry-after": "1"},
             )
     return None

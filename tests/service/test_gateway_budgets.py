@@ -19,8 +19,9 @@ import aiohttp
 import anthropic
 import pytest
 from aiohttp import web
-from test_gateway_proxy import ISSUER, Gateway, metric, write_keys
+from test_gateway_proxy import ISSUER, Gateway, metric, process_env, serve_process, write_keys
 
+from aar_common.ports import free_port
 from aar_devcluster.anthropic_stub import AnthropicStub, Reply
 
 # claude-3-haiku in nano-dollars a token: input 250, output 1250, cache writes 300 (5 min) and
@@ -520,3 +521,42 @@ async def test_an_image_whose_count_fails_upstream_is_refused_holding_nothing(
     finally:
         await instance.stop()
         await runner.cleanup()
+
+
+async def test_a_gateway_killed_with_a_request_in_flight_comes_back_holding_nothing(
+    tmp_path: Path, stub: tuple[AnthropicStub, str]
+) -> None:
+    write_keys(tmp_path)
+    port = free_port()
+    instance = Gateway(stub[0], stub[1], tmp_path, url=f"http://127.0.0.1:{port}")
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held(_: dict[str, Any]) -> Reply:
+        arrived.set()
+        await release.wait()
+        return Reply.text("too late")
+
+    process = await serve_process(process_env(tmp_path, stub[1]), port)
+    try:
+        await instance.budget(0.02)  # room for one worst case (about $0.0135) at a time
+        stub[0].responder = held
+        async with instance.client() as client:
+            pending = asyncio.create_task(
+                client.messages.create(model=OPUS, max_tokens=500, messages=HI)
+            )
+            await arrived.wait()
+            with pytest.raises(anthropic.RateLimitError) as held_back:
+                await client.messages.create(model=OPUS, max_tokens=500, messages=HI)
+            assert "held by 1 request in flight" in str(held_back.value)
+            process.kill()  # SIGKILL with the hold taken: nothing runs on the way out
+            await process.wait()
+            with pytest.raises(anthropic.APIConnectionError):
+                await pending
+            release.set()
+            stub[0].responder = None
+            process = await serve_process(process_env(tmp_path, stub[1]), port)
+            # The killed process's hold died with it: the whole budget is there again.
+            await client.messages.create(model=OPUS, max_tokens=500, messages=HI)
+    finally:
+        process.terminate()
+        await process.wait()
