@@ -14,6 +14,7 @@ operator and the forum reach what they call.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,16 +173,38 @@ def component_pods(kubectl: Tool, namespace: str) -> dict[str, Pod]:
     return pods
 
 
+Survey = Callable[..., Landscape]
+
+
 @pytest.fixture
-def landscape(
+def survey(
     chart: Chart, control_plane: ControlPlane, namespace: str, more_namespaces: Any
+) -> Survey:
+    """Installs the chart, with `values(run_namespace)` (default none), and reads back what
+    deciding a connection needs."""
+
+    def make(values: Callable[[str], list[str]] = lambda _: []) -> Landscape:
+        run_namespace = more_namespaces("run")
+        chart.install(*values(run_namespace))
+        admin = Tool("kubectl", control_plane.kubeconfig_path)
+        return read_landscape(admin, namespace, chart.scorer_namespace, run_namespace)
+
+    return make
+
+
+@pytest.fixture
+def landscape(survey: Survey) -> Landscape:
+    return survey()
+
+
+def read_landscape(
+    admin: Tool, namespace: str, scorer_namespace: str, run_namespace: str
 ) -> Landscape:
-    chart.install()
-    admin = Tool("kubectl", control_plane.kubeconfig_path)
-    run_namespace = more_namespaces("run")
+    """The chart's Pods (as its Deployments make them) and policies in `namespace` and
+    `scorer_namespace`, an agent and its sandbox policy in `run_namespace`."""
     components = {
         **component_pods(admin, namespace),
-        **component_pods(admin, chart.scorer_namespace),
+        **component_pods(admin, scorer_namespace),
     }
     # The operator's sandbox policy, for the namespaces the chart tells the operator.
     env = {
@@ -212,7 +235,7 @@ def landscape(
     )
     stored = [
         policy
-        for ns in (namespace, chart.scorer_namespace)
+        for ns in (namespace, scorer_namespace)
         for policy in admin.json("get", "networkpolicies", "-n", ns)["items"]
     ]
     assert {p["metadata"]["name"] for p in stored} == {
@@ -292,3 +315,16 @@ def test_the_operator_and_the_forum_reach_the_services_they_call(landscape: Land
     stranger = Pod("notebook", landscape.agent.namespace, {"app": "notebook"})
     for name in SERVICES:
         assert not landscape.allowed(stranger, pods[name], API_PORT), name
+
+
+def test_with_run_namespaces_listed_only_agents_there_reach_the_services(survey: Survey) -> None:
+    landscape = survey(lambda run: ["--set", f"operator.runNamespaces={{{run}}}"])
+    agent = landscape.agent
+    # The same labels on a Pod in a namespace off the list: not an agent of any run.
+    other = f"{agent.namespace}-other"
+    landscape.namespaces[other] = {NAME_LABEL: other}
+    impostor = Pod(agent.name, other, agent.labels)
+    for name in SERVICES:
+        pod = landscape.components[name]
+        assert landscape.ingress(agent, pod, API_PORT), name
+        assert not landscape.ingress(impostor, pod, API_PORT), name

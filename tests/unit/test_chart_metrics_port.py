@@ -90,6 +90,21 @@ def test_prometheus_and_the_forums_extra_peers_come_from_values(repo_root: Path)
     assert {"namespaceSelector": {"matchLabels": {"ingress": "yes"}}} in api_peers
 
 
+def test_agents_are_sought_in_the_listed_run_namespaces_else_in_any(repo_root: Path) -> None:
+    def agent_namespaces(*values: str) -> dict[str, Any]:
+        policies = by_kind(render(repo_root, *values), "NetworkPolicy")
+        return {
+            component: policies[component]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
+            for component in ("forum", "gateway", "scorer")
+        }
+
+    assert set(map(str, agent_namespaces().values())) == {"{}"}
+    listed = agent_namespaces("--set", "operator.runNamespaces={research,team-b}")
+    requirement = {"key": "kubernetes.io/metadata.name", "operator": "In"}
+    for selector in listed.values():
+        assert selector == {"matchExpressions": [{**requirement, "values": ["research", "team-b"]}]}
+
+
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [

@@ -1,9 +1,17 @@
 {{/* Peers of the components' NetworkPolicies (docs/operations.md, Network policies). */}}
 
 {{/* The agents: every Pod the operator makes for an AgentSandbox (operator/builders.py labels
-them), in whichever namespace its run is. */}}
+them), in whichever namespace its run is: one of operator.runNamespaces when they are listed. */}}
 {{- define "aar.agentPeer" -}}
+{{- with .Values.operator.runNamespaces -}}
+- namespaceSelector:
+    matchExpressions:
+      - key: kubernetes.io/metadata.name
+        operator: In
+        values: {{ toJson . }}
+{{- else -}}
 - namespaceSelector: {}
+{{- end }}
   podSelector:
     matchLabels:
       app.kubernetes.io/name: aar-agent
