@@ -19,17 +19,19 @@ finding them costs about the same however long the task's history is:
   submission's block hashes, searched for the new submission's, names every close one (and,
   rarely, a stranger whose hash collides, which the full comparison then rules out);
 - the submissions not yet in that array (fewer than `_TAIL`; the array takes them in one merge)
-  are compared by their first 256 bits, a lower bound on each distance, and only the few whose
-  bound is within R are compared in full.
-Independent submissions share no block and differ in about half of those 256 bits, so the full
-comparison is almost never needed. Both passes are exact: no close submission is ever missed.
-A task too small for blocks of `_MIN_BLOCK_BITS` compares the prefixes of its whole history.
+  are found by the same hashes in a dictionary.
+Independent submissions share no block, so the full comparison is almost never needed, and it
+rules out the rare stranger. No close submission is ever missed. A task too small for blocks of
+`_MIN_BLOCK_BITS` compares the first 256 bits of its whole history instead, a lower bound on
+each distance (independent submissions differ in about half of them), and in full only those
+whose bound is within R.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -46,8 +48,8 @@ class ProbeReason(StrEnum):
 # Bits of each submission compared in the prefix pass: 256 make a chance match with an
 # independent submission vanishingly rare (about 128 of them differ, with a spread of 8).
 _PREFIX_WORDS = 4
-# Submissions compared by prefix before they join the block index in one merge: the prefix pass
-# over them costs a few microseconds, a merge about a millisecond per 10,000 indexed ones.
+# Submissions kept in a dictionary before they join the sorted block index in one merge (a merge
+# costs about a millisecond per 10,000 indexed submissions).
 _TAIL = 2048
 # Narrower blocks would match by chance too often to narrow anything down.
 _MIN_BLOCK_BITS = 24
@@ -92,20 +94,26 @@ class ProbeIndex:
         used = (bits + 7) // 8  # bytes that hold answers
         self._starts: npt.NDArray[np.intp] | None = None
         if 8 * used // blocks >= _MIN_BLOCK_BITS:
-            # Blocks of whole bytes, so that a block's hash is a sum of table lookups: the sum of
-            # a fixed random 64-bit weight per set bit (mod 2^64). Equal blocks, equal hashes;
-            # different ones collide with odds of about 2^-63.
-            self._starts = np.array([used * j // blocks for j in range(blocks)], dtype=np.intp)
-            weights = np.random.default_rng(18).integers(0, 2**64, (used, 8), np.uint64)
-            table = np.zeros((used, 256), dtype=np.uint64)
-            for bit in range(8):
-                table[:, (np.arange(256) >> bit) & 1 == 1] += weights[:, bit : bit + 1]
-            self._table = table.ravel()
-            self._offsets = np.arange(used, dtype=np.intp) * 256
-            self._used = used
+            # Blocks of whole bytes. A block's key is its first 8 bytes (all of it when it is
+            # shorter, a byte repeated to fill 8): any function of the block alone will do, since
+            # only identical blocks must match; two different ones rarely share 56 bits or more.
+            bounds = [used * j // blocks for j in range(blocks + 1)]
+            self._starts = np.array(bounds[:-1], dtype=np.intp)
+            self._gather = np.array(
+                [
+                    [start + min(byte, end - start - 1) for byte in range(8)]
+                    for start, end in pairwise(bounds)
+                ],
+                dtype=np.intp,
+            ).ravel()
         self._keys = np.zeros(0, dtype=np.uint64)  # sorted block hashes of the indexed rows
         self._key_rows = np.zeros(0, dtype=np.uint32)  # the row each hash came from
         self._indexed = 0  # rows below this are in the block index; the rest are the tail
+        # The tail's block hashes -> the row of each (ints only: no work for the garbage
+        # collector), and the earlier rows of any hash two of them share.
+        self._recent: dict[int, int] = {}
+        self._clashes: dict[int, list[int]] = {}
+        self._last: tuple[int, list[int]] | None = None  # the last checked answers, hashes
         self._rows = np.zeros((16, words), dtype=np.uint64)
         self._prefix = np.zeros((self._prefix_words, 16), dtype=np.uint64)  # column per row
         self._children = np.zeros(16, dtype=np.int64)  # later submissions within fan_distance
@@ -118,30 +126,34 @@ class ProbeIndex:
 
     def _block_keys(self, rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """The block hashes of rows of words, one row of hashes per row."""
-        assert self._starts is not None
-        data = rows.view(np.uint8)[:, : self._used]
-        weighted = self._table.take(data + self._offsets)
-        keys: npt.NDArray[np.uint64] = np.add.reduceat(weighted, self._starts, axis=1)
+        gathered = rows.view(np.uint8).take(self._gather, axis=1)
+        keys: npt.NDArray[np.uint64] = gathered.view(np.uint64)
         return keys
 
-    def _candidates(self, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+    def _candidates(self, packed: int, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
         """Rows that may be within R answers: every one that is, and few that are not."""
         count = len(self.ids)
+        if self._starts is None:
+            # No blocks: a lower bound on every distance from the prefixes, all at once.
+            prefix = self._prefix[:, :count] ^ words[: self._prefix_words, np.newaxis]
+            bound = np.bitwise_count(prefix).sum(axis=0, dtype=np.uint16)
+            return np.flatnonzero(bound <= self._close_bits)
+        keys = self._block_keys(words[np.newaxis, :])[0]
+        hashes = keys.tolist()
+        self._last = (packed, hashes)  # add() takes them from here
         found: list[npt.NDArray[np.intp]] = []
         if self._indexed:
-            keys = self._block_keys(words[np.newaxis, :])[0]
             low = np.searchsorted(self._keys, keys)
             hits = self._keys.take(low, mode="clip") == keys
             for block in np.flatnonzero(hits):
                 high = np.searchsorted(self._keys, keys[block], "right")
                 found.append(self._key_rows[low[block] : high].astype(np.intp))
-        if count > self._indexed:
-            # The tail: a lower bound on every distance from the prefixes, all at once.
-            prefix = self._prefix[:, self._indexed : count] ^ words[: self._prefix_words, None]
-            bound = np.bitwise_count(prefix).sum(axis=0, dtype=np.uint16)
-            found.append(np.flatnonzero(bound <= self._close_bits) + self._indexed)
-        if len(found) == 1 and count > self._indexed:
-            return found[0]  # the tail's alone: sorted and distinct already
+        recent = self._recent
+        rows = [recent[key] for key in hashes if key in recent]
+        if rows:
+            if self._clashes:
+                rows += [row for key in hashes for row in self._clashes.get(key, ())]
+            found.append(np.array(rows, dtype=np.intp))
         if not found:
             return np.zeros(0, dtype=np.intp)
         return np.unique(np.concatenate(found))  # sorted: the earliest of equals comes first
@@ -150,7 +162,7 @@ class ProbeIndex:
         if not self.ids:
             return _UNRELATED
         words = self._words(candidate)
-        rows = self._candidates(words)
+        rows = self._candidates(candidate, words)
         if not rows.size:
             return _UNRELATED
         differing = np.bitwise_xor(self._rows[rows], words)
@@ -198,18 +210,29 @@ class ProbeIndex:
             rows = np.zeros((2 * count, self._rows.shape[1]), dtype=np.uint64)
             rows[:count] = self._rows
             self._rows = rows
-            prefix = np.zeros((self._prefix_words, 2 * count), dtype=np.uint64)
-            prefix[:, :count] = self._prefix
-            self._prefix = prefix
+            if self._starts is None:
+                prefix = np.zeros((self._prefix_words, 2 * count), dtype=np.uint64)
+                prefix[:, :count] = self._prefix
+                self._prefix = prefix
             self._children = np.concatenate([self._children, np.zeros(count, dtype=np.int64)])
         words = self._words(packed)
         self._rows[count] = words
-        self._prefix[:, count] = words[: self._prefix_words]
         if neighbors:
             self._children[list(neighbors)] += 1
         self.ids.append(submission)
         self.walks.append(walk_length)
-        if self._starts is not None and count + 1 - self._indexed >= _TAIL:
+        if self._starts is None:
+            self._prefix[:, count] = words[: self._prefix_words]
+            return
+        if self._last is not None and self._last[0] == packed:
+            hashes = self._last[1]
+        else:
+            hashes = self._block_keys(words[np.newaxis, :])[0].tolist()
+        recent = self._recent
+        for key in [key for key in hashes if key in recent]:
+            self._clashes.setdefault(key, []).append(recent[key])
+        recent.update(dict.fromkeys(hashes, count))
+        if count + 1 - self._indexed >= _TAIL:
             self._merge(count + 1)
 
     def _merge(self, count: int) -> None:
@@ -223,3 +246,5 @@ class ProbeIndex:
         self._keys = np.insert(self._keys, at, keys)
         self._key_rows = np.insert(self._key_rows, at, rows)
         self._indexed = count
+        self._recent.clear()
+        self._clashes.clear()

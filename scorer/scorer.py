@@ -137,11 +137,11 @@ class Scorer:
         return TaskState(task, Ladder(step, best), budget, probes)
 
     def _observe(self, state: TaskState) -> None:
-        """The task's leakage account, as metrics."""
-        name = state.task.name
-        self.metrics.feedback_closed.labels(name).set(0 if state.budget.open else 1)
-        self.metrics.leakage_bits.labels(name).set(state.budget.bits)
-        self.metrics.leakage_labels.labels(name).set(state.budget.labels)
+        """The task's leakage account, as metrics read when scraped (no cost per submission)."""
+        name, budget = state.task.name, state.budget
+        self.metrics.feedback_closed.labels(name).set_function(lambda: float(not budget.open))
+        self.metrics.leakage_bits.labels(name).set_function(lambda: budget.bits)
+        self.metrics.leakage_labels.labels(name).set_function(lambda: budget.labels)
 
     def feedback_facts(self, task: Task) -> dict[str, Any]:
         """What the task's feedback has leaked so far, as the bound states it (agents may see
@@ -341,7 +341,6 @@ class Scorer:
             message += "; " + _closed(state)
         if status is Status.FLAGGED:
             message += f"; flagged for review: {_describe(verdict, task)}"
-        self._observe(state)
         return _Feedback(public, private, score, release.released, message, True)
 
     async def _store_row(
