@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -61,8 +62,9 @@ from aar_common.credentials import (
 from aar_common.ports import free_port
 from aar_common.web import json_response, make_app, read_body, serve
 from aar_scorer.intake import BodyError, Parser, TaskFacts
+from aar_scorer.probing import ProbeIndex
 from aar_scorer.settings import DEFAULT_INTAKE_WORKERS
-from aar_scorer.tasks import Task, load_tasks, write_task_files
+from aar_scorer.tasks import Probing, Task, load_tasks, write_task_files
 
 ANSWERS = 2567
 P99_TARGET_MS = 50.0
@@ -112,18 +114,35 @@ class Load:
     pool: int
 
 
-def _bodies(seed: int, count: int) -> list[bytes]:
-    rng = random.Random(seed)
-    bodies = []
-    for _ in range(count):
-        bits = rng.getrandbits(ANSWERS)
-        predictions = [(bits >> i) & 1 for i in range(ANSWERS)]
-        bodies.append(
-            json.dumps(
-                {"task": "bench", "predictions": predictions, "method": "bench", "artifact": None}
-            ).encode()
-        )
-    return bodies
+class _Bodies:
+    """Submissions none of which the scorer has seen, in any run: probe detection compares each
+    with the task's whole history, and a body sent twice is a near duplicate and refused. Each
+    body joins a random first half of the answers and a random second half, from two pools of
+    `count` halves, so that `count`^2 bodies differ in at least half of either half's answers
+    from any other, at the cost of making 2 x `count`."""
+
+    def __init__(self, seed: int, count: int) -> None:
+        rng = random.Random(seed)
+        middle = ANSWERS // 2
+
+        def half(size: int) -> bytes:
+            bits = rng.getrandbits(size)
+            return ", ".join(str((bits >> i) & 1) for i in range(size)).encode()
+
+        self.count = count
+        self.first = [half(middle) for _ in range(count)]
+        self.second = [half(ANSWERS - middle) for _ in range(count)]
+        self.sent = 0
+
+    def next(self) -> bytes:
+        sent, self.sent = self.sent, self.sent + 1
+        # Every pair once, each half reused only every `count` bodies.
+        first = self.first[sent % self.count]
+        second = self.second[(sent + sent // self.count) % self.count]
+        return (
+            b'{"task": "bench", "predictions": [' + first + b", " + second
+            + b'], "method": "bench", "artifact": null}'
+        )  # fmt: skip
 
 
 class _Connection:
@@ -145,9 +164,8 @@ class _Connection:
 
 
 async def _generate(load: Load) -> dict[str, Any]:
-    bodies = _bodies(load.seed, load.pool)
+    bodies = _Bodies(load.seed, load.pool)
     host, port, path = _split(load.url)
-    sent: dict[int, int] = {}  # per run: submissions so far, each with a body new to the run
     idle: dict[str, list[_Connection]] = {}  # per agent: its open connection, when not in use
     latencies: list[float] = []
     statuses: dict[str, int] = {}
@@ -156,9 +174,7 @@ async def _generate(load: Load) -> dict[str, Any]:
     measure_from, end = start + load.warmup, start + load.warmup + load.seconds
 
     async def submit(credential: str, run: int, due: float) -> None:
-        count = sent.get(run, 0)
-        sent[run] = count + 1
-        body = bodies[(run * 131 + count) % len(bodies)]
+        body = bodies.next()
         request = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {credential}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -241,7 +257,7 @@ def _drive(
         Load(
             url,
             share,
-            # New bodies every phase: a body sent again to a run is a duplicate and is refused.
+            # New bodies every phase and client: the task's history holds every earlier one.
             seed=phase * args.clients + index,
             seconds=args.seconds,
             warmup=args.warmup,
@@ -293,6 +309,69 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     return own, sum(sum(_cpu_seconds(child)) for child in children)
 
 
+def _probe_history(stored: int, checks: int = 2000) -> None:
+    """Probe detection (aar_scorer.probing) alone, in this process: the time to check a new
+    submission against `stored` earlier ones of the task (and to add it), against what the
+    previous check's one pass over every stored prefix costs at that length."""
+    mask = (1 << ANSWERS) - 1
+    rng = random.Random(0)
+
+    def packed() -> int:
+        ones = rng.getrandbits(ANSWERS)  # a binary task's two planes: answers 1, answers 0
+        return (ones << ANSWERS) | (~ones & mask)
+
+    index = ProbeIndex(Probing(), ANSWERS, 2)
+    started = time.perf_counter()
+    for submission in range(stored):
+        index.add(submission, packed(), 1)
+    built = time.perf_counter() - started
+    figures: dict[str, Any] = {"stored": stored, "answers": ANSWERS, "checks": checks}
+
+    def timed(name: str, queries: list[int], add: bool = False) -> None:
+        seconds = []
+        for number, query in enumerate(queries):
+            started = time.perf_counter()
+            verdict = index.check(query)
+            if add:
+                index.add(stored + number, query, verdict.walk_length, verdict.neighbors)
+            seconds.append(time.perf_counter() - started)
+        seconds.sort()
+        figures[name] = {
+            "median_us": round(1e6 * statistics.median(seconds), 1),
+            "p99_us": round(1e6 * seconds[int(0.99 * (len(seconds) - 1))], 1),
+        }
+        print(
+            f"{name}: median {figures[name]['median_us']} us, "
+            f"p99 {figures[name]['p99_us']} us over {len(seconds)}"
+        )
+
+    timed("check_new", [packed() for _ in range(checks)])
+    # A near duplicate of a stored one: found, compared in full, refused.
+    original = packed()
+    index.add(stored, original, 1)
+    stored += 1
+    timed("check_near_duplicate", [original ^ (1 << (ANSWERS + 5)) ^ (1 << 5)] * checks)
+    # Checking and keeping each, as the scorer does, merges included.
+    timed("check_and_add", [packed() for _ in range(checks)], add=True)
+    # What the previous check cost at this length: one pass over every stored prefix.
+    generator = np.random.default_rng(0)
+    prefix = generator.integers(0, 2**64, (4, stored), dtype=np.uint64)
+    words = generator.integers(0, 2**64, 4, dtype=np.uint64)
+    seconds = []
+    for _ in range(200):
+        started = time.perf_counter()
+        bound = np.bitwise_count(prefix ^ words[:, np.newaxis]).sum(axis=0, dtype=np.uint16)
+        np.flatnonzero(bound <= 40)
+        seconds.append(time.perf_counter() - started)
+    figures["previous_prefix_pass_median_us"] = round(1e6 * statistics.median(seconds), 1)
+    figures["build_seconds"] = round(built, 2)
+    print(
+        f"{stored} stored submissions built in {built:.1f} s; the previous design's pass over "
+        f"every prefix: median {figures['previous_prefix_pass_median_us']} us"
+    )
+    print(json.dumps(figures))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=900)
@@ -303,7 +382,9 @@ def main() -> None:
     # server's CPU per submission), and each more competes with the servers for the cores.
     parser.add_argument("--clients", type=int, default=1, help="load-generating processes")
     parser.add_argument("--rounds", type=int, default=2, help="per server and phase; medians")
-    parser.add_argument("--pool", type=int, default=3000, help="distinct bodies per client")
+    parser.add_argument(
+        "--pool", type=int, default=3000, help="halves of bodies per client and phase (pool^2)"
+    )
     parser.add_argument("--search-steps", type=int, default=4, help="bisection steps, capacity")
     parser.add_argument("--search-seconds", type=float, default=6, help="measured, per step")
     parser.add_argument(
@@ -313,7 +394,16 @@ def main() -> None:
         help="the scorer's, as `aar-scorer` takes it (default its own)",
     )
     parser.add_argument("--serve-baseline", nargs=3, metavar=("TASKS", "KEY", "PORT"))
+    parser.add_argument(
+        "--probe-history",
+        type=int,
+        metavar="N",
+        help="instead: time probe detection alone against N stored submissions of the task",
+    )
     args = parser.parse_args()
+    if args.probe_history is not None:
+        _probe_history(args.probe_history)
+        return
     if args.serve_baseline:
         tasks_file, key_file, port = args.serve_baseline
         _serve_baseline(tasks_file, key_file, int(port))
@@ -330,6 +420,9 @@ def main() -> None:
             "labels": [0, 1],
             "baselines": {"weak": 0.6, "ceiling": 0.8},
             "quota": unlimited,
+            # Feedback open throughout, so that every submission goes through the Ladder; the
+            # bound says nothing then, which the bench may allow itself.
+            "feedback": {"leakage_budget": None, "allow_vacuous_bound": True},
         }
         labels = random.Random(0).choices([0, 1], k=ANSWERS)
         tasks_file = write_task_files(root / "tasks", [(task, labels, "bench-split-seed-0")])
