@@ -13,15 +13,16 @@ them, and they are not kept):
 
 The comparison is an XOR and a popcount of packed answers (aar_scorer.packing). Only close
 earlier submissions matter (within R = the larger of `walk_distance` and `fan_distance`), and
-finding them costs about the same however long the task's history is:
-- the history is cut into R + 1 blocks of answers; a submission within R answers of an earlier
-  one has at least one block identical to it (pigeonhole), so a sorted array of every indexed
-  submission's block hashes, searched for the new submission's, names every close one (and,
-  rarely, a stranger whose hash collides, which the full comparison then rules out);
+finding them does not mean comparing with every one:
+- the answers are cut into R + 1 blocks; a submission within R answers of an earlier one has at
+  least one block identical to it (pigeonhole), so a sorted array of a key of each block of
+  every stored submission (its first 8 bytes), searched for the new submission's keys, names
+  every close one (and, rarely, a stranger with an equal key, which the full comparison then
+  rules out); a search costs a few cache misses per block, growing with the log of the history;
 - the submissions not yet in that array (fewer than `_TAIL`; the array takes them in one merge)
-  are found by the same hashes in a dictionary.
-Independent submissions share no block, so the full comparison is almost never needed, and it
-rules out the rare stranger. No close submission is ever missed. A task too small for blocks of
+  are found by the same keys in a dictionary.
+Independent submissions share no block, so the full comparison is almost never needed. No close
+submission is ever missed. A task too small for blocks of
 `_MIN_BLOCK_BITS` compares the first 256 bits of its whole history instead, a lower bound on
 each distance (independent submissions differ in about half of them), and in full only those
 whose bound is within R.
@@ -143,11 +144,15 @@ class ProbeIndex:
         self._last = (packed, hashes)  # add() takes them from here
         found: list[npt.NDArray[np.intp]] = []
         if self._indexed:
-            low = np.searchsorted(self._keys, keys)
-            hits = self._keys.take(low, mode="clip") == keys
-            for block in np.flatnonzero(hits):
-                high = np.searchsorted(self._keys, keys[block], "right")
-                found.append(self._key_rows[low[block] : high].astype(np.intp))
+            low = np.searchsorted(self._keys, keys, "left")
+            hits = np.flatnonzero(self._keys.take(low, mode="clip") == keys)
+            if hits.size:
+                # Every position of every hit block's run of equal keys, in one go.
+                low = low[hits]
+                lengths = np.searchsorted(self._keys, keys[hits], "right") - low
+                first = np.repeat(low - np.cumsum(lengths) + lengths, lengths)
+                positions = first + np.arange(int(lengths.sum()))
+                found.append(self._key_rows[positions].astype(np.intp))
         recent = self._recent
         rows = [recent[key] for key in hashes if key in recent]
         if rows:
