@@ -370,9 +370,11 @@ def bench_operator(root: Path, agents: int) -> dict[str, Any] | None:
         for crd in ("researchruns.aar.dev", "agentsandboxes.aar.dev"):
             admin.run("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         admin.run("create", "namespace", "bench")
+        # The operator lives in a namespace of its own: it refuses runs in its own namespace.
+        admin.run("create", "namespace", "bench-operator")
         kubectl = Tool("kubectl", plane.kubeconfig_path, "bench")
         operator = OperatorProcess(
-            plane.kubeconfig_path, "bench", root / "operator.log", resync=10, verbose=False
+            plane.kubeconfig_path, "bench-operator", root / "operator.log", resync=10, verbose=False
         )
         operator.start()
         assert operator.pid is not None

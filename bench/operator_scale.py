@@ -119,11 +119,13 @@ def bench_kubectl(plane: ControlPlane, agents: int, workdir: Path) -> float:
 def bench_operator(plane: ControlPlane, agents: int, workdir: Path) -> tuple[float, float]:
     admin = Tool("kubectl", plane.kubeconfig_path)
     admin.run("create", "namespace", "bench-operator")
+    # The operator lives in a namespace of its own: it refuses runs in its own namespace.
+    admin.run("create", "namespace", "bench-operator-home")
     kubectl = Tool("kubectl", plane.kubeconfig_path, "bench-operator")
     # No resync during the measurement: what is timed is the first materialisation.
     process = OperatorProcess(
         plane.kubeconfig_path,
-        "bench-operator",
+        "bench-operator-home",
         workdir / "operator.log",
         resync=3600,
         verbose=False,
