@@ -30,6 +30,7 @@ whose bound is within R.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import pairwise
@@ -49,9 +50,12 @@ class ProbeReason(StrEnum):
 # Bits of each submission compared in the prefix pass: 256 make a chance match with an
 # independent submission vanishingly rare (about 128 of them differ, with a spread of 8).
 _PREFIX_WORDS = 4
-# Submissions kept in a dictionary before they join the sorted block index in one merge (a merge
-# costs about a millisecond per 10,000 indexed submissions).
+# Submissions kept in a dictionary before they join the sorted block index in one merge. A merge
+# copies the whole index (tens of milliseconds at 100,000 submissions), in a thread of its own
+# (numpy lets go of the interpreter lock while it copies and sorts), so that no check waits for
+# it; rows added meanwhile wait in a new dictionary, up to _TAIL_LIMIT of them.
 _TAIL = 2048
+_TAIL_LIMIT = 8 * _TAIL
 # Narrower blocks would match by chance too often to narrow anything down.
 _MIN_BLOCK_BITS = 24
 
@@ -70,6 +74,43 @@ class Verdict:
 
 
 _UNRELATED = Verdict(nearest=None, distance=None, walk_length=1, reason=None)
+
+Array = npt.NDArray[np.uint64]
+Rows = npt.NDArray[np.uint32]
+
+
+class _Tail:
+    """Rows not in the sorted block index yet: their block keys -> the row of each (ints only,
+    no work for the garbage collector), and the earlier rows of any key two of them share."""
+
+    def __init__(self, first: int) -> None:
+        self.first = first  # its first row
+        self.rows: dict[int, int] = {}
+        self.clashes: dict[int, list[int]] = {}
+
+    def add(self, row: int, keys: list[int]) -> None:
+        rows = self.rows
+        for key in [key for key in keys if key in rows]:
+            self.clashes.setdefault(key, []).append(rows[key])
+        rows.update(dict.fromkeys(keys, row))
+
+    def find(self, keys: list[int]) -> list[int]:
+        rows = self.rows
+        found = [rows[key] for key in keys if key in rows]
+        if found and self.clashes:
+            found += [row for key in keys for row in self.clashes.get(key, ())]
+        return found
+
+
+def _merged(keys: Array, key_rows: Rows, new: Array, first: int) -> tuple[Array, Rows]:
+    """The sorted index with the block keys `new` (a row of keys per row, from row `first`)."""
+    blocks = new.shape[1]
+    flat = new.ravel()
+    rows = np.repeat(np.arange(first, first + len(new), dtype=np.uint32), blocks)
+    order = np.argsort(flat, kind="stable")
+    flat, rows = flat[order], rows[order]
+    at = np.searchsorted(keys, flat)
+    return np.insert(keys, at, flat), np.insert(key_rows, at, rows)
 
 
 class ProbeIndex:
@@ -107,13 +148,13 @@ class ProbeIndex:
                 ],
                 dtype=np.intp,
             ).ravel()
-        self._keys = np.zeros(0, dtype=np.uint64)  # sorted block hashes of the indexed rows
-        self._key_rows = np.zeros(0, dtype=np.uint32)  # the row each hash came from
-        self._indexed = 0  # rows below this are in the block index; the rest are the tail
-        # The tail's block hashes -> the row of each (ints only: no work for the garbage
-        # collector), and the earlier rows of any hash two of them share.
-        self._recent: dict[int, int] = {}
-        self._clashes: dict[int, list[int]] = {}
+        self._keys: Array = np.zeros(0, dtype=np.uint64)  # sorted block keys of indexed rows
+        self._key_rows: Rows = np.zeros(0, dtype=np.uint32)  # the row each key came from
+        self._indexed = 0  # rows below this are in the block index; the rest in the tails
+        self._tails = [_Tail(0)]  # the last one takes new rows; one before it may be merging
+        self._merging: Future[tuple[Array, Rows]] | None = None
+        self._merge_end = 0  # rows below this are in the merge under way
+        self._merger: ThreadPoolExecutor | None = None
         self._last: tuple[int, list[int]] | None = None  # the last checked answers, hashes
         self._rows = np.zeros((16, words), dtype=np.uint64)
         self._prefix = np.zeros((self._prefix_words, 16), dtype=np.uint64)  # column per row
@@ -153,12 +194,10 @@ class ProbeIndex:
                 first = np.repeat(low - np.cumsum(lengths) + lengths, lengths)
                 positions = first + np.arange(int(lengths.sum()))
                 found.append(self._key_rows[positions].astype(np.intp))
-        recent = self._recent
-        rows = [recent[key] for key in hashes if key in recent]
-        if rows:
-            if self._clashes:
-                rows += [row for key in hashes for row in self._clashes.get(key, ())]
-            found.append(np.array(rows, dtype=np.intp))
+        for tail in self._tails:
+            rows = tail.find(hashes)
+            if rows:
+                found.append(np.array(rows, dtype=np.intp))
         if not found:
             return np.zeros(0, dtype=np.intp)
         return np.unique(np.concatenate(found))  # sorted: the earliest of equals comes first
@@ -166,6 +205,7 @@ class ProbeIndex:
     def check(self, candidate: int) -> Verdict:
         if not self.ids:
             return _UNRELATED
+        self._collect()
         words = self._words(candidate)
         rows = self._candidates(candidate, words)
         if not rows.size:
@@ -233,23 +273,29 @@ class ProbeIndex:
             hashes = self._last[1]
         else:
             hashes = self._block_keys(words[np.newaxis, :])[0].tolist()
-        recent = self._recent
-        for key in [key for key in hashes if key in recent]:
-            self._clashes.setdefault(key, []).append(recent[key])
-        recent.update(dict.fromkeys(hashes, count))
-        if count + 1 - self._indexed >= _TAIL:
+        self._tails[-1].add(count, hashes)
+        self._collect()
+        waiting = count + 1 - self._tails[-1].first
+        if self._merging is not None and waiting >= _TAIL_LIMIT:
+            self._collect(wait=True)  # a merge that cannot keep up (rebuilding at start)
+        if self._merging is None and waiting >= _TAIL:
             self._merge(count + 1)
 
-    def _merge(self, count: int) -> None:
-        """Move the tail into the block index: its hashes, sorted, into the sorted array."""
-        assert self._starts is not None
-        keys = self._block_keys(self._rows[self._indexed : count]).ravel()
-        rows = np.repeat(np.arange(self._indexed, count, dtype=np.uint32), len(self._starts))
-        order = np.argsort(keys, kind="stable")
-        keys, rows = keys[order], rows[order]
-        at = np.searchsorted(self._keys, keys)
-        self._keys = np.insert(self._keys, at, keys)
-        self._key_rows = np.insert(self._key_rows, at, rows)
-        self._indexed = count
-        self._recent.clear()
-        self._clashes.clear()
+    def _merge(self, end: int) -> None:
+        """Start moving the rows up to `end` into the block index, in the merging thread; rows
+        from `end` on go to a new tail."""
+        if self._merger is None:
+            self._merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe-index")
+        new = self._block_keys(self._rows[self._indexed : end])
+        self._merging = self._merger.submit(_merged, self._keys, self._key_rows, new, self._indexed)
+        self._merge_end = end
+        self._tails.append(_Tail(end))
+
+    def _collect(self, wait: bool = False) -> None:
+        """Take a finished merge's index, and drop the tail it took in."""
+        if self._merging is None or not (wait or self._merging.done()):
+            return
+        self._keys, self._key_rows = self._merging.result()
+        self._indexed = self._merge_end
+        self._tails = [tail for tail in self._tails if tail.first >= self._merge_end]
+        self._merging = None
