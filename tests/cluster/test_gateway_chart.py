@@ -21,6 +21,7 @@ def test_helm_installs_the_gateway_with_its_key_secret_volume_and_service(
         "  prices:\n"
         "    version: ours-1\n"
         "    default: {input: 5, output: 25, cache_write: 6.25, cache_read: 0.5}\n"
+        "    aliases: {claude-opus-4-6-20260101: claude-opus-4-6}\n"
     )
     kubectl.run(
         "create", "secret", "generic", "anthropic-api-key", "--from-literal=api-key=sk-ant-x"
@@ -50,6 +51,7 @@ def test_helm_installs_the_gateway_with_its_key_secret_volume_and_service(
     assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
     prices = kubectl.json("get", "configmap", "aar-gateway-prices")
     assert "version: ours-1" in prices["data"]["prices.yaml"]
+    assert "claude-opus-4-6-20260101: claude-opus-4-6" in prices["data"]["prices.yaml"]
     # The Deployment made a ReplicaSet and a (Pending: no kubelet here) Pod from that template.
     pods = kubectl.json("get", "pods", "-l", selector)["items"]
     assert len(pods) == 1
