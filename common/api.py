@@ -44,6 +44,10 @@ class Totals(BaseModel):
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     requests: int = 0
+    # A request was refused because it would not fit what is left of this budget (the gateway
+    # holds each request's worst case, so spend stays below a cap rather than reaching it); the
+    # agent ends its run on that answer. Cleared when the budget is set again.
+    exhausted: bool = False
 
 
 class RunSpend(BaseModel):

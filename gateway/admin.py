@@ -17,7 +17,7 @@ PROXY_KEY = web.AppKey("proxy", Proxy)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a Kubernetes object name
 
 
-def _totals(totals: Totals) -> api.Totals:
+def _totals(totals: Totals, exhausted: bool) -> api.Totals:
     return api.Totals(
         usd=nano_to_usd(totals.cost_nano),
         input_tokens=totals.input_tokens,
@@ -25,6 +25,7 @@ def _totals(totals: Totals) -> api.Totals:
         cache_creation_input_tokens=totals.cache_creation_input_tokens,
         cache_read_input_tokens=totals.cache_read_input_tokens,
         requests=totals.requests,
+        exhausted=exhausted,
     )
 
 
@@ -50,7 +51,7 @@ async def put_budget(request: web.Request) -> web.Response:
     )
     proxy = request.app[PROXY_KEY]
     await proxy.store.set_budget(run, budget)
-    proxy.refresh_remaining(run)
+    proxy.budget_set(run)
     return json_response(
         {
             "run": run,
@@ -63,13 +64,22 @@ async def put_budget(request: web.Request) -> web.Response:
 async def get_spend(request: web.Request) -> web.Response:
     authenticate(request, admin=True)
     run = _run_of(request)
-    store = request.app[PROXY_KEY].store
+    proxy = request.app[PROXY_KEY]
+    store = proxy.store
     await store.flush()  # what the operator reads is on disk
     if run not in store.budgets and (run, RUN_ROW) not in store.totals:
         fail(404, f"the gateway knows no run {run}: no budget registered and nothing spent")
+    # An agent refused before it spent anything is listed too, with nothing spent.
+    spent_by_agent = {
+        **{row: Totals() for r, row in proxy.exhausted if r == run and row != RUN_ROW},
+        **store.agents_of(run),
+    }
     return json_response(
         api.RunSpend(
-            run=_totals(store.spent(run)),
-            agents={agent: _totals(t) for agent, t in sorted(store.agents_of(run).items())},
+            run=_totals(store.spent(run), (run, RUN_ROW) in proxy.exhausted),
+            agents={
+                agent: _totals(t, (run, agent) in proxy.exhausted)
+                for agent, t in sorted(spent_by_agent.items())
+            },
         )
     )

@@ -23,6 +23,9 @@ class Refusal:
     error_type: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    # The ledger row (RUN_ROW or an agent) whose budget this refusal shows spent: nothing the
+    # agent may send next would fit it (the agent ends its run on a 402).
+    exhausts: str | None = None
 
 
 def _usd(nano: int) -> str:
@@ -39,6 +42,7 @@ def usd_exact(nano: int) -> str:
 class _Cap:
     scope: str  # "run" or "agent"
     name: str
+    row: str
     cap: int
     spent: int
     held: int
@@ -64,7 +68,14 @@ def budget_refusal(
             "run exists and the operator is running",
         )
     caps = [
-        _Cap(scope, name, cap, store.spent(run, row).cost_nano, *_holding(reservations, run, row))
+        _Cap(
+            scope,
+            name,
+            row,
+            cap,
+            store.spent(run, row).cost_nano,
+            *_holding(reservations, run, row),
+        )
         for scope, name, row, cap in (
             ("run", run, RUN_ROW, budget.cap_nano),
             ("agent", agent, agent, budget.agents.get(agent)),
@@ -79,13 +90,14 @@ def budget_refusal(
                 f"the {c.scope} budget of {c.name} is spent: cap {_usd(c.cap)}, spent "
                 f"{_usd(c.spent)}; no further model requests will be served until the budget is "
                 "raised (spec.budget of the ResearchRun)",
+                exhausts=c.row,
             )
     if worst is None:
         return None
     # Never: not even with nothing else in flight. Not now: once requests in flight settle.
     for c in caps:
         if worst.nano > c.cap - c.spent:
-            return Refusal(402, "billing_error", _never_fits(c, worst))
+            return Refusal(402, "billing_error", _never_fits(c, worst), exhausts=c.row)
     for c in caps:
         if c.spent + c.held + worst.nano > c.cap:
             return Refusal(

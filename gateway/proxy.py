@@ -34,7 +34,7 @@ from aiohttp import web
 
 from aar_common.credentials import Role
 from aar_common.web import authenticate, error_body, fail
-from aar_gateway.limits import RateLimiter, budget_refusal, retry_after, usd_exact
+from aar_gateway.limits import RateLimiter, Refusal, budget_refusal, retry_after, usd_exact
 from aar_gateway.meter import StreamMeter
 from aar_gateway.metrics import Metrics
 from aar_gateway.pricing import Price, PriceTable, PricingError, Usage
@@ -100,6 +100,9 @@ class Proxy:
         self._in_flight: dict[str, asyncio.Event] = {}  # replay keys of requests under way
         # In memory only: after a restart none is left, as every request holding one has ended.
         self.reservations = Reservations()
+        # (run, ledger row) whose budget a 402 showed spent, until the run's budget is set again:
+        # what the operator reads as BudgetExhausted, since holds keep spend from reaching a cap.
+        self.exhausted: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         """Open the one pooled client session every upstream call goes through."""
@@ -196,7 +199,7 @@ class Proxy:
             # Not the request's fault, and no retry or shorter prompt would help: a policy refusal.
             self._refuse(call, 403, "permission_error", str(error))
         if refusal := budget_refusal(self.store, self.reservations, call.run, call.agent):
-            self._refuse(call, refusal.status, refusal.error_type, refusal.message)
+            self._refuse_for_budget(call, refusal)
         return price
 
     async def _admit(
@@ -217,7 +220,7 @@ class Proxy:
         worst = await self._worst_case(request, call, raw, body, price)
         # From here to the hold nothing awaits: no other request can take the room meanwhile.
         if refusal := budget_refusal(self.store, self.reservations, run, agent, worst):
-            self._refuse(call, refusal.status, refusal.error_type, refusal.message, refusal.headers)
+            self._refuse_for_budget(call, refusal)
         # Last, so that only requests about to go upstream use up the agent's rate.
         if wait := self.limiter.wait(f"{run}/{agent}", time.monotonic()):
             self._refuse(
@@ -510,6 +513,16 @@ class Proxy:
         self.store.record(exchange)  # counted now, on disk within an fsync
         self.metrics.billed(call.run, call.agent, call.model, usage, cost)
         self.refresh_remaining(call.run, call.agent)
+
+    def _refuse_for_budget(self, call: Call, refusal: Refusal) -> NoReturn:
+        if refusal.exhausts is not None:
+            self.exhausted.add((call.run, refusal.exhausts))
+        self._refuse(call, refusal.status, refusal.error_type, refusal.message, refusal.headers)
+
+    def budget_set(self, run: str) -> None:
+        """The run's budget was set again: what was spent may fit again."""
+        self.exhausted = {key for key in self.exhausted if key[0] != run}
+        self.refresh_remaining(run)
 
     def refresh_remaining(self, run: str, agent: str | None = None) -> None:
         """Set aar_budget_remaining_usd for a run (and one agent, or all it caps)."""

@@ -171,6 +171,9 @@ class Spend(_Model):
     output_tokens: int = 0
     agent_hours: float = 0.0
     gpu_hours: float = 0.0
+    # The gateway refused a request that would not fit what is left of the dollar cap: spent, as
+    # far as the agents can use it, although the gateway's holds keep spend below the cap itself.
+    budget_exhausted: bool = False
 
     def dollars(self) -> Decimal:
         return Decimal(self.usd)

@@ -46,6 +46,7 @@ class Totals(api.Totals):
             output_tokens=self.output_tokens,
             agent_hours=agent_hours,
             gpu_hours=gpu_hours,
+            budget_exhausted=self.exhausted,
         )
 
 

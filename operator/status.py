@@ -100,6 +100,13 @@ def run_stop(spec: ResearchRunSpec, created: datetime, now: datetime, spend: Spe
 def budget_stop(
     usd_cap: float | None, hours_cap: float | None, spend: Spend, who: str
 ) -> Stop | None:
+    if usd_cap is not None and spend.budget_exhausted:
+        return Stop(
+            BUDGET_EXHAUSTED,
+            f"the {who} spent ${spend.usd} of its ${usd_cap:.2f} budget, and what is left is less "
+            "than its next model request could cost, so the gateway refused it; Pods deleted, "
+            "workspaces kept (raise spec.budget.usd to continue)",
+        )
     if usd_cap is not None and spend.dollars() >= Decimal(str(usd_cap)):
         return Stop(
             BUDGET_EXHAUSTED,

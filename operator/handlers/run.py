@@ -137,8 +137,17 @@ def _tally(
     """The run's agent counts, its spend (the gateway's dollars and tokens, agent-hours summed
     over its sandboxes) and the agent-hours of removed agents, which stay counted."""
     gateway_spend = knowledge.spend.run.spend() if knowledge.spend else previous.spend
-    counts, hours = aggregate(
-        spec.agents, [s for s in ours.values() if _index(run, s) < spec.agents]
+    current = [s for s in ours.values() if _index(run, s) < spec.agents]
+    counts, hours = aggregate(spec.agents, current)
+    # Each agent's even share of the dollar cap refused its next request: so is the run's cap.
+    shares_spent = (
+        bool(current)
+        and knowledge.spend is not None
+        and all(
+            (totals := knowledge.spend.agents.get(s["metadata"]["name"])) is not None
+            and totals.exhausted
+            for s in current
+        )
     )
     retired = previous.retired_agent_hours + sum(
         float((s.get("status") or {}).get("spend", {}).get("agentHours", 0.0))
@@ -149,6 +158,7 @@ def _tally(
         update={
             "agent_hours": round(hours.agent_hours + retired, 4),
             "gpu_hours": hours.gpu_hours,
+            "budget_exhausted": gateway_spend.budget_exhausted or shares_spent,
         }
     )
     return counts, spend, retired

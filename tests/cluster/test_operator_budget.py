@@ -102,6 +102,8 @@ class Services:
                 "AAR_ANTHROPIC_API_KEY_FILE": str(self.directory / "api-key"),
                 "AAR_CREDENTIAL_PUBLIC_KEY_FILE": public,
                 "AAR_DATA_DIR": str(self.directory / "gateway"),
+                # No metrics port: two services on one host would both ask for 9090.
+                "AAR_METRICS_PORT": "0",
             },
         )
         scorer_port = self.scorer.rsplit(":", 1)[1]
@@ -110,7 +112,7 @@ class Services:
             [
                 str(BIN / "aar-scorer"), "--tasks", str(self.directory / "tasks.yaml"),
                 "--data-dir", str(self.directory / "scorer"), "--public-key", public,
-                "--host", "127.0.0.1", "--port", scorer_port,
+                "--host", "127.0.0.1", "--port", scorer_port, "--metrics-port", "0",
             ],
         )  # fmt: skip
         eventually(lambda: healthy(self.gateway) and healthy(self.scorer), what="gateway, scorer")
@@ -174,7 +176,10 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
                 "agents": 2,
                 "task": {"name": "w2s-chat"},
                 "sandbox": {"image": "agent:test"},
-                "budget": {"usd": 0.004},
+                # Room for a few requests per agent: each holds its worst case (about $0.0072
+                # here: every byte of the body a token at the dearest input rate, plus
+                # max_tokens) against its agent's half of the cap.
+                "budget": {"usd": 0.04},
                 "review": {"required": False},
             },
         }
@@ -192,10 +197,13 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
         status, registered = call(spend_url, services.admin())
         assert status == 200, registered
 
-        # The agents talk through the gateway until it refuses them for the run's budget.
+        # The agents talk through the gateway until it refuses each of them for the budget.
         refused: dict[str, Any] = {}
+        out: set[str] = set()
         for attempt in range(200):
             agent = f"spend-{attempt % 2}"
+            if agent in out:
+                continue
             status, answer = call(
                 f"{services.gateway}/v1/messages",
                 services.agent(namespace, "spend", agent),
@@ -205,13 +213,17 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
             )  # fmt: skip
             if status == 402:
                 refused = answer
-                if "run" in answer["error"]["message"]:
+                out.add(agent)
+                run_spent = f"run budget of {namespace}/spend" in answer["error"]["message"]
+                if run_spent or out == {"spend-0", "spend-1"}:
                     break
             else:
                 assert status == 200, answer
         assert refused["error"]["type"] == "billing_error"
         _, spent = call(spend_url, services.admin())
-        assert Decimal(spent["run"]["usd"]) >= Decimal("0.004")
+        # Spent, but never past the cap: each request held its worst case before it went.
+        assert Decimal(0) < Decimal(spent["run"]["usd"]) <= Decimal("0.04")
+        assert all(spent["agents"][agent]["exhausted"] for agent in out)
 
         # A counted submission becomes the run's best.
         status, submitted = call(

@@ -15,6 +15,7 @@ from aar_operator.services import RunSpend, Totals, budget_request
 from aar_operator.status import (
     Stop,
     aggregate,
+    budget_stop,
     pod_scheduled,
     run_stop,
     running_seconds,
@@ -190,3 +191,16 @@ def test_config_flags_win_over_environment_which_wins_over_defaults() -> None:
     assert from_arguments(parser.parse_args([]), {}) == OperatorConfig()
     with pytest.raises(ValueError, match="resync_seconds"):
         from_arguments(parser.parse_args(["--resync-seconds", "0"]), {})
+
+
+def test_a_budget_the_gateway_refused_for_is_exhausted_below_its_cap() -> None:
+    # The gateway holds each request's worst case, so spend stops short of the cap: its refusal
+    # is what says the dollars are spent.
+    refused = Totals.model_validate({"usd": "0.031", "exhausted": True}).spend()
+    stop = budget_stop(0.04, None, refused, "agent")
+    assert stop is not None
+    assert stop.reason == "BudgetExhausted"
+    assert "less than its next model request could cost" in stop.message
+    assert budget_stop(0.04, None, Totals.model_validate({"usd": "0.031"}).spend(), "agent") is None
+    # Without a dollar cap there is nothing to exhaust.
+    assert budget_stop(None, None, refused, "agent") is None
