@@ -244,7 +244,9 @@ def scorer_task() -> ScorerTask:
         "name": "w2s-chat",
         "labels": TASK_LABELS,
         "baselines": {"weak": 0.6, "ceiling": 0.9},
-        "feedback": {"step": 0.01},
+        # A small task: the default leakage budget would close its feedback before the first
+        # submission; these tests need released scores.
+        "feedback": {"step": 0.01, "leakage_budget": None, "allow_vacuous_bound": True},
     }
     return task, TASK_TRUTH, "x" * 16
 
