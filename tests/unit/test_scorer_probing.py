@@ -4,9 +4,13 @@ submissions are not."""
 from __future__ import annotations
 
 import random
+import threading
+from typing import Any
 
 import numpy as np
+import pytest
 
+from aar_scorer import probing
 from aar_scorer.packing import Packer
 from aar_scorer.probing import ProbeIndex, ProbeReason
 from aar_scorer.tasks import Probing
@@ -173,3 +177,30 @@ def test_a_long_history_finds_exactly_what_comparing_with_every_submission_finds
             assert verdict.nearest is None
     unrelated = index.check(PACKER.pack([rng.randrange(2) for _ in range(SIZE)]))
     assert (unrelated.nearest, unrelated.fan) == (None, 0)
+
+
+def test_submissions_being_merged_into_the_index_are_still_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A merge runs in a thread; until it is done, the rows it takes in are found where they
+    # waited. Hold the merge until the checks are made.
+    release = threading.Event()
+    merged = probing._merged
+
+    def held(*arguments: Any) -> Any:
+        release.wait(timeout=30)
+        return merged(*arguments)
+
+    monkeypatch.setattr(probing, "_merged", held)
+    index = ProbeIndex(Probing(), SIZE, 2)
+    history: list[list[int]] = np.random.default_rng(11).integers(0, 2, (2100, SIZE)).tolist()
+    try:
+        for submission, answers in enumerate(history):
+            index.add(submission, PACKER.pack(answers), 1)
+        for target in (0, 1500, 2047, 2099):  # merging, merging, merging, newer
+            verdict = index.check(PACKER.pack(flipped(history[target], [7, 700])))
+            assert (verdict.nearest, verdict.distance) == (target, 2)
+    finally:
+        release.set()
+    verdict = index.check(PACKER.pack(flipped(history[1500], [9])))
+    assert (verdict.nearest, verdict.distance) == (1500, 1)
