@@ -26,8 +26,9 @@ class Metrics:
             registry=registry,
         )
         self.leakage_bits = Gauge(
-            "aar_scorer_leakage_bound_bits",
-            "Bits the task's feedback can have carried so far (the stated bound's B)",
+            "aar_scorer_leakage_transcripts_log2",
+            "Log2 of how many feedback transcripts the task can have produced so far (the stated "
+            "bound's B, in bits)",
             ["task"],
             registry=registry,
         )
