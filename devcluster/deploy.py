@@ -116,7 +116,17 @@ def chart_values(version: str, offline: bool) -> dict[str, Any]:
         name: {"image": {"tag": version, "pullPolicy": "Never"}} for name in CHART_COMPONENTS
     }
     values["scorer"]["tasks"] = [
-        {"name": TASK, "metric": "accuracy", "labels": [0, 1], "baselines": TASK_BASELINES}
+        {
+            "name": TASK,
+            "metric": "accuracy",
+            "labels": [0, 1],
+            "baselines": TASK_BASELINES,
+            # The demo task has 250 public labels: under the default budget (1/8 of them) a
+            # blind guess's own spread leaves no room for feedback at all. A budget just under
+            # n/4 on a coarser grid gives the demo's agents 14 released-or-not answers before
+            # its feedback closes, which the demo then shows.
+            "feedback": {"step": 0.1, "leakage_budget": 0.24},
+        }
     ]
     if offline:
         values["gateway"]["upstream"] = f"http://{UPSTREAM}.{SYSTEM_NAMESPACE}:{UPSTREAM_PORT}"
