@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -19,9 +18,19 @@ import aiohttp
 import anthropic
 import pytest
 from aiohttp import web
-from test_gateway_proxy import ISSUER, Gateway, metric, process_env, serve_process, write_keys
+from gateway_harness import (
+    HI,
+    ISSUER,
+    Gateway,
+    gateway_before,
+    metric,
+    served_as_process,
+    started,
+    stream_breaking_off,
+    stream_broken_off,
+    unreachable_url,
+)
 
-from aar_common.ports import free_port
 from aar_devcluster.anthropic_stub import AnthropicStub, Reply
 
 # claude-3-haiku in nano-dollars a token: input 250, output 1250, cache writes 300 (5 min) and
@@ -31,7 +40,6 @@ HAIKU_IN, HAIKU_OUT, HAIKU_DEAREST_IN = 250, 1250, 500
 # claude-opus-4-6: output 25000, and an input token at most 10000 (a 1 h cache write).
 OPUS = "claude-opus-4-6"
 OPUS_OUT, OPUS_DEAREST_IN = 25_000, 10_000
-HI = [{"role": "user", "content": "hi"}]
 
 
 def nano(usd: str) -> int:
@@ -39,18 +47,12 @@ def nano(usd: str) -> int:
 
 
 @pytest.fixture
-async def stub(start_stub: Any) -> tuple[AnthropicStub, str]:
-    served: tuple[AnthropicStub, str] = await start_stub(api_key="sk-ant-real-key")
-    return served
-
-
-@pytest.fixture
-async def gateway(tmp_path: Path, stub: tuple[AnthropicStub, str]) -> AsyncIterator[Gateway]:
-    write_keys(tmp_path)
-    instance = Gateway(stub[0], stub[1], tmp_path)
-    await instance.start()
-    yield instance
-    await instance.stop()
+async def gateway(
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
+) -> AsyncIterator[Gateway]:
+    instance = Gateway(*upstream_stub, tmp_path)
+    async with started(instance, usd=None):
+        yield instance
 
 
 async def ledger_nano(gateway: Gateway, agent: str | None = None) -> int:
@@ -264,73 +266,29 @@ async def test_an_enormous_max_tokens_is_refused_with_what_would_fit_and_not_bil
     assert len(gateway.stub.requests) == 1
 
 
-async def cut_stream_upstream() -> AsyncIterator[str]:
-    """An upstream that starts a stream (20 input tokens), then drops the connection."""
-
-    async def breaking(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        start = {
-            "type": "message_start",
-            "message": {"id": "msg_cut", "usage": {"input_tokens": 20, "output_tokens": 1}},
-        }
-        await response.write(f"event: message_start\ndata: {json.dumps(start)}\n\n".encode())
-        assert request.transport is not None
-        request.transport.abort()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/messages", breaking)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    listener = socket.create_server(("127.0.0.1", 0))
-    await web.SockSite(runner, listener).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_stream_cut_mid_way_is_billed_what_it_used_and_gives_back_its_hold(
     tmp_path: Path,
 ) -> None:
-    write_keys(tmp_path)
-    async for upstream in cut_stream_upstream():
-        instance = Gateway(AnthropicStub(), upstream, tmp_path)
-        await instance.start()
-        try:
-            # Room for one worst case at a time: a leaked hold would refuse every later request.
-            await instance.budget(0.05, {"w2s-1": 0.02})
-            async with instance.client() as client:
-                for _ in range(3):
-                    with pytest.raises(anthropic.APIStatusError) as broken:
-                        async with client.messages.stream(
-                            model=OPUS, max_tokens=500, messages=HI
-                        ) as stream:
-                            await stream.get_final_message()
-                    assert "the upstream stream broke off" in str(broken.value)
-            spend = await instance.spend()
-            assert spend["run"]["requests"] == 3
-            assert nano(spend["run"]["usd"]) == 3 * (20 * 5000 + 1 * OPUS_OUT)
-            assert await reserved(instance, "w2s-1") == await reserved(instance) == 0
-        finally:
-            await instance.stop()
+    async with gateway_before(stream_breaking_off(input_tokens=20), tmp_path) as instance:
+        # Room for one worst case at a time: a leaked hold would refuse every later request.
+        await instance.budget(0.05, {"w2s-1": 0.02})
+        async with instance.client() as client:
+            for _ in range(3):
+                await stream_broken_off(client, OPUS, max_tokens=500)
+        spend = await instance.spend()
+        assert spend["run"]["requests"] == 3
+        assert nano(spend["run"]["usd"]) == 3 * (20 * 5000 + 1 * OPUS_OUT)
+        assert await reserved(instance, "w2s-1") == await reserved(instance) == 0
 
 
 @pytest.mark.parametrize("ending", ["upstream_error", "agent_hangs_up", "unreachable"])
 async def test_a_request_that_ends_any_other_way_gives_back_its_hold(
-    tmp_path: Path, stub: tuple[AnthropicStub, str], ending: str
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str], ending: str
 ) -> None:
-    write_keys(tmp_path)
-    upstream = stub[1]
-    if ending == "unreachable":
-        with socket.create_server(("127.0.0.1", 0)) as closed:
-            upstream = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    gateway = Gateway(stub[0], upstream, tmp_path)
-    await gateway.start()
-    try:
-        # Room for one worst case at a time (each about $0.013): a leaked hold refuses the next.
-        await gateway.budget(0.02)
+    upstream = unreachable_url() if ending == "unreachable" else upstream_stub[1]
+    gateway = Gateway(upstream_stub[0], upstream, tmp_path)
+    # Room for one worst case at a time (each about $0.013): a leaked hold refuses the next.
+    async with started(gateway, usd=0.02):
         for _ in range(3):
             await end_a_request(gateway, ending)
             for _ in range(500):  # a stream the agent left is read to its end, then billed
@@ -339,8 +297,6 @@ async def test_a_request_that_ends_any_other_way_gives_back_its_hold(
                 await asyncio.sleep(0.02)
             assert await reserved(gateway) == await reserved(gateway, "w2s-1") == 0
         spend = await gateway.spend()
-    finally:
-        await gateway.stop()
     if ending == "agent_hangs_up":
         assert spend["run"]["requests"] == 3
         assert nano(spend["run"]["usd"]) <= nano("0.02")
@@ -353,16 +309,7 @@ async def end_a_request(gateway: Gateway, ending: str) -> None:
     if ending == "agent_hangs_up":
         gateway.stub.chunk_delay = 0.01
         gateway.stub.script(Reply.text("y" * 200, usage={"output_tokens": 50}))
-        body = {"model": OPUS, "max_tokens": 500, "messages": HI, "stream": True}
-        credential = ISSUER.mint_agent("ns", "w2s", "w2s-1")
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                gateway.url + "/v1/messages", json=body, headers={"x-api-key": credential}
-            ) as response,
-        ):
-            assert b"message_start" in await response.content.readany()
-            response.close()
+        await gateway.hang_up_on_a_stream(OPUS)
         return
     gateway.stub.script(Reply.failure(529, "overloaded_error", "Overloaded"))
     async with gateway.client() as client:
@@ -404,11 +351,10 @@ async def test_count_tokens_is_refused_as_any_request_is_and_otherwise_forwarded
 
 
 async def test_a_dated_alias_is_priced_only_when_the_table_lists_it(
-    tmp_path: Path, stub: tuple[AnthropicStub, str]
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
 ) -> None:
     dated = "claude-opus-4-6-20260101"
-    write_keys(tmp_path)
-    plain = Gateway(stub[0], stub[1], tmp_path / "plain")
+    plain = Gateway(*upstream_stub, tmp_path / "plain")
     prices = tmp_path / "prices.yaml"
     prices.write_text(
         "version: ours-1\n"
@@ -416,20 +362,15 @@ async def test_a_dated_alias_is_priced_only_when_the_table_lists_it(
         "models:\n"
         "  claude-sonnet-4-5-20990101: {input: 1, output: 2, cache_write: 3, cache_read: 0.1}\n"
     )
-    listed = Gateway(stub[0], stub[1], tmp_path / "listed", {"prices_file": prices})
-    for instance in (plain, listed):
-        instance.directory.mkdir()
-        write_keys(instance.directory)
-        await instance.start()
-        await instance.budget(1.0)
-    try:
+    listed = Gateway(*upstream_stub, tmp_path / "listed", {"prices_file": prices})
+    async with started(plain, listed, usd=1.0):
         async with plain.client() as client:
             with pytest.raises(anthropic.PermissionDeniedError) as refused:
                 await client.messages.create(model=dated, max_tokens=10, messages=HI)
         assert f"model '{dated}' has no price" in str(refused.value)
         assert "aliases" in str(refused.value)
-        assert stub[0].requests == []
-        stub[0].script(
+        assert upstream_stub[0].requests == []
+        upstream_stub[0].script(
             Reply.text("ok", usage={"input_tokens": 1000, "output_tokens": 100}),
             Reply.text("ok", usage={"input_tokens": 1000, "output_tokens": 100}),
         )
@@ -440,9 +381,6 @@ async def test_a_dated_alias_is_priced_only_when_the_table_lists_it(
                 model="claude-sonnet-4-5-20990101", max_tokens=10, messages=HI
             )
         assert (await listed.spend())["run"]["usd"] == "0.008700000"  # + 1000*1 + 100*2 $/MTok
-    finally:
-        for instance in (plain, listed):
-            await instance.stop()
 
 
 async def test_server_tools_are_refused_and_images_are_counted_upstream_before_they_start(
@@ -498,14 +436,7 @@ async def test_an_image_whose_count_fails_upstream_is_refused_holding_nothing(
     app = web.Application()
     app.router.add_post("/v1/messages/count_tokens", count_fails)
     app.router.add_post("/v1/messages", never)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    listener = socket.create_server(("127.0.0.1", 0))
-    await web.SockSite(runner, listener).start()
-    write_keys(tmp_path)
-    instance = Gateway(AnthropicStub(), f"http://127.0.0.1:{listener.getsockname()[1]}", tmp_path)
-    await instance.start()
-    try:
+    async with gateway_before(app, tmp_path) as instance:
         await instance.budget(1.0)
         image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
         async with instance.client() as client:
@@ -518,17 +449,11 @@ async def test_an_image_whose_count_fails_upstream_is_refused_holding_nothing(
         assert f"the count failed ({count_status}): " in str(refused.value)
         assert "cannot count now" in str(refused.value)
         assert await reserved(instance) == 0
-    finally:
-        await instance.stop()
-        await runner.cleanup()
 
 
 async def test_a_gateway_killed_with_a_request_in_flight_comes_back_holding_nothing(
-    tmp_path: Path, stub: tuple[AnthropicStub, str]
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
 ) -> None:
-    write_keys(tmp_path)
-    port = free_port()
-    instance = Gateway(stub[0], stub[1], tmp_path, url=f"http://127.0.0.1:{port}")
     arrived, release = asyncio.Event(), asyncio.Event()
 
     async def held(_: dict[str, Any]) -> Reply:
@@ -537,28 +462,26 @@ async def test_a_gateway_killed_with_a_request_in_flight_comes_back_holding_noth
             await release.wait()
         return Reply.text("too late")
 
-    process = await serve_process(process_env(tmp_path, stub[1]), port)
-    try:
-        await instance.budget(0.02)  # room for one worst case (about $0.0135) at a time
-        stub[0].responder = held
-        async with instance.client() as client:
-            pending = asyncio.create_task(
-                client.messages.create(model=OPUS, max_tokens=500, messages=HI)
-            )
-            await arrived.wait()
-            with pytest.raises(anthropic.RateLimitError) as held_back:
+    instance = Gateway(*upstream_stub, tmp_path)
+    async with served_as_process(instance) as process:
+        try:
+            await instance.budget(0.02)  # room for one worst case (about $0.0135) at a time
+            upstream_stub[0].responder = held
+            async with instance.client() as client:
+                pending = asyncio.create_task(
+                    client.messages.create(model=OPUS, max_tokens=500, messages=HI)
+                )
+                await arrived.wait()
+                with pytest.raises(anthropic.RateLimitError) as held_back:
+                    await client.messages.create(model=OPUS, max_tokens=500, messages=HI)
+                assert "held by 1 request in flight" in str(held_back.value)
+                await process.kill()  # with the hold taken: nothing runs on the way out
+                with pytest.raises(anthropic.APIConnectionError):
+                    await pending
+                release.set()
+                upstream_stub[0].responder = None
+                await process.start()
+                # The killed process's hold died with it: the whole budget is there again.
                 await client.messages.create(model=OPUS, max_tokens=500, messages=HI)
-            assert "held by 1 request in flight" in str(held_back.value)
-            process.kill()  # SIGKILL with the hold taken: nothing runs on the way out
-            await process.wait()
-            with pytest.raises(anthropic.APIConnectionError):
-                await pending
-            release.set()
-            stub[0].responder = None
-            process = await serve_process(process_env(tmp_path, stub[1]), port)
-            # The killed process's hold died with it: the whole budget is there again.
-            await client.messages.create(model=OPUS, max_tokens=500, messages=HI)
-    finally:
-        release.set()  # the stand-in's handler ends, whatever the test came to
-        process.terminate()
-        await process.wait()
+        finally:
+            release.set()  # the stand-in's handler ends, whatever the test came to

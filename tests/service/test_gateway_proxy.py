@@ -6,11 +6,7 @@ through the same path."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import socket
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -20,21 +16,30 @@ import aiohttp
 import anthropic
 import pytest
 import yaml
-from aiohttp import web
-from gateway_harness import Gateway as ServedGateway
-from gateway_harness import write_keys as write_key_files
+from agent_env import REAL_API_KEY
+from gateway_harness import (
+    HI,
+    ISSUER,
+    KEY,
+    Gateway,
+    gateway_before,
+    metric,
+    process_env,
+    served_as_process,
+    started,
+    stream_breaking_off,
+    stream_broken_off,
+    unreachable_url,
+    write_keys,
+)
 from helm_template import helm_template
 
-from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
+from aar_common.credentials import public_key_pem
 from aar_common.ports import free_port
 from aar_devcluster.anthropic_stub import AnthropicStub, Reply
 from aar_gateway.main import main as gateway_main
 from aar_gateway.pricing import USAGE_FIELDS
 
-KEY = generate_signing_key()
-ISSUER = CredentialIssuer(KEY)
-ADMIN = ISSUER.mint_admin("operator")
-REAL_KEY = "sk-ant-real-key"
 MODEL = "claude-opus-4-6"
 # claude-opus-4-6 in $ per million tokens: input 5, output 25, cache write 6.25, cache read 0.50.
 OPUS_46 = {
@@ -43,7 +48,6 @@ OPUS_46 = {
     "cache_creation_input_tokens": Decimal("6.25"),
     "cache_read_input_tokens": Decimal("0.50"),
 }
-HI = [{"role": "user", "content": "hi"}]
 
 
 def dollars(usage: dict[str, int]) -> Decimal:
@@ -51,81 +55,13 @@ def dollars(usage: dict[str, int]) -> Decimal:
     return sum((usage[k] * OPUS_46[k] for k in USAGE_FIELDS), Decimal(0)) / 10**6
 
 
-class Gateway(ServedGateway):
-    """The served gateway as these tests call it: agents through the SDK, the operator as admin."""
-
-    def client(
-        self, agent: str = "w2s-1", run: str = "w2s", namespace: str = "ns", **options: Any
-    ) -> anthropic.AsyncAnthropic:
-        options.setdefault("max_retries", 0)
-        return anthropic.AsyncAnthropic(
-            api_key=ISSUER.mint_agent(namespace, run, agent), base_url=self.url, **options
-        )
-
-    async def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.request(
-                method,
-                self.url + path,
-                json=body,
-                headers={"Authorization": f"Bearer {ADMIN}"},
-            ) as response,
-        ):
-            return response.status, await response.json()
-
-    async def budget(
-        self, usd: float | None, agents: dict[str, float | None] | None = None
-    ) -> None:
-        status, answer = await self.admin(
-            "PUT", "/api/v1/budgets/ns/w2s", {"usd": usd, "agents": agents or {}}
-        )
-        assert status == 200, answer
-
-    async def spend(self) -> dict[str, Any]:
-        status, answer = await self.admin("GET", "/api/v1/spend/ns/w2s")
-        assert status == 200, answer
-        result: dict[str, Any] = answer
-        return result
-
-    async def metrics(self) -> str:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(self.metrics_url + "/metrics") as response,
-        ):
-            return await response.text()
-
-
-def write_keys(directory: Path) -> None:
-    write_key_files(directory, REAL_KEY, KEY)
-
-
 @pytest.fixture
-async def stub(start_stub: Any) -> tuple[AnthropicStub, str]:
-    served: tuple[AnthropicStub, str] = await start_stub(api_key=REAL_KEY)
-    return served
-
-
-@pytest.fixture
-async def gateway(tmp_path: Path, stub: tuple[AnthropicStub, str]) -> AsyncIterator[Gateway]:
-    write_keys(tmp_path)
-    instance = Gateway(stub[0], stub[1], tmp_path)
-    await instance.start()
-    await instance.budget(100.0)
-    yield instance
-    await instance.stop()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text, 0 when absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            sample, value = line.rsplit(" ", 1)
-            found = ",".join(sorted(sample[len(name) + 1 : -1].split(",")))
-            if found == wanted:
-                return float(value)
-    return 0.0
+async def gateway(
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
+) -> AsyncIterator[Gateway]:
+    instance = Gateway(*upstream_stub, tmp_path)
+    async with started(instance, usd=100.0):
+        yield instance
 
 
 USAGE = {
@@ -144,7 +80,7 @@ async def test_a_message_is_metered_to_the_cent_and_the_agent_credential_stays_h
         message = await client.messages.create(model=MODEL, max_tokens=100, messages=HI)
     assert message.content[0].text == "Here is the answer."  # type: ignore[union-attr]
     upstream_headers = {k.lower(): v for k, v in gateway.stub.requests[0]["headers"].items()}
-    assert upstream_headers["x-api-key"] == REAL_KEY
+    assert upstream_headers["x-api-key"] == REAL_API_KEY
     assert "authorization" not in upstream_headers
     assert not any("aar1." in value for value in upstream_headers.values())
 
@@ -329,23 +265,20 @@ async def test_a_model_without_a_price_is_refused_before_it_costs_anything(
 
 
 async def test_a_configured_default_price_bills_unknown_models(
-    tmp_path: Path, stub: tuple[AnthropicStub, str]
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
 ) -> None:
-    write_keys(tmp_path)
     prices = tmp_path / "prices.yaml"
     prices.write_text(
         "version: ours-1\ndefault: {input: 2, output: 10, cache_write: 2.5, cache_read: 0.2}\n"
     )
-    instance = Gateway(stub[0], stub[1], tmp_path, {"prices_file": prices})
-    await instance.start()
-    try:
-        await instance.budget(10.0)
-        stub[0].script(Reply.text("ok", usage={"input_tokens": 1000, "output_tokens": 100}))
+    instance = Gateway(*upstream_stub, tmp_path, {"prices_file": prices})
+    async with started(instance, usd=10.0):
+        upstream_stub[0].script(
+            Reply.text("ok", usage={"input_tokens": 1000, "output_tokens": 100})
+        )
         async with instance.client() as client:
             await client.messages.create(model="claude-next-9", max_tokens=10, messages=HI)
         assert (await instance.spend())["run"]["usd"] == "0.003000000"  # 1000*2 + 100*10 µ$
-    finally:
-        await instance.stop()
 
 
 async def test_overloaded_and_server_errors_come_back_with_the_upstream_retry_hints(
@@ -375,20 +308,12 @@ async def test_overloaded_and_server_errors_come_back_with_the_upstream_retry_hi
 
 
 async def test_an_unreachable_or_silent_upstream_is_a_retryable_502_or_504(
-    tmp_path: Path, stub: tuple[AnthropicStub, str]
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
 ) -> None:
-    write_keys(tmp_path)
-    with socket.create_server(("127.0.0.1", 0)) as closed:
-        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    unreachable = Gateway(stub[0], dead_url, tmp_path / "a")
-    silent = Gateway(stub[0], stub[1], tmp_path / "b", {"upstream_timeout": 0.2})
-    for instance in (unreachable, silent):
-        instance.directory.mkdir()
-        write_keys(instance.directory)
-        await instance.start()
-        await instance.budget(1.0)
-    stub[0].script(Reply.text("too late", delay=1))
-    try:
+    unreachable = Gateway(upstream_stub[0], unreachable_url(), tmp_path / "a")
+    silent = Gateway(*upstream_stub, tmp_path / "b", {"upstream_timeout": 0.2})
+    async with started(unreachable, silent, usd=1.0):
+        upstream_stub[0].script(Reply.text("too late", delay=1))
         for instance, status, kind in (
             (unreachable, 502, "api_error"),
             (silent, 504, "timeout_error"),
@@ -401,19 +326,13 @@ async def test_an_unreachable_or_silent_upstream_is_a_retryable_502_or_504(
             assert failed.value.body["error"]["type"] == kind  # type: ignore[index]
             assert instance.url != ""
             assert (await instance.spend())["run"]["requests"] == 0
-    finally:
-        for instance in (unreachable, silent):
-            await instance.stop()
 
 
 async def test_the_agent_rate_limit_answers_429_with_retry_after(
-    tmp_path: Path, stub: tuple[AnthropicStub, str]
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
 ) -> None:
-    write_keys(tmp_path)
-    instance = Gateway(stub[0], stub[1], tmp_path, {"agent_requests_per_minute": 2})
-    await instance.start()
-    try:
-        await instance.budget(1.0)
+    instance = Gateway(*upstream_stub, tmp_path, {"agent_requests_per_minute": 2})
+    async with started(instance, usd=1.0):
         async with instance.client() as client, instance.client("w2s-2") as neighbour:
             for _ in range(2):
                 await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
@@ -423,8 +342,6 @@ async def test_the_agent_rate_limit_answers_429_with_retry_after(
         # Two a minute: the third request waits about 30 s for the bucket to refill one.
         assert int(limited.value.response.headers["retry-after"]) in (29, 30)
         assert "over its 2 requests per minute" in str(limited.value)
-    finally:
-        await instance.stop()
 
 
 async def test_count_tokens_is_forwarded_with_the_real_key_and_not_billed(
@@ -441,16 +358,7 @@ async def test_a_stream_the_agent_abandons_is_still_read_to_the_end_and_billed(
 ) -> None:
     gateway.stub.chunk_delay = 0.01
     gateway.stub.script(Reply.text("y" * 400))
-    credential = ISSUER.mint_agent("ns", "w2s", "w2s-1")
-    body = {"model": MODEL, "max_tokens": 500, "messages": HI, "stream": True}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            gateway.url + "/v1/messages", json=body, headers={"x-api-key": credential}
-        ) as response,
-    ):
-        assert b"message_start" in await response.content.readany()
-        response.close()  # the agent hangs up after the first bytes
+    await gateway.hang_up_on_a_stream(MODEL)  # the agent hangs up after the first bytes
     for _ in range(500):  # the gateway keeps reading the upstream: wait for its ledger row
         if (await gateway.spend())["run"]["requests"]:
             break
@@ -510,52 +418,12 @@ async def test_admin_endpoints_need_an_admin_and_a_well_formed_budget(gateway: G
     )
 
 
-def process_env(directory: Path, upstream: str) -> dict[str, str]:
-    return {
-        "AAR_GATEWAY_UPSTREAM": upstream,
-        "AAR_ANTHROPIC_API_KEY_FILE": str(directory / "api-key"),
-        "AAR_CREDENTIAL_PUBLIC_KEY_FILE": str(directory / "public-key.pem"),
-        "AAR_DATA_DIR": str(directory / "data"),
-    }
-
-
-async def serve_process(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
-    """`aar-gateway` as its own process, configured by environment as in its container."""
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "aar-gateway"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        env={**os.environ, **env},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            if process.returncode is not None:
-                assert process.stderr is not None
-                raise AssertionError((await process.stderr.read()).decode())
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
-                    if response.status == 200:
-                        return process
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.1)
-    process.kill()
-    raise AssertionError("aar-gateway did not answer /healthz")
-
-
 async def test_a_killed_gateway_process_restarts_with_the_spend_it_reported(
-    tmp_path: Path, stub: tuple[AnthropicStub, str]
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
 ) -> None:
-    write_keys(tmp_path)
-    port = free_port()
-    instance = Gateway(stub[0], stub[1], tmp_path, url=f"http://127.0.0.1:{port}")
-    stub[0].responder = lambda _: Reply.text("ok", usage=USAGE)
-    process = await serve_process(process_env(tmp_path, stub[1]), port)
-    try:
+    upstream_stub[0].responder = lambda _: Reply.text("ok", usage=USAGE)
+    instance = Gateway(*upstream_stub, tmp_path)
+    async with served_as_process(instance) as process:
         await instance.budget(0.05)
         async with instance.client() as client:
             await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
@@ -563,9 +431,8 @@ async def test_a_killed_gateway_process_restarts_with_the_spend_it_reported(
                 await stream.get_final_message()
             await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
         before = await instance.spend()  # answered from what is on disk
-        process.kill()  # SIGKILL: no cleanup, nothing flushed on the way out
-        await process.wait()
-        process = await serve_process(process_env(tmp_path, stub[1]), port)
+        await process.kill()  # nothing flushed on the way out
+        await process.start()
         spend = await instance.spend()
         assert spend == before
         assert spend["run"]["requests"] == 3
@@ -575,9 +442,6 @@ async def test_a_killed_gateway_process_restarts_with_the_spend_it_reported(
             with pytest.raises(anthropic.APIStatusError) as refused:  # $0.0555 of $0.05 spent
                 await client.messages.create(model=MODEL, max_tokens=10, messages=HI)
         assert refused.value.status_code == 402
-    finally:
-        process.terminate()
-        await process.wait()
 
 
 async def test_when_spend_cannot_be_written_the_gateway_refuses_further_requests(
@@ -638,10 +502,10 @@ def test_the_chart_deploys_the_gateway_by_default_and_refuses_it_without_a_key_s
 
 
 async def test_the_gateway_serves_as_the_chart_configures_it(
-    repo_root: Path, tmp_path: Path, stub: tuple[AnthropicStub, str]
+    repo_root: Path, tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
 ) -> None:
     values = tmp_path / "values.yaml"
-    values.write_text(CHART_VALUES + f"  upstream: {stub[1]}\n")
+    values.write_text(CHART_VALUES + f"  upstream: {upstream_stub[1]}\n")
     rendered = helm_template(repo_root, "-f", str(values))
     assert rendered.returncode == 0, rendered.stderr
     objects = gateway_objects(rendered.stdout)
@@ -667,7 +531,7 @@ async def test_the_gateway_serves_as_the_chart_configures_it(
         if "secret" in volume:
             assert volume["secret"]["secretName"] == "anthropic-api-key"
             assert volume["secret"]["items"] == [{"key": "key", "path": "api-key"}]
-            (folder / "api-key").write_text(REAL_KEY)
+            (folder / "api-key").write_text(REAL_API_KEY)
         elif volume.get("configMap", {}).get("name") == "aar-credential-public-key":
             (folder / "public-key.pem").write_bytes(public_key_pem(KEY))
         elif "configMap" in volume:
@@ -679,20 +543,17 @@ async def test_the_gateway_serves_as_the_chart_configures_it(
         else item["value"]
         for item in container["env"]
     }
-    port = free_port()
-    process = await serve_process(env, port)
-    try:
-        instance = Gateway(stub[0], stub[1], tmp_path, url=f"http://127.0.0.1:{port}")
+    instance = Gateway(*upstream_stub, tmp_path)
+    async with served_as_process(instance, env):
         await instance.budget(1.0)
-        stub[0].script(Reply.text("ok", usage={"input_tokens": 1000, "output_tokens": 100}))
+        upstream_stub[0].script(
+            Reply.text("ok", usage={"input_tokens": 1000, "output_tokens": 100})
+        )
         async with instance.client() as client:
             # Priced only by the chart's table: 1000 * 4.5 + 100 * 22.5 micro-dollars.
             await client.messages.create(model="claude-custom-1", max_tokens=10, messages=HI)
         assert (await instance.spend())["run"]["usd"] == "0.006750000"
-        assert stub[0].requests[0]["headers"]["x-api-key"] == REAL_KEY
-    finally:
-        process.terminate()
-        await process.wait()
+        assert upstream_stub[0].requests[0]["headers"]["x-api-key"] == REAL_API_KEY
     assert (root / "var/lib/aar/gateway.sqlite3").exists()  # the ledger is on the volume
 
 
@@ -732,43 +593,14 @@ async def test_usage_beyond_what_a_request_held_is_still_billed_in_full(
 async def test_a_stream_that_breaks_off_upstream_ends_with_an_error_event_and_bills_its_input(
     tmp_path: Path,
 ) -> None:
-    async def breaking(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        start = {
-            "type": "message_start",
-            "message": {"id": "msg_b", "usage": {"input_tokens": 5000, "output_tokens": 1}},
-        }
-        await response.write(f"event: message_start\ndata: {json.dumps(start)}\n\n".encode())
-        assert request.transport is not None
-        request.transport.abort()  # the upstream connection drops mid-answer
-        return response
-
-    upstream = web.Application()
-    upstream.router.add_post("/v1/messages", breaking)
-    runner = web.AppRunner(upstream)
-    await runner.setup()
-    listener = socket.create_server(("127.0.0.1", 0))
-    await web.SockSite(runner, listener).start()
-    write_keys(tmp_path)
-    instance = Gateway(AnthropicStub(), f"http://127.0.0.1:{listener.getsockname()[1]}", tmp_path)
-    await instance.start()
-    try:
+    async with gateway_before(stream_breaking_off(input_tokens=5000), tmp_path) as instance:
         await instance.budget(1.0)
         async with instance.client() as client:
-            with pytest.raises(anthropic.APIStatusError) as broken:
-                async with client.messages.stream(
-                    model=MODEL, max_tokens=10, messages=HI
-                ) as stream:
-                    await stream.get_final_message()
-        assert "the upstream stream broke off" in str(broken.value)
+            await stream_broken_off(client, MODEL, max_tokens=10)
         spend = await instance.spend()
         assert spend["run"]["input_tokens"] == 5000
         assert spend["run"]["output_tokens"] == 1
         assert Decimal(spend["run"]["usd"]) == Decimal("0.025025")  # 5000*5 + 1*25 µ$
-    finally:
-        await instance.stop()
-        await runner.cleanup()
 
 
 async def test_a_retry_with_the_same_idempotency_key_is_answered_again_and_not_billed(
