@@ -1,17 +1,39 @@
-"""Helpers for the operator's cluster tests: waiting for a condition, listing names."""
+"""Helpers for the operator's cluster tests: the operator as a subprocess, waiting for a
+condition, listing names."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aar_devcluster.tools import Tool
 from aar_operator.local import OperatorProcess
 
-__all__ = ["OperatorProcess", "eventually", "names"]
+__all__ = ["CHILD_KINDS", "OperatorProcess", "eventually", "names", "running"]
 
 T = TypeVar("T")
+
+# Every kind the operator makes for a sandbox.
+CHILD_KINDS = ["serviceaccounts", "secrets", "persistentvolumeclaims", "pods", "networkpolicies"]
+
+
+@contextmanager
+def running(
+    kubeconfig: Path, namespace: str, log: Path, environment: dict[str, str] | None = None
+) -> Iterator[OperatorProcess]:
+    """`aar-operator run` as a subprocess (its signing key in `namespace`), stopped on the way
+    out, when it prints the log's tail: pytest shows what the operator saw and did when the
+    test failed."""
+    process = OperatorProcess(kubeconfig, namespace, log, environment=environment)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        print(f"--- operator log (tail) ---\n{process.log()}")
 
 
 def eventually(check: Callable[[], T | None], timeout: float = 90, what: str = "") -> T:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from helm_chart import Chart
 from helm_template import helm_template, render
-from operator_process import OperatorProcess, eventually, names
+from operator_process import OperatorProcess, eventually, names, running
 
 from aar_devcluster.controlplane import ControlPlane, kubeconfig
 from aar_devcluster.tools import Tool
@@ -46,6 +48,32 @@ def service_account_kubeconfig(
     return path
 
 
+ACCOUNT = "aar-operator"  # the chart's ServiceAccount for the operator
+
+
+@pytest.fixture
+def who(namespace: str) -> str:
+    """The chart's operator ServiceAccount (the chart installed in this test's namespace), as
+    `kubectl auth can-i --as` names it."""
+    return f"system:serviceaccount:{namespace}:{ACCOUNT}"
+
+
+@pytest.fixture
+def operator_as_the_chart(
+    control_plane: ControlPlane, kubectl: Tool, namespace: str, crds: None, tmp_path: Path
+) -> Callable[[dict[str, str]], AbstractContextManager[OperatorProcess]]:
+    """Runs the operator, configured by these environment variables, for a `with` block with
+    exactly the rights of the chart's ServiceAccount (not as cluster admin)."""
+
+    def run(environment: dict[str, str]) -> AbstractContextManager[OperatorProcess]:
+        config = service_account_kubeconfig(
+            control_plane, kubectl, ACCOUNT, tmp_path / "sa.kubeconfig"
+        )
+        return running(config, namespace, tmp_path / "operator.log", environment)
+
+    return run
+
+
 def can(kubectl: Tool, who: str, verb: str, resource: str, namespace: str) -> bool:
     answer = kubectl.run(
         "auth", "can-i", verb, resource, "--as", who, "--namespace", namespace, check=False
@@ -59,13 +87,12 @@ def test_chart_rbac_runs_the_operator_and_hides_the_scorers_secrets(
     chart: Chart,
     namespace: str,
     more_namespaces: Callable[[str], str],
-    crds: None,
-    tmp_path: Path,
+    who: str,
+    operator_as_the_chart: Callable[[dict[str, str]], AbstractContextManager[OperatorProcess]],
 ) -> None:
     chart.install(release="aar")
     scorer_namespace = chart.scorer_namespace
-    account = "aar-operator"
-    deployment = kubectl.json("get", "deployment", account)
+    deployment = kubectl.json("get", "deployment", ACCOUNT)
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     [container] = deployment["spec"]["template"]["spec"]["containers"]
@@ -74,7 +101,6 @@ def test_chart_rbac_runs_the_operator_and_hides_the_scorers_secrets(
     assert (readiness["path"], readiness["port"]) == ("/healthz", "health")
     assert container["livenessProbe"]["httpGet"] == container["readinessProbe"]["httpGet"]
 
-    who = f"system:serviceaccount:{namespace}:{account}"
     for verb in ("get", "list", "watch", "update", "patch", "delete"):
         assert not can(kubectl, who, verb, "secrets", scorer_namespace), verb
         assert not can(kubectl, who, verb, "secrets", "default"), verb
@@ -84,24 +110,13 @@ def test_chart_rbac_runs_the_operator_and_hides_the_scorers_secrets(
 
     # The operator, with exactly the chart's rights, makes a run's sandboxes and publishes
     # the public key in its namespace and the scorer's.
-    config = service_account_kubeconfig(control_plane, kubectl, account, tmp_path / "sa.kubeconfig")
-    process = OperatorProcess(
-        config,
-        namespace,
-        tmp_path / "operator.log",
-        environment={"AAR_SCORER_NAMESPACE": scorer_namespace},
-    )
-    process.start()
-    try:
+    with operator_as_the_chart({"AAR_SCORER_NAMESPACE": scorer_namespace}):
         # Runs go in a namespace of their own: never the operator's (the release namespace).
         runs = Tool("kubectl", control_plane.kubeconfig_path, more_namespaces("runs"))
         runs_make_sandboxes(runs)
         scorer = Tool("kubectl", control_plane.kubeconfig_path, scorer_namespace)
         ours = kubectl.json("get", "configmap", "aar-credential-public-key")["data"]
         assert scorer.json("get", "configmap", "aar-credential-public-key")["data"] == ours
-    finally:
-        process.stop()
-        print(f"--- operator log (tail) ---\n{process.log()}")
 
 
 def runs_make_sandboxes(kubectl: Tool) -> None:
@@ -204,15 +219,12 @@ def test_chart_with_run_namespaces_runs_the_operator_with_roles_only_there(
     control_plane: ControlPlane,
     kubectl: Tool,
     chart: Chart,
-    namespace: str,
     more_namespaces: Callable[[str], str],
-    crds: None,
-    tmp_path: Path,
+    who: str,
+    operator_as_the_chart: Callable[[dict[str, str]], AbstractContextManager[OperatorProcess]],
 ) -> None:
     listed, other = more_namespaces("runs"), more_namespaces("other")
     chart.install("--set", f"operator.runNamespaces={{{listed}}}", release="aar")
-    account = "aar-operator"
-    who = f"system:serviceaccount:{namespace}:{account}"
     for verb in ("create", "delete"):
         assert can(kubectl, who, verb, "pods", listed), verb
         assert not can(kubectl, who, verb, "pods", other), verb
@@ -223,22 +235,16 @@ def test_chart_with_run_namespaces_runs_the_operator_with_roles_only_there(
     assert not can(kubectl, who, "create", "secrets", chart.scorer_namespace)
 
     # The operator as the chart configures it (namespaced, its allow-list) with the chart's rights.
-    [container] = kubectl.json("get", "deployment", account)["spec"]["template"]["spec"][
+    [container] = kubectl.json("get", "deployment", ACCOUNT)["spec"]["template"]["spec"][
         "containers"
     ]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    config = service_account_kubeconfig(control_plane, kubectl, account, tmp_path / "sa.kubeconfig")
-    process = OperatorProcess(
-        config,
-        namespace,
-        tmp_path / "operator.log",
-        environment={
+    with operator_as_the_chart(
+        {
             name: env[name]
             for name in ("AAR_SCORER_NAMESPACE", "AAR_RUN_NAMESPACES", "AAR_OPERATOR_NAMESPACED")
-        },
-    )
-    process.start()
-    try:
+        }
+    ):
         elsewhere = Tool("kubectl", control_plane.kubeconfig_path, other)
         elsewhere.apply(
             {
@@ -252,6 +258,3 @@ def test_chart_with_run_namespaces_runs_the_operator_with_roles_only_there(
         # Watching only the listed namespace, the operator never sees the other run.
         assert not elsewhere.json("get", "researchrun", "unseen").get("status")
         assert names(elsewhere, "agentsandboxes") == []
-    finally:
-        process.stop()
-        print(f"--- operator log (tail) ---\n{process.log()}")

@@ -5,25 +5,19 @@ no children at all."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from operator_process import OperatorProcess, eventually, names
+import pytest
+from operator_process import CHILD_KINDS, OperatorProcess, eventually, names, running
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool
 
 # Everything the operator makes for a run, and every child of a sandbox.
-CHILD_KINDS = [
-    "agentsandboxes",
-    "serviceaccounts",
-    "secrets",
-    "persistentvolumeclaims",
-    "pods",
-    "networkpolicies",
-]
+RUN_KINDS = ["agentsandboxes", *CHILD_KINDS]
 SANDBOX = {"task": {"name": "t"}, "sandbox": {"image": "agent:test"}}
 
 
@@ -45,17 +39,26 @@ def agent_sandbox(name: str) -> dict[str, Any]:
     }
 
 
-@contextmanager
+@pytest.fixture
 def operator(
-    plane: ControlPlane, namespace: str, log: Path, **environment: str
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(plane.kubeconfig_path, namespace, log, environment=environment)
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
-        print(f"--- operator log (tail) ---\n{process.log()}")
+    control_plane: ControlPlane, operator_namespace: str, crds: None, tmp_path: Path
+) -> Callable[..., AbstractContextManager[OperatorProcess]]:
+    """Runs the operator, configured by these environment variables, for a `with` block."""
+
+    def run(**environment: str) -> AbstractContextManager[OperatorProcess]:
+        log = tmp_path / "operator.log"
+        return running(control_plane.kubeconfig_path, operator_namespace, log, environment)
+
+    return run
+
+
+def made(kubectl: Tool, run: str) -> None:
+    """Applies a two-agent run in kubectl's namespace and waits for its two Pods."""
+    kubectl.apply(research_run(run))
+    eventually(
+        lambda: names(kubectl, "pods", f"aar.dev/run={run}") == [f"{run}-0", f"{run}-1"],
+        what=f"the Pods of run {run} in namespace {kubectl.namespace}",
+    )
 
 
 def in_namespace(plane: ControlPlane, namespace: str) -> Tool:
@@ -83,7 +86,7 @@ def refused(kubectl: Tool, kind: str, name: str) -> str:
     ]
     assert warnings == [("Warning", "InvalidSpec", condition["message"])]
     # Everything the operator makes is labelled with its run (a sandbox's own name, by hand).
-    for child in CHILD_KINDS:
+    for child in RUN_KINDS:
         assert names(kubectl, child, f"aar.dev/run={name}") == [], child
     return str(condition["message"])
 
@@ -91,30 +94,18 @@ def refused(kubectl: Tool, kind: str, name: str) -> str:
 def test_runs_and_sandboxes_in_the_scorers_or_the_operators_namespace_are_refused(
     control_plane: ControlPlane,
     kubectl: Tool,
-    namespace: str,
     operator_namespace: str,
     more_namespaces: Callable[[str], str],
-    crds: None,
-    tmp_path: Path,
+    operator: Callable[..., AbstractContextManager[OperatorProcess]],
 ) -> None:
     scorer_namespace = more_namespaces("scorer")
     scorer = in_namespace(control_plane, scorer_namespace)
     home = in_namespace(control_plane, operator_namespace)
-    with operator(
-        control_plane,
-        operator_namespace,
-        tmp_path / "operator.log",
-        AAR_SCORER_NAMESPACE=scorer_namespace,
-    ):
+    with operator(AAR_SCORER_NAMESPACE=scorer_namespace):
         scorer.apply(research_run("sneak"))
         scorer.apply(agent_sandbox("by-hand"))
         home.apply(research_run("home"))
-        # The same run anywhere else is made as always.
-        kubectl.apply(research_run("sneak"))
-        eventually(
-            lambda: names(kubectl, "pods", "aar.dev/run=sneak") == ["sneak-0", "sneak-1"],
-            what="the run's Pods in an ordinary namespace",
-        )
+        made(kubectl, "sneak")  # the same run anywhere else is made as always
 
         anywhere_else = f"any namespace but {scorer_namespace} and {operator_namespace}"
         message = refused(scorer, "ResearchRun", "sneak")
@@ -139,26 +130,15 @@ def test_a_namespace_off_the_allow_list_is_refused_and_one_on_it_works(
     control_plane: ControlPlane,
     kubectl: Tool,
     namespace: str,
-    operator_namespace: str,
     more_namespaces: Callable[[str], str],
-    crds: None,
-    tmp_path: Path,
+    operator: Callable[..., AbstractContextManager[OperatorProcess]],
 ) -> None:
     outside = in_namespace(control_plane, more_namespaces("outside"))
-    with operator(
-        control_plane,
-        operator_namespace,
-        tmp_path / "operator.log",
-        AAR_RUN_NAMESPACES=namespace,
-    ):
+    with operator(AAR_RUN_NAMESPACES=namespace):
         outside.apply(research_run("w2s"))
         outside.apply(agent_sandbox("by-hand"))
-        kubectl.apply(research_run("w2s"))
-        eventually(
-            lambda: names(kubectl, "pods", "aar.dev/run=w2s") == ["w2s-0", "w2s-1"],
-            what="the run's Pods in the allowed namespace",
-        )
-        for kind in CHILD_KINDS:
+        made(kubectl, "w2s")  # in the allowed namespace
+        for kind in RUN_KINDS:
             assert names(kubectl, kind, "aar.dev/run=w2s"), kind
         assert ready(kubectl, "researchrun", "w2s").get("reason") != "InvalidSpec"
 
@@ -171,25 +151,13 @@ def test_a_namespace_off_the_allow_list_is_refused_and_one_on_it_works(
 
 
 def test_a_narrowed_allow_list_stops_the_pods_it_now_refuses(
-    control_plane: ControlPlane,
     kubectl: Tool,
-    operator_namespace: str,
     more_namespaces: Callable[[str], str],
-    crds: None,
-    tmp_path: Path,
+    operator: Callable[..., AbstractContextManager[OperatorProcess]],
 ) -> None:
-    with operator(control_plane, operator_namespace, tmp_path / "operator.log"):
-        kubectl.apply(research_run("before"))
-        eventually(
-            lambda: names(kubectl, "pods", "aar.dev/run=before") == ["before-0", "before-1"],
-            what="the run's Pods",
-        )
-    with operator(
-        control_plane,
-        operator_namespace,
-        tmp_path / "operator.log",
-        AAR_RUN_NAMESPACES=more_namespaces("elsewhere"),
-    ):
+    with operator():
+        made(kubectl, "before")
+    with operator(AAR_RUN_NAMESPACES=more_namespaces("elsewhere")):
         eventually(
             lambda: ready(kubectl, "agentsandbox", "before-1").get("reason") == "InvalidSpec",
             what="the sandbox refused",

@@ -8,11 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_process import OperatorProcess, eventually, names
+from operator_process import CHILD_KINDS, OperatorProcess, eventually, names
 
 from aar_devcluster.tools import Tool, ToolError
-
-CHILD_KINDS = ["serviceaccounts", "secrets", "persistentvolumeclaims", "pods", "networkpolicies"]
 
 
 def run(name: str, agents: int, **spec: Any) -> dict[str, Any]:
