@@ -75,14 +75,26 @@ class Client:
         return (await self.call("GET", "/api/v1/tasks/toy", agent("x-1", "x")))["feedback"]
 
 
+async def started(
+    start_scorer: StartScorer,
+    http: aiohttp.ClientSession,
+    budget: float | None,
+    *runs: str,
+    directory: Path | None = None,
+) -> Client:
+    """A scorer holding the toy task with this leakage budget, these runs registered."""
+    task_spec = (task(budget), TRUTH, "budget-test-seed")
+    scorer = Client(await start_scorer(task_spec, key=KEY, directory=directory), http)
+    for run in runs:
+        await scorer.register(run)
+    return scorer
+
+
 async def test_a_new_runs_first_submission_is_released_only_above_the_tasks_best(
     start_scorer: StartScorer,
 ) -> None:
-    served = await start_scorer((task(None), TRUTH, "budget-test-seed"), key=KEY)
     async with aiohttp.ClientSession() as http:
-        scorer = Client(served, http)
-        for run in ("run-a", "run-b"):
-            await scorer.register(run)
+        scorer = await started(start_scorer, http, None, "run-a", "run-b")
         first = await scorer.submit("run-a", guess(170, 1))
         assert first["feedback"]["released"] is True
         # The second run's first submission, no better than the task's best: nothing released,
@@ -111,11 +123,8 @@ async def test_a_new_runs_first_submission_is_released_only_above_the_tasks_best
 
 
 async def test_probes_are_compared_with_every_run_of_the_task(start_scorer: StartScorer) -> None:
-    served = await start_scorer((task(None), TRUTH, "budget-test-seed"), key=KEY)
     async with aiohttp.ClientSession() as http:
-        scorer = Client(served, http)
-        for run in ("run-a", "run-b"):
-            await scorer.register(run)
+        scorer = await started(start_scorer, http, None, "run-a", "run-b")
         base = guess(120, 1)
         first = await scorer.submit("run-a", base)
         probe = await scorer.submit("run-b", [1 - base[0], *base[1:]])
@@ -129,11 +138,8 @@ async def test_probes_are_compared_with_every_run_of_the_task(start_scorer: Star
 async def test_a_spent_leakage_budget_closes_feedback_for_every_run_and_keeps_scoring(
     start_scorer: StartScorer,
 ) -> None:
-    served = await start_scorer((task(budget_for(2)), TRUTH, "budget-test-seed"), key=KEY)
     async with aiohttp.ClientSession() as http:
-        scorer = Client(served, http)
-        for run in ("run-a", "run-b"):
-            await scorer.register(run)
+        scorer = await started(start_scorer, http, budget_for(2), "run-a", "run-b")
         first = await scorer.submit("run-a", guess(120, 1))
         second = await scorer.submit("run-a", guess(110, 2))
         assert first["feedback"]["released"] is True
@@ -158,7 +164,7 @@ async def test_a_spent_leakage_budget_closes_feedback_for_every_run_and_keeps_sc
         detail = await scorer.call("GET", f"/api/v1/submissions/{third['id']}", ADMIN)
         assert detail["private_score"] is not None
         assert detail["public_score"] is not None
-        metrics = served.runner.app[SCORER_KEY].metrics.registry
+        metrics = scorer.served.runner.app[SCORER_KEY].metrics.registry
         assert metrics.get_sample_value("aar_scorer_feedback_closed", {"task": "toy"}) == 1
         assert metrics.get_sample_value(
             "aar_scorer_leakage_bound_labels", {"task": "toy"}
@@ -168,20 +174,16 @@ async def test_a_spent_leakage_budget_closes_feedback_for_every_run_and_keeps_sc
 async def test_the_task_wide_state_is_rebuilt_from_the_store(
     start_scorer: StartScorer, tmp_path: Path
 ) -> None:
-    spec = (task(budget_for(3)), TRUTH, "budget-test-seed")
-    served = await start_scorer(spec, key=KEY, directory=tmp_path / "scorer")
+    budget, directory = budget_for(3), tmp_path / "scorer"
     async with aiohttp.ClientSession() as http:
-        scorer = Client(served, http)
-        for run in ("run-a", "run-b"):
-            await scorer.register(run)
+        scorer = await started(start_scorer, http, budget, "run-a", "run-b", directory=directory)
         base = guess(180, 1)
         best = await scorer.submit("run-a", base)
         await scorer.submit("run-b", guess(100, 2))
         before = await scorer.facts()
-        await served.stop()
+        await scorer.served.stop()
 
-        served = await start_scorer(spec, key=KEY, directory=tmp_path / "scorer")
-        scorer = Client(served, http)
+        scorer = await started(start_scorer, http, budget, directory=directory)
         assert await scorer.facts() == before
         assert before["counted_submissions"] == 2
         # The Ladder's best, from another run: a third run's first submission below it gets
