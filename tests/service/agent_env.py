@@ -1,5 +1,6 @@
 """What the agent's tests share besides fixtures: the run's identity and credentials, and
-a running service called as an admin."""
+a running service called as an admin (`call_json`: any service in its own process, called
+with any credentials)."""
 
 from __future__ import annotations
 
@@ -34,14 +35,20 @@ class Service:
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """Call the service as an admin (what a person or the operator sees)."""
-        request = urllib.request.Request(
-            self.url + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={**ADMIN, "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
+        return call_json(method, self.url + path, ADMIN, body)
+
+
+def call_json(method: str, url: str, headers: dict[str, str], body: Any = None) -> Any:
+    """A JSON request to a service in its own process, from a test's thread; its JSON answer
+    (an error status raises)."""
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
 
 
 AGENT_COMMAND = str(Path(sys.executable).parent / "aar-agent")

@@ -246,12 +246,7 @@ async def serve_process(env: dict[str, str], port: int) -> asyncio.subprocess.Pr
     """`aar-gateway` as its own process, configured by environment as in its container."""
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "aar-gateway"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
+        *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
         env={**os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
     )

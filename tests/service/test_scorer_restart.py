@@ -3,18 +3,17 @@ state, the task's Ladder, its leakage account, the probe history and the quota a
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_env import call_json
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_scorer.tasks import write_task_files
@@ -41,20 +40,12 @@ class Process:
         }
         key = tmp_path / "public-key.pem"
         key.write_bytes(public_key_pem(KEY))
+        tasks = write_task_files(tmp_path / "tasks", [(task, TRUTH, "restart-test-seed")])
         self.command = [
             str(Path(sys.executable).parent / "aar-scorer"),
-            "--tasks",
-            str(write_task_files(tmp_path / "tasks", [(task, TRUTH, "restart-test-seed")])),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--public-key",
-            str(key),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
+            *("--tasks", str(tasks), "--data-dir", str(tmp_path / "data")),
+            *("--public-key", str(key)),
+            *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
         ]
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen[str] | None = None
@@ -71,14 +62,7 @@ class Process:
         self.process.wait(timeout=30)
 
     def call(self, method: str, path: str, headers: dict[str, str], body: Any = None) -> Any:
-        request = urllib.request.Request(
-            self.url + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={**headers, "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
+        return call_json(method, self.url + path, headers, body)
 
 
 @pytest.fixture
