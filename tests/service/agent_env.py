@@ -1,6 +1,6 @@
 """What the agent's tests share besides fixtures: the run's identity and credentials, and
 a running service called as an admin (`call_json`: any service in its own process, called
-with any credentials)."""
+with any credentials; `scrape`: its metrics)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key
 
@@ -49,6 +51,15 @@ def call_json(method: str, url: str, headers: dict[str, str], body: Any = None) 
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
+
+
+async def scrape(metrics_url: str) -> str:
+    """What a service serves on its metrics port (`metrics_url`, without the path)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(metrics_url + "/metrics") as response,
+    ):
+        return await response.text()
 
 
 AGENT_COMMAND = str(Path(sys.executable).parent / "aar-agent")

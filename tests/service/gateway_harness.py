@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import pytest
-from agent_env import REAL_API_KEY
+from agent_env import REAL_API_KEY, scrape
 from aiohttp import web
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
@@ -123,11 +123,7 @@ class Gateway:
         return result
 
     async def metrics(self) -> str:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(self.metrics_url + "/metrics") as response,
-        ):
-            return await response.text()
+        return await scrape(self.metrics_url)
 
     async def hang_up_on_a_stream(self, model: str) -> None:
         """Ask as agent w2s-1 for a streamed answer, and hang up after its first bytes."""

@@ -12,8 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from agent_env import AGENT_COMMAND, finish, start_agent, wait_for
+from agent_env import AGENT_COMMAND, finish, scrape, start_agent, wait_for
 
 from aar_agent.loop import INTERRUPTED
 from aar_agent.state import StateStore
@@ -45,11 +44,7 @@ async def test_sigkill_mid_tool_call_resumes_with_the_call_marked_interrupted(
     first = await start_agent({**sandbox_env, "AAR_METRICS_PORT": str(unused_tcp_port)})
     await wait_for(workspace / "started", first)
     # Prometheus sees the first step, counted once its tool call ended, while the second runs.
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as response,
-    ):
-        metrics = await response.text()
+    metrics = await scrape(f"http://127.0.0.1:{unused_tcp_port}")
     assert "aar_agent_steps_total 1.0" in metrics
     assert 'aar_agent_tool_calls_total{outcome="ok",tool="write_file"} 1.0' in metrics
     first.kill()

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from agent_env import scrape
 from aiohttp import web
 from scorer_harness import ServedScorer, StartScorer
 
@@ -448,11 +449,7 @@ async def test_aar_scorer_serves_a_unix_socket_through_its_workers(tmp_path: Pat
             async with http.get("http://scorer/metrics") as response:
                 assert response.status == 404
         # ... but serves them itself on its metrics port, counting what the workers passed it.
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
-        ):
-            text = await response.text()
+        text = await scrape(f"http://127.0.0.1:{metrics_port}")
         assert 'aar_scorer_submissions_total{result="accepted"} 1.0' in text
         assert "aar_scorer_intake_restarts_total 0.0" in text
         process.send_signal(signal.SIGTERM)
