@@ -27,8 +27,10 @@ RECONCILE_ERRORS = Counter(
 RUN_SPEND_USD = Gauge(
     "aar_run_spend_usd", "A run's LLM spend, as metered by the gateway", ["namespace", "run"]
 )
-RUN_AGENT_HOURS = Gauge(
-    "aar_run_agent_hours", "A run's Pod running time, in agent-hours", ["namespace", "run"]
+RUN_AGENT_SECONDS = Gauge(
+    "aar_run_agent_seconds",
+    "A run's Pod running time summed over its agents, in seconds (promtool's base unit)",
+    ["namespace", "run"],
 )
 
 # (namespace, sandbox) -> (run, state); counted at scrape time so deleted sandboxes vanish.
@@ -63,7 +65,7 @@ def sandbox_gone(namespace: str, name: str) -> None:
 
 
 def run_gone(
-    namespace: str, run: str, series: Iterable[Gauge] = (RUN_SPEND_USD, RUN_AGENT_HOURS)
+    namespace: str, run: str, series: Iterable[Gauge] = (RUN_SPEND_USD, RUN_AGENT_SECONDS)
 ) -> None:
     for gauge in series:
         with suppress(KeyError):
@@ -72,7 +74,7 @@ def run_gone(
 
 def run_figures(namespace: str, run: str, spend: Spend) -> None:
     RUN_SPEND_USD.labels(namespace, run).set(float(spend.dollars()))
-    RUN_AGENT_HOURS.labels(namespace, run).set(spend.agent_hours)
+    RUN_AGENT_SECONDS.labels(namespace, run).set(spend.agent_hours * 3600)
 
 
 @contextmanager

@@ -162,7 +162,7 @@ def test_example_run_yields_exactly_the_sandboxes_and_their_children(
         f'aar_operator_reconcile_duration_seconds_count{{kind="AgentSandbox",namespace="{namespace}",'
         'run="w2s-chat"}' in metrics
     )
-    assert f'aar_run_agent_hours{{namespace="{namespace}",run="w2s-chat"}} 0.0' in metrics
+    assert f'aar_run_agent_seconds{{namespace="{namespace}",run="w2s-chat"}} 0.0' in metrics
     with urllib.request.urlopen(f"http://127.0.0.1:{aar_operator.liveness_port}/healthz") as health:
         assert health.status == 200
 
