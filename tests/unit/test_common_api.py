@@ -101,6 +101,7 @@ def test_the_json_on_the_wire_is_as_documented() -> None:
         "cache_creation_input_tokens",
         "cache_read_input_tokens",
         "requests",
+        "exhausted",
     }
     read = operator_services.RunSpend.model_validate_json(spent.model_dump_json())
     assert read.run.spend().usd == "12.345678"
