@@ -6,13 +6,16 @@ namespace (`aar_devcluster.noderun`). The pods' bridge, routes, iptables rules a
 only there and vanish with the node. The host gets the veth's end, a forwarder from that end to
 the apiserver's loopback port, a guard chain in iptables that drops anything addressed to the pod,
 Service or link ranges that would leave by another interface, and cgroups under `/aar-<id>`; all
-of it is removed on stop, also by a later start after a crash.
+of it is removed on stop. A node lives while its lease (`RUN_DIR/<id>.lease`) is held; what a
+node left without one, after its processes were killed or lost, is removed by the next node that
+starts or stops on the machine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -22,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,9 @@ NETNS_PREFIX = "aar-"
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 RUN_DIR = Path("/run/aar-node")
 HOST_RECORD = RUN_DIR / "host.json"
+# Held while a node changes what nodes share on the host: the guard, the sysctls, the link
+# addresses. Outside RUN_DIR, which goes with the last node, so that every node locks one file.
+HOST_LOCK = Path("/run/lock/aar-node.lock")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Host paths the kubelet, containerd and the CNI plugins use whatever their configuration says.
 # The node's mount namespace covers each, so nothing lands in the host's copies: with a tmpfs, or
@@ -82,6 +88,7 @@ def spawn_logged(
     log_path: Path,
     preexec: Callable[[], None] | None = None,
     new_session: bool = False,
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a process with no input and its output appended to `log_path`."""
     with log_path.open("ab") as log:
@@ -92,6 +99,7 @@ def spawn_logged(
             stderr=subprocess.STDOUT,
             start_new_session=new_session,
             preexec_fn=preexec,
+            pass_fds=pass_fds,
         )
 
 
@@ -255,13 +263,92 @@ def remove_guard(netns: str | None = None) -> None:
     _run("iptables", "-X", GUARD_CHAIN, check=False, netns=netns)
 
 
-def other_nodes_running(link: Link) -> bool:
-    """Whether another node's network namespace exists (the guard and sysctls are shared)."""
+# --- which nodes live ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def host_lock() -> Iterator[None]:
+    """Exclusive, between the nodes of this machine, for changing what they share: so that no
+    node removes the guard while another is between installing it and making its namespace."""
+    HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with HOST_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def lease_path(node: str) -> Path:
+    return RUN_DIR / f"{node}.lease"
+
+
+def take_lease(node: str) -> int:
+    """A descriptor holding a shared lock on the node's lease for as long as it, or a copy of it
+    (the runner inherits one), stays open: the kernel drops the lock when the last holder dies,
+    however it dies, so a node whose processes are all gone is seen as gone."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(lease_path(node), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_SH)
+    return descriptor
+
+
+def lease_held(node: str) -> bool:
+    """Whether some process holds the node's lease."""
     try:
-        names = os.listdir("/run/netns")
+        descriptor = os.open(lease_path(node), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
-    return any(n.startswith(NETNS_PREFIX) and n != link.netns for n in names)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
+
+
+def known_nodes() -> set[str]:
+    """Every node that has a network namespace, a lease or a socket dir on this machine."""
+    nodes: set[str] = set()
+    with contextlib.suppress(FileNotFoundError):
+        names = os.listdir("/run/netns")
+        nodes |= {n.removeprefix(NETNS_PREFIX) for n in names if n.startswith(NETNS_PREFIX)}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in RUN_DIR.iterdir():
+            if entry.suffix == ".lease":
+                nodes.add(entry.stem)
+            elif entry.is_dir():
+                nodes.add(entry.name)
+    return nodes
+
+
+def node_alive(node: str) -> bool:
+    """A node lives while its lease is held or anything runs in its namespace. A node left by a
+    machine that lost its processes without a teardown (a killed container, a restart that kept
+    /run) has neither, and would otherwise keep the shared guard and sysctls forever."""
+    if lease_held(node):
+        return True
+    pids = _run("ip", "netns", "pids", f"{NETNS_PREFIX}{node}", check=False)
+    return bool(pids.strip())
+
+
+def remove_node_leftovers(node: str) -> None:
+    """What a node leaves under its id alone: its containerd's shims and socket dir, its pods'
+    cgroups, its namespace and veth pair, its lease."""
+    kill_processes(str(socket_dir(node)))
+    shutil.rmtree(socket_dir(node), ignore_errors=True)
+    remove_cgroups(Link(node, "", "").cgroup)
+    delete_network(Link(node, "", ""))
+    with contextlib.suppress(FileNotFoundError):
+        lease_path(node).unlink()
+
+
+def other_nodes_alive(node: str) -> bool:
+    """Whether another node still runs (the guard and sysctls are shared); removes, on the way,
+    what dead nodes left. Call with the host lock held."""
+    alive = False
+    for other in known_nodes() - {node}:
+        if node_alive(other):
+            alive = True
+        else:
+            remove_node_leftovers(other)
+    return alive
 
 
 # --- what the node changes on the host ----------------------------------------------------------
@@ -557,6 +644,9 @@ class Node:
         self.bin_dir = bin_dir
         self.id = node_id(state_dir)
         self._processes: list[subprocess.Popen[bytes]] = []
+        # This process's hold on the node's lease, from `prepare` to `stop`; the runner holds a
+        # copy, so the node stays alive to others when this process exits first.
+        self._lease: int | None = None
 
     @property
     def state_path(self) -> Path:
@@ -593,10 +683,13 @@ class Node:
         if reason:
             raise NodeError(reason)
         self.stop()
-        record_host_state()
-        install_guard(service_range)
-        link = allocate_link(self.id)
-        create_network(link)
+        with host_lock():
+            other_nodes_alive(self.id)  # clears what dead nodes left, their addresses included
+            self._lease = take_lease(self.id)
+            record_host_state()
+            install_guard(service_range)
+            link = allocate_link(self.id)
+            create_network(link)
         write_node_state(self.directory, NodeState(link.node_id, link.host_ip, link.node_ip))
         return link
 
@@ -753,6 +846,8 @@ class Node:
                 link.cgroup,
             ],
             die_with_parent,
+            # The runner keeps the node's lease for as long as it runs.
+            pass_fds=(self._lease,) if self._lease is not None else (),
         )
         state.runner_pid = runner.pid
         write_node_state(self.directory, state)
@@ -769,7 +864,7 @@ class Node:
         return state
 
     def _spawn(
-        self, name: str, command: list[str], die_with_parent: bool
+        self, name: str, command: list[str], die_with_parent: bool, pass_fds: tuple[int, ...] = ()
     ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         process = spawn_logged(
@@ -778,6 +873,7 @@ class Node:
             # SIGTERM, not SIGKILL: the runner tears the node down when its owner dies.
             preexec=_terminate_with_parent if die_with_parent else None,
             new_session=True,
+            pass_fds=pass_fds,
         )
         self._processes.append(process)
         return process
@@ -812,6 +908,9 @@ class Node:
             process.wait()
         self._processes.clear()
         teardown(self.directory)
+        if self._lease is not None:
+            os.close(self._lease)
+            self._lease = None
 
 
 def teardown(directory: Path) -> None:
@@ -823,21 +922,19 @@ def teardown(directory: Path) -> None:
         state: NodeState | None = NodeState(**json.loads((directory / "state.json").read_text()))
     except FileNotFoundError:
         state = None
-    link = state.link if state else Link(node_id(directory.parent), "", "")
+    node = state.link.node_id if state else node_id(directory.parent)
     kill_processes(str(directory))
-    kill_processes(str(socket_dir(link.node_id)))
-    shutil.rmtree(socket_dir(link.node_id), ignore_errors=True)
-    remove_cgroups(link.cgroup)
     record = directory / CREATED_PATHS
     with contextlib.suppress(FileNotFoundError):
         for path in json.loads(record.read_text()):
             with contextlib.suppress(OSError):
                 Path(path).rmdir()  # empty on the host: the tmpfs lived in the node's namespace
         record.unlink()
-    delete_network(link)
-    if not other_nodes_running(link):
-        remove_guard()
-        restore_host_state()
+    with host_lock():
+        remove_node_leftovers(node)
+        if not other_nodes_alive(node):
+            remove_guard()
+            restore_host_state()
     if state and state.runner_pid:
         state.runner_pid = 0
         write_node_state(directory, state)
