@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,23 +300,18 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     return own, sum(sum(_cpu_seconds(child)) for child in children)
 
 
-def _probe_history(stored: int, checks: int = 2000) -> None:
-    """Probe detection (aar_scorer.probing) alone, in this process: the time to check a new
-    submission against `stored` earlier ones of the task (and to add it), against what the
-    previous check's one pass over every stored prefix costs at that length."""
-    mask = (1 << ANSWERS) - 1
-    rng = random.Random(0)
-
-    def packed() -> int:
-        ones = rng.getrandbits(ANSWERS)  # a binary task's two planes: answers 1, answers 0
-        return (ones << ANSWERS) | (~ones & mask)
-
+def _probe_history_at(stored: int, checks: int, packed: Callable[[], int]) -> dict[str, Any]:
+    """Probe detection's figures with `stored` earlier submissions of the task."""
     index = ProbeIndex(Probing(), ANSWERS, 2)
     started = time.perf_counter()
     for submission in range(stored):
         index.add(submission, packed(), 1)
     built = time.perf_counter() - started
-    figures: dict[str, Any] = {"stored": stored, "answers": ANSWERS, "checks": checks}
+    figures: dict[str, Any] = {"build_seconds": round(built, 2)}
+    # Settled, as a scorer is once it has read its history back: no merge under way.
+    started = time.perf_counter()
+    index.settle()
+    figures["merge_ms"] = round(1000 * (time.perf_counter() - started), 1)
 
     def timed(name: str, queries: list[int], add: bool = False) -> None:
         seconds = []
@@ -323,7 +319,7 @@ def _probe_history(stored: int, checks: int = 2000) -> None:
             started = time.perf_counter()
             verdict = index.check(query)
             if add:
-                index.add(stored + number, query, verdict.walk_length, verdict.neighbors)
+                index.add(stored + 1 + number, query, verdict.walk_length, verdict.neighbors)
             seconds.append(time.perf_counter() - started)
         seconds.sort()
         figures[name] = {
@@ -331,7 +327,7 @@ def _probe_history(stored: int, checks: int = 2000) -> None:
             "p99_us": round(1e6 * seconds[int(0.99 * (len(seconds) - 1))], 1),
         }
         print(
-            f"{name}: median {figures[name]['median_us']} us, "
+            f"{stored:>7} stored, {name}: median {figures[name]['median_us']} us, "
             f"p99 {figures[name]['p99_us']} us over {len(seconds)}"
         )
 
@@ -339,11 +335,10 @@ def _probe_history(stored: int, checks: int = 2000) -> None:
     # A near duplicate of a stored one: found, compared in full, refused.
     original = packed()
     index.add(stored, original, 1)
-    stored += 1
     timed("check_near_duplicate", [original ^ (1 << (ANSWERS + 5)) ^ (1 << 5)] * checks)
-    # Checking and keeping each, as the scorer does, merges included.
+    # Checking and keeping each, as the scorer does, merges (in their thread) included.
     timed("check_and_add", [packed() for _ in range(checks)], add=True)
-    # What the previous check cost at this length: one pass over every stored prefix.
+    # What the previous design's check cost at this length: a pass over every prefix.
     generator = np.random.default_rng(0)
     prefix = generator.integers(0, 2**64, (4, stored), dtype=np.uint64)
     words = generator.integers(0, 2**64, 4, dtype=np.uint64)
@@ -354,12 +349,41 @@ def _probe_history(stored: int, checks: int = 2000) -> None:
         np.flatnonzero(bound <= 40)
         seconds.append(time.perf_counter() - started)
     figures["previous_prefix_pass_median_us"] = round(1e6 * statistics.median(seconds), 1)
-    figures["build_seconds"] = round(built, 2)
     print(
-        f"{stored} stored submissions built in {built:.1f} s; the previous design's pass over "
-        f"every prefix: median {figures['previous_prefix_pass_median_us']} us"
+        f"{stored:>7} stored: built in {built:.1f} s, a merge of the newest takes "
+        f"{figures['merge_ms']} ms; the previous design's pass over every prefix: median "
+        f"{figures['previous_prefix_pass_median_us']} us"
     )
-    print(json.dumps(figures))
+    return figures
+
+
+def _probe_history(lengths: list[int], checks: int = 2000) -> None:
+    """Probe detection (aar_scorer.probing) alone, in this process, at each history length side
+    by side: the time to check a new submission against that many earlier ones of the task (and
+    to add it), the time of one merge of the newest submissions into the block index (in a
+    thread of its own, once per few thousand submissions), and what the previous design's one
+    pass over every stored prefix costs at that length."""
+    mask = (1 << ANSWERS) - 1
+    rng = random.Random(0)
+
+    def packed() -> int:
+        ones = rng.getrandbits(ANSWERS)  # a binary task's two planes: answers 1, answers 0
+        return (ones << ANSWERS) | (~ones & mask)
+
+    results: dict[str, Any] = {"answers": ANSWERS, "checks": checks}
+    for stored in lengths:
+        results[str(stored)] = _probe_history_at(stored, checks, packed)
+    if len(lengths) > 1:
+        shortest, longest = str(min(lengths)), str(max(lengths))
+        growth = (
+            results[longest]["check_new"]["median_us"] / results[shortest]["check_new"]["median_us"]
+        )
+        results["check_new_growth"] = round(growth, 2)
+        print(
+            f"checking a new submission at {longest} stored costs {growth:.2f}x what it costs "
+            f"at {shortest}"
+        )
+    print(json.dumps(results))
 
 
 def main() -> None:
@@ -384,8 +408,10 @@ def main() -> None:
     parser.add_argument(
         "--probe-history",
         type=int,
+        nargs="+",
         metavar="N",
-        help="instead: time probe detection alone against N stored submissions of the task",
+        help="instead: time probe detection alone against N stored submissions of the task, "
+        "for each N given (e.g. 10000 100000), side by side",
     )
     args = parser.parse_args()
     if args.probe_history is not None:

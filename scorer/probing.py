@@ -16,9 +16,11 @@ earlier submissions matter (within R = the larger of `walk_distance` and `fan_di
 finding them does not mean comparing with every one:
 - the answers are cut into R + 1 blocks; a submission within R answers of an earlier one has at
   least one block identical to it (pigeonhole), so a sorted array of a key of each block of
-  every stored submission (its first 8 bytes), searched for the new submission's keys, names
-  every close one (and, rarely, a stranger with an equal key, which the full comparison then
-  rules out); a search costs a few cache misses per block, growing with the log of the history;
+  every stored submission (its first 8 bytes, scrambled by an invertible multiplication), looked
+  up for the new submission's keys, names every close one (and, rarely, a stranger with an equal
+  key, which the full comparison then rules out). A directory by the keys' top bits, one entry
+  per two to four keys, says where each key's run lies: a lookup reads two places whatever the
+  length of the history, where a binary search would read one more per doubling of it;
 - the submissions not yet in that array (fewer than `_TAIL`; the array takes them in one merge)
   are found by the same keys in a dictionary.
 Independent submissions share no block, so the full comparison is almost never needed. No close
@@ -58,6 +60,9 @@ _TAIL = 2048
 _TAIL_LIMIT = 8 * _TAIL
 # Narrower blocks would match by chance too often to narrow anything down.
 _MIN_BLOCK_BITS = 24
+# Odd, so multiplying by it (modulo 2**64) maps distinct keys to distinct keys, and spreads keys
+# that differ in a few bits (answers of similar submissions) over the top bits the directory uses.
+_SCRAMBLE = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass(frozen=True)
@@ -102,15 +107,57 @@ class _Tail:
         return found
 
 
-def _merged(keys: Array, key_rows: Rows, new: Array, first: int) -> tuple[Array, Rows]:
-    """The sorted index with the block keys `new` (a row of keys per row, from row `first`)."""
+@dataclass(frozen=True)
+class _BlockIndex:
+    """The block keys of the indexed rows, sorted, with the row of each, and where the keys of
+    each value of their top `64 - shift` bits lie (from `directory[top]` to
+    `directory[top + 1]`)."""
+
+    keys: Array
+    rows: Rows
+    directory: npt.NDArray[np.int64]
+    shift: np.uint64
+
+    def find(self, keys: Array) -> npt.NDArray[np.intp]:
+        """The rows with any of `keys`, repeated as often as they have it."""
+        top = (keys >> self.shift).astype(np.intp)
+        low = self.directory[top]
+        lengths = self.directory[top + 1] - low
+        total = int(lengths.sum())
+        if not total:
+            return np.zeros(0, dtype=np.intp)
+        # Every position of every looked-up key's directory entry, in one go.
+        positions = np.repeat(low - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+        equal = self.keys[positions] == np.repeat(keys, lengths)
+        found: npt.NDArray[np.intp] = self.rows[positions[equal]].astype(np.intp)
+        return found
+
+
+_EMPTY_INDEX = _BlockIndex(
+    np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint32), np.zeros(2, np.int64), np.uint64(63)
+)
+
+
+def _merged(index: _BlockIndex, new: Array, first: int) -> _BlockIndex:
+    """The index with the block keys `new` (a row of keys per row, from row `first`)."""
     blocks = new.shape[1]
     flat = new.ravel()
     rows = np.repeat(np.arange(first, first + len(new), dtype=np.uint32), blocks)
     order = np.argsort(flat, kind="stable")
     flat, rows = flat[order], rows[order]
-    at = np.searchsorted(keys, flat)
-    return np.insert(keys, at, flat), np.insert(key_rows, at, rows)
+    at = np.searchsorted(index.keys, flat)
+    keys, key_rows = np.insert(index.keys, at, flat), np.insert(index.rows, at, rows)
+    bits = max(1, len(keys).bit_length() - 2)  # two to four keys per directory entry
+    shift = np.uint64(64 - bits)
+    # The directory is rebuilt from every key only when its size changes (once per doubling of
+    # the history); otherwise it moves by the counts of the new keys alone.
+    counted = flat if shift == index.shift else keys
+    counts = np.bincount((counted >> shift).astype(np.intp), minlength=1 << bits)
+    directory = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=directory[1:])
+    if shift == index.shift:
+        directory += index.directory
+    return _BlockIndex(keys, key_rows, directory, shift)
 
 
 class ProbeIndex:
@@ -148,11 +195,10 @@ class ProbeIndex:
                 ],
                 dtype=np.intp,
             ).ravel()
-        self._keys: Array = np.zeros(0, dtype=np.uint64)  # sorted block keys of indexed rows
-        self._key_rows: Rows = np.zeros(0, dtype=np.uint32)  # the row each key came from
+        self._index = _EMPTY_INDEX
         self._indexed = 0  # rows below this are in the block index; the rest in the tails
         self._tails = [_Tail(0)]  # the last one takes new rows; one before it may be merging
-        self._merging: Future[tuple[Array, Rows]] | None = None
+        self._merging: Future[_BlockIndex] | None = None
         self._merge_end = 0  # rows below this are in the merge under way
         self._merger: ThreadPoolExecutor | None = None
         self._last: tuple[int, list[int]] | None = None  # the last checked answers, hashes
@@ -169,7 +215,7 @@ class ProbeIndex:
     def _block_keys(self, rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """The block hashes of rows of words, one row of hashes per row."""
         gathered = rows.view(np.uint8).take(self._gather, axis=1)
-        keys: npt.NDArray[np.uint64] = gathered.view(np.uint64)
+        keys: npt.NDArray[np.uint64] = gathered.view(np.uint64) * _SCRAMBLE
         return keys
 
     def _candidates(self, packed: int, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
@@ -185,15 +231,7 @@ class ProbeIndex:
         self._last = (packed, hashes)  # add() takes them from here
         found: list[npt.NDArray[np.intp]] = []
         if self._indexed:
-            low = np.searchsorted(self._keys, keys, "left")
-            hits = np.flatnonzero(self._keys.take(low, mode="clip") == keys)
-            if hits.size:
-                # Every position of every hit block's run of equal keys, in one go.
-                low = low[hits]
-                lengths = np.searchsorted(self._keys, keys[hits], "right") - low
-                first = np.repeat(low - np.cumsum(lengths) + lengths, lengths)
-                positions = first + np.arange(int(lengths.sum()))
-                found.append(self._key_rows[positions].astype(np.intp))
+            found.append(self._index.find(keys))
         for tail in self._tails:
             rows = tail.find(hashes)
             if rows:
@@ -281,13 +319,21 @@ class ProbeIndex:
         if self._merging is None and waiting >= _TAIL:
             self._merge(count + 1)
 
+    def settle(self) -> None:
+        """Wait for a merge under way, then merge every row still in a tail: the index as the
+        scorer has it once the history is read back at start."""
+        self._collect(wait=True)
+        if self._starts is not None and len(self.ids) > self._indexed:
+            self._merge(len(self.ids))
+            self._collect(wait=True)
+
     def _merge(self, end: int) -> None:
         """Start moving the rows up to `end` into the block index, in the merging thread; rows
         from `end` on go to a new tail."""
         if self._merger is None:
             self._merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe-index")
         new = self._block_keys(self._rows[self._indexed : end])
-        self._merging = self._merger.submit(_merged, self._keys, self._key_rows, new, self._indexed)
+        self._merging = self._merger.submit(_merged, self._index, new, self._indexed)
         self._merge_end = end
         self._tails.append(_Tail(end))
 
@@ -295,7 +341,7 @@ class ProbeIndex:
         """Take a finished merge's index, and drop the tail it took in."""
         if self._merging is None or not (wait or self._merging.done()):
             return
-        self._keys, self._key_rows = self._merging.result()
+        self._index = self._merging.result()
         self._indexed = self._merge_end
         self._tails = [tail for tail in self._tails if tail.first >= self._merge_end]
         self._merging = None

@@ -179,6 +179,20 @@ def test_a_long_history_finds_exactly_what_comparing_with_every_submission_finds
     assert (unrelated.nearest, unrelated.fan) == (None, 0)
 
 
+def test_every_merge_keeps_every_submission_findable() -> None:
+    # Merges rebuild the index's directory when the keys pass a power of two and update it
+    # otherwise. 6,300 submissions of 41 blocks: the merges at 2,048 and 4,096 rebuild it, the
+    # one at 6,144 and the last (settle) update it; every submission is still found.
+    index = ProbeIndex(Probing(), SIZE, 2)
+    history: list[list[int]] = np.random.default_rng(12).integers(0, 2, (6300, SIZE)).tolist()
+    for submission, answers in enumerate(history):
+        index.add(submission, PACKER.pack(answers), 1)
+    index.settle()
+    for target in range(0, 6300, 97):
+        verdict = index.check(PACKER.pack(flipped(history[target], [target % SIZE])))
+        assert (verdict.nearest, verdict.distance) == (target, 1)
+
+
 def test_submissions_being_merged_into_the_index_are_still_found(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
