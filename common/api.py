@@ -50,6 +50,14 @@ class Totals(BaseModel):
     exhausted: bool = False
 
 
+class ModelPrice(BaseModel):
+    """`GET /api/v1/models/{model}`: the gateway prices this model, so runs may use it."""
+
+    model: str
+    priced_as: str  # the table's model it is priced as (itself, an alias's target, or "default")
+    price_table: str  # the table's version
+
+
 class RunSpend(BaseModel):
     """`GET /api/v1/spend/{namespace}/{run}`: the run's totals and each agent's."""
 

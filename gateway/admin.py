@@ -8,7 +8,7 @@ from aiohttp import web
 
 from aar_common import api
 from aar_common.web import authenticate, fail, json_response, read_model
-from aar_gateway.pricing import nano_to_usd, usd_text, usd_to_nano
+from aar_gateway.pricing import PricingError, nano_to_usd, usd_text, usd_to_nano
 from aar_gateway.proxy import Proxy
 from aar_gateway.store import RUN_ROW, Budget, Totals
 
@@ -82,4 +82,20 @@ async def get_spend(request: web.Request) -> web.Response:
                 for agent, t in sorted(spent_by_agent.items())
             },
         )
+    )
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """Whether runs may use a model: the operator asks before it starts a run's Pods."""
+    authenticate(request, admin=True)
+    model = request.match_info["model"]
+    prices = request.app[PROXY_KEY].prices
+    try:
+        prices.price(model)
+    except PricingError as error:
+        fail(404, f"{error}. The gateway prices: {', '.join(sorted(prices.models))}")
+    name = prices.aliases.get(model, model)
+    priced_as = name if name in prices.models else "default"
+    return json_response(
+        api.ModelPrice(model=model, priced_as=priced_as, price_table=prices.version)
     )

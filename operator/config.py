@@ -38,6 +38,9 @@ class OperatorConfig(BaseModel):
     poll_seconds: float = Field(default=30.0, gt=0)
     # Whether to call the gateway and the scorer at all (off for clusters without them).
     services: bool = True
+    # The dollar cap of a run whose spec gives none (and does not say usdUnlimited); unset, such
+    # a run is refused rather than left uncapped.
+    default_budget_usd: float | None = Field(default=None, ge=0, le=10_000_000)
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     liveness_port: int = Field(default=8080, ge=0, le=65535)
     # Kopf's per-object workers; a 900-agent run wants many in flight at once.
@@ -93,6 +96,7 @@ _FLAGS = {
     "--metrics-port": ("metrics_port", "AAR_OPERATOR_METRICS_PORT"),
     "--liveness-port": ("liveness_port", "AAR_OPERATOR_LIVENESS_PORT"),
     "--workers": ("workers", "AAR_OPERATOR_WORKERS"),
+    "--default-budget-usd": ("default_budget_usd", "AAR_OPERATOR_DEFAULT_BUDGET_USD"),
 }
 
 
@@ -120,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, field)
         if field == "run_namespaces":
             default = "any namespace but the scorer's and the operator's own"
+        if field == "default_budget_usd":
+            default = "none: a run without spec.budget.usd is refused"
         parser.add_argument(flag, dest=field, default=None, help=f"${env} (default: {default})")
     for field, (flag, value, _, help) in _SWITCHES.items():
         action = "store_true" if value else "store_false"

@@ -11,6 +11,7 @@ from aar_operator.config import OperatorConfig
 from aar_operator.kube import Kube
 from aar_operator.models import Best
 from aar_operator.services import RunSpend, Services
+from aar_operator.status import Stop
 
 
 @dataclass
@@ -21,6 +22,10 @@ class RunKnowledge:
     best: Best | None = None
     polled_at: float = 0.0
     registered: str = ""  # digest of what the gateway and scorer were last told
+    # The model and task last checked with the gateway and scorer, when, and what they refused.
+    checked: tuple[str, str] | None = None
+    checked_at: float = 0.0
+    refusal: Stop | None = None
 
 
 @dataclass

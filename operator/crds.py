@@ -53,6 +53,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             del merged["default"]
         return _structural(merged, defs)
     out: dict[str, Any] = {k: v for k, v in node.items() if k in _KEPT}
+    if "description" in out:
+        # A docstring's line breaks are the source's, not the reader's (kubectl explain wraps).
+        out["description"] = " ".join(out["description"].split())
     if out.get("default") == "":
         del out["default"]  # the 1.20 apiserver reads an empty default as null, and refuses it
     if node.get("type") == "object" and "properties" in node:
@@ -138,10 +141,20 @@ def _ready_condition(name: str) -> dict[str, Any]:
     }
 
 
+def _ready_message() -> dict[str, Any]:
+    """Why the object is (not) ready, in the operator's words: with `kubectl get -o wide`."""
+    return {
+        "name": "Message",
+        "type": "string",
+        "priority": 1,
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].message',
+    }
+
+
 def definitions() -> dict[str, dict[str, Any]]:
     """File name -> CRD, for both kinds."""
     age = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
-    spend = {"name": "Spend", "type": "string", "jsonPath": ".status.spend.usd"}
+    spent = {"name": "Spent", "type": "string", "jsonPath": ".status.spent"}
     return {
         "researchruns.yaml": _crd(
             kind="ResearchRun",
@@ -152,9 +165,15 @@ def definitions() -> dict[str, dict[str, Any]]:
             columns=[
                 {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
                 _ready_condition("Status"),
-                spend,
-                {"name": "Best", "type": "number", "jsonPath": ".status.best.score"},
+                {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
+                {"name": "Task", "type": "string", "jsonPath": ".spec.task.name"},
+                spent,
+                {"name": "Budget", "type": "string", "jsonPath": ".status.budget"},
+                # The best counted submission's score: Performance Gap Recovered.
+                {"name": "PGR", "type": "number", "jsonPath": ".status.best.score"},
+                {"name": "Ends", "type": "string", "jsonPath": ".status.ends"},
                 age,
+                _ready_message(),
             ],
         ),
         "agentsandboxes.yaml": _crd(
@@ -171,8 +190,9 @@ def definitions() -> dict[str, dict[str, Any]]:
                 },
                 _ready_condition("Status"),
                 {"name": "Run", "type": "string", "jsonPath": ".spec.run"},
-                spend,
+                spent,
                 age,
+                _ready_message(),
             ],
         ),
     }

@@ -64,6 +64,8 @@ class _Model(BaseModel):
 
 
 class TaskRef(_Model):
+    """The task the agents work on and are scored on."""
+
     name: str = Field(
         min_length=1,
         max_length=63,
@@ -73,12 +75,16 @@ class TaskRef(_Model):
 
 
 class Resources(_Model):
+    """What each agent's Pod gets."""
+
     gpu: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu limit per agent.")
     cpu: Quantity = Field(default="4", description="CPU request and limit per agent.")
     memory: Quantity = Field(default="32Gi", description="Memory request and limit per agent.")
 
 
 class SandboxTemplate(_Model):
+    """Each agent's sandbox: its image, resources, runtime and workspace."""
+
     image: str = Field(min_length=1, max_length=512, description="The agent container image.")
     resources: Resources = Field(
         default_factory=Resources, description="What each agent's Pod gets."
@@ -95,8 +101,19 @@ class SandboxTemplate(_Model):
 
 
 class RunBudget(_Model):
+    """Caps for the whole run: dollars of model spend, agent-hours of Pod time, a deadline. At a
+    cap the run's Pods are deleted and their workspaces kept."""
+
     usd: float | None = Field(
-        default=None, ge=0, le=10_000_000, description="Run-wide cap on LLM spend in dollars."
+        default=None,
+        ge=0,
+        le=10_000_000,
+        description="Run-wide cap on LLM spend in dollars. Required, unless usdUnlimited is "
+        "true or the operator has a default cap.",
+    )
+    usd_unlimited: bool = Field(
+        default=False,
+        description="Run with no dollar cap, on purpose (a run that gives no cap is refused).",
     )
     agent_hours: float | None = Field(
         default=None, ge=0, le=10_000_000, description="Run-wide cap on Pod running time."
@@ -110,14 +127,23 @@ class RunBudget(_Model):
 
 
 class Review(_Model):
+    """How submissions come to count as the run's best."""
+
     required: bool = Field(
         default=True, description="Top submissions need a human approval before they count."
     )
 
 
 class ResearchRunSpec(_Model):
+    """A fleet of research agents working on one task under one budget."""
+
     agents: int = Field(ge=1, le=MAX_AGENTS, description="Agents working in parallel.")
-    model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=128)
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        min_length=1,
+        max_length=128,
+        description="The Claude model the agents use; the gateway must have a price for it.",
+    )
     directions: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
         default_factory=list,
         max_length=MAX_AGENTS,
@@ -133,6 +159,8 @@ class ResearchRunSpec(_Model):
 
 
 class AgentBudget(_Model):
+    """This agent's own caps (a run gives each agent an even share of its own)."""
+
     usd: float | None = Field(default=None, ge=0, description="This agent's cap in dollars.")
     agent_hours: float | None = Field(
         default=None, ge=0, description="This agent's cap on Pod running time."
@@ -140,13 +168,22 @@ class AgentBudget(_Model):
 
 
 class AgentSandboxSpec(_Model):
+    """One research agent: its Pod, workspace, credential and network policy."""
+
     run: str | None = Field(
         default=None,
         max_length=63,
         description="The run this agent belongs to (default: the sandbox's own name).",
     )
-    direction: str = Field(default="", max_length=1024)
-    model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=128)
+    direction: str = Field(
+        default="", max_length=1024, description="The research direction this agent starts from."
+    )
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        min_length=1,
+        max_length=128,
+        description="The Claude model the agent uses; the gateway must have a price for it.",
+    )
     task: TaskRef
     sandbox: SandboxTemplate
     budget: AgentBudget = Field(default_factory=AgentBudget)
@@ -197,6 +234,7 @@ class SandboxStatus(_Model):
     conditions: list[Condition] = Field(default_factory=list)
     pod: str = ""
     spend: Spend = Field(default_factory=Spend)
+    spent: str = "$0.00"  # spend.usd as people read dollars, for the printer column
     # Pod running time is banked here each reconcile, so a deleted Pod's hours are not lost.
     accounted_at: str = ""
 
@@ -207,9 +245,25 @@ class RunStatus(_Model):
     agents: AgentCounts = Field(default_factory=AgentCounts)
     spend: Spend = Field(default_factory=Spend)
     best: Best | None = None
-    ready: str = "0/0"  # for the printer column
+    # For the printer columns: ready agents of desired, dollars spent and the cap as people read
+    # them, and when the deadline stops the run (empty: no deadline).
+    ready: str = "0/0"
+    spent: str = "$0.00"
+    budget: str = ""
+    ends: str = ""
     # Agent-hours of sandboxes removed by a scale-down, so the run's total never shrinks.
     retired_agent_hours: float = 0.0
+
+
+def money(usd: Decimal | float | None) -> str:
+    """Dollars as the printer columns, the console and the CLI show them: `$1,234.56`; an amount
+    under a cent but not nothing is `<$0.01`, and no cap at all is `unlimited`."""
+    if usd is None:
+        return "unlimited"
+    amount = Decimal(str(usd))
+    if 0 < amount < Decimal("0.01"):
+        return "<$0.01"
+    return f"${amount:,.2f}"
 
 
 def now_utc() -> datetime:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import TypeVar
+from urllib.parse import quote
 
 import aiohttp
 from pydantic import BaseModel, Field
 
 from aar_common import api
-from aar_common.api import BestScore, BudgetSpec, RunRegistration
+from aar_common.api import BestScore, BudgetSpec, ModelPrice, RunRegistration
 from aar_common.client import ServiceClient, ServiceError
 from aar_common.credentials import CredentialIssuer
 from aar_operator.models import AgentBudget, Best, ResearchRunSpec, Spend
@@ -85,6 +86,27 @@ class Services:
         self._scorer = ServiceClient(
             "scorer", scorer_url, credential, timeout=TIMEOUT, session=session
         )
+
+    async def model_refusal(self, model: str) -> str | None:
+        """The gateway's own words when it will not serve `model` (it has no price for it), or
+        None when runs may use it."""
+        try:
+            await self._gateway.get(f"/api/v1/models/{quote(model, safe='')}", ModelPrice)
+        except ServiceError as error:
+            if error.status == 404:
+                return error.message
+            raise
+        return None
+
+    async def task_refusal(self, task: str) -> str | None:
+        """The scorer's own words when it does not know `task`, or None when it does."""
+        try:
+            await self._scorer.request("GET", f"/api/v1/tasks/{quote(task, safe='')}")
+        except ServiceError as error:
+            if error.status == 404:
+                return error.message
+            raise
+        return None
 
     async def put_budget(self, namespace: str, run: str, request: BudgetSpec) -> None:
         await self._gateway.request("PUT", f"/api/v1/budgets/{namespace}/{run}", json_body=request)

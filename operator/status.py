@@ -28,6 +28,9 @@ SUSPENDED = "Suspended"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 BUDGET_EXHAUSTED = "BudgetExhausted"
 INVALID_SPEC = "InvalidSpec"
+# A service answered that it cannot serve the run: no Pods until the spec or the service changes.
+UNKNOWN_MODEL = "UnknownModel"
+UNKNOWN_TASK = "UnknownTask"
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,31 @@ def deadline(spec: ResearchRunSpec, created: datetime) -> datetime | None:
         return parse_time(text)
 
 
+def with_default_cap(spec: ResearchRunSpec, default_usd: float | None) -> ResearchRunSpec:
+    """The spec with the operator's default dollar cap where it gives none and does not ask to
+    run uncapped."""
+    budget = spec.budget
+    if budget.usd is not None or budget.usd_unlimited or default_usd is None:
+        return spec
+    return spec.model_copy(update={"budget": budget.model_copy(update={"usd": default_usd})})
+
+
 def validate_run(name: str, spec: ResearchRunSpec, created: datetime) -> list[str]:
-    """What is wrong with a run that its schema let through; each message says how to fix it."""
+    """What is wrong with a run that its schema let through; each message says how to fix it.
+    `spec` is the one `with_default_cap` gives."""
     problems = []
+    if spec.budget.usd is None and not spec.budget.usd_unlimited:
+        problems.append(
+            "spec.budget.usd is not set, so the agents' model spend would have no cap: give the "
+            "run one (budget: {usd: 50}), or write budget: {usdUnlimited: true} to run uncapped "
+            "on purpose (the operator has no default cap; the chart sets one with "
+            "operator.defaultBudgetUsd)"
+        )
+    if spec.budget.usd is not None and spec.budget.usd_unlimited:
+        problems.append(
+            f"spec.budget gives both usd ({spec.budget.usd:g}) and usdUnlimited: true; keep the "
+            "one you mean"
+        )
     longest = agent_name(name, spec.agents - 1)
     if len(longest) > MAX_AGENT_NAME:
         problems.append(

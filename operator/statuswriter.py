@@ -31,16 +31,17 @@ async def write_invalid_spec(
     previous: RunStatus | SandboxStatus,
     problems: list[str],
     now: datetime,
+    reason: str = INVALID_SPEC,
 ) -> dict[str, Any] | None:
-    """Ready=False with reason InvalidSpec, and a Warning event when that is news; the rest of
-    the status is kept as it was."""
+    """Ready=False with `reason` (InvalidSpec, or what a service refused), and a Warning event
+    when that is news; the rest of the status is kept as it was."""
     generation = int(body["metadata"].get("generation", 1))
     message = "; ".join(problems)
     conditions = set_condition(
-        previous.conditions, "Ready", FALSE, INVALID_SPEC, message, now, generation
+        previous.conditions, "Ready", FALSE, reason, message, now, generation
     )
     if condition(previous.conditions, "Ready") != condition(conditions, "Ready"):
-        await kube.event(body, "Warning", INVALID_SPEC, message)
+        await kube.event(body, "Warning", reason, message)
     status = previous.model_copy(
         update={"conditions": conditions, "observed_generation": generation}
     )

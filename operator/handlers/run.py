@@ -28,6 +28,8 @@ from aar_operator.models import (
     RunStatus,
     Spend,
     dump,
+    format_time,
+    money,
     now_utc,
     parse_time,
 )
@@ -42,12 +44,16 @@ from aar_operator.status import (
     BUDGET_EXHAUSTED,
     FALSE,
     TRUE,
+    UNKNOWN_MODEL,
+    UNKNOWN_TASK,
     Stop,
     aggregate,
     condition,
+    deadline,
     run_stop,
     set_condition,
     validate_run,
+    with_default_cap,
 )
 from aar_operator.statuswriter import write_invalid_spec, write_status
 
@@ -68,15 +74,32 @@ async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | N
     now = now_utc()
     with metrics.reconciling("ResearchRun", namespace, name):
         refused = refusal("ResearchRun", namespace, context.config)
-        spec, problems = (None, [refused]) if refused else _validate(name, body, created)
+        spec, problems = (
+            (None, [refused])
+            if refused
+            else _validate(name, body, created, context.config.default_budget_usd)
+        )
         if spec is None or problems:
             # No children for a spec we cannot honour (fix it and the run starts), nor in a
             # namespace where runs may not be.
             return await write_invalid_spec(
                 context.kube, body, "ResearchRun", previous, problems, now
             )
-        owner = Owner(API_VERSION, "ResearchRun", name, body["metadata"]["uid"])
         knowledge = context.runs[(namespace, name)]
+        declined = await _refusal_by_services(context, spec, knowledge)
+        if declined is not None:
+            # Pods asking a model nobody bills, or for a task nobody scores, would only burn
+            # their GPUs: none until the spec or the service changes.
+            return await write_invalid_spec(
+                context.kube,
+                body,
+                "ResearchRun",
+                previous,
+                [declined.message],
+                now,
+                declined.reason,
+            )
+        owner = Owner(API_VERSION, "ResearchRun", name, body["metadata"]["uid"])
         service_problems = await _talk_to_services(context, namespace, name, spec, knowledge)
         existing, ours = await _list_sandboxes(context, namespace, owner)
         counts, spend, retired = _tally(name, spec, ours, previous, knowledge)
@@ -97,17 +120,21 @@ async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | N
             spend=spend,
             best=_best(knowledge, previous.best),
             ready=f"{counts.ready}/{counts.desired}",
+            spent=money(spend.dollars()),
+            budget=money(spec.budget.usd),
+            ends=format_time(ends) if (ends := deadline(spec, created)) else "",
             retired_agent_hours=round(retired, 6),
         )
         return await write_status(context.kube, body, "ResearchRun", dump(status))
 
 
 def _validate(
-    name: str, body: kopf.Body, created: datetime
+    name: str, body: kopf.Body, created: datetime, default_usd: float | None
 ) -> tuple[ResearchRunSpec | None, list[str]]:
-    """The spec, and what is wrong with it that the schema let through."""
+    """The spec (with the operator's default cap where it gives none), and what is wrong with it
+    that the schema let through."""
     try:
-        spec = ResearchRunSpec.model_validate(body["spec"])
+        spec = with_default_cap(ResearchRunSpec.model_validate(body["spec"]), default_usd)
     except ValidationError as error:
         return None, [str(error)]
     return spec, validate_run(name, spec, created)
@@ -278,6 +305,32 @@ async def _reconcile_sandboxes(
     await asyncio.gather(*(one(i) for i in range(spec.agents)), *(prune(item) for item in surplus))
     await changes.post(kube, body)
     return sorted(conflicts)
+
+
+async def _refusal_by_services(
+    context: Context, spec: ResearchRunSpec, knowledge: RunKnowledge
+) -> Stop | None:
+    """What the gateway (the model) or the scorer (the task) answered that it cannot serve, in
+    its own words. Asked again when the spec names another model or task, and every
+    poll_seconds while refused (a service may learn it). A service that gives no answer refuses
+    nothing: `_talk_to_services` reports it, and the gateway stays fail-closed."""
+    services = context.services
+    if services is None:
+        return None
+    asked = (spec.model, spec.task.name)
+    fresh = time.monotonic() - knowledge.checked_at < context.config.poll_seconds
+    if knowledge.checked == asked and (knowledge.refusal is None or fresh):
+        return knowledge.refusal
+    try:
+        refusal = None
+        if (message := await services.model_refusal(spec.model)) is not None:
+            refusal = Stop(UNKNOWN_MODEL, f"the gateway refuses model {spec.model!r}: {message}")
+        elif (message := await services.task_refusal(spec.task.name)) is not None:
+            refusal = Stop(UNKNOWN_TASK, f"the scorer refuses task {spec.task.name!r}: {message}")
+    except ServiceError:
+        return None
+    knowledge.checked, knowledge.checked_at, knowledge.refusal = asked, time.monotonic(), refusal
+    return refusal
 
 
 async def _talk_to_services(

@@ -23,6 +23,7 @@ from aar_operator.models import (
     Spend,
     dump,
     format_time,
+    money,
     now_utc,
 )
 from aar_operator.namespaces import refusal
@@ -367,6 +368,7 @@ def _status(
         conditions=conditions,
         pod=pod["metadata"]["name"] if pod else "",
         spend=spend,
+        spent=money(spend.dollars()),
         accounted_at=format_time(cycle.now)
         if added_hours or not previous.accounted_at
         else previous.accounted_at,

@@ -12,12 +12,23 @@ from typing import Any, TypeVar
 from aar_devcluster.tools import Tool
 from aar_operator.local import OperatorProcess
 
-__all__ = ["CHILD_KINDS", "OperatorProcess", "eventually", "names", "running"]
+__all__ = [
+    "CHILD_KINDS",
+    "RUN_KINDS",
+    "OperatorProcess",
+    "eventually",
+    "names",
+    "ready",
+    "refused",
+    "running",
+]
 
 T = TypeVar("T")
 
 # Every kind the operator makes for a sandbox.
 CHILD_KINDS = ["serviceaccounts", "secrets", "persistentvolumeclaims", "pods", "networkpolicies"]
+# Everything the operator makes for a run, and every child of a sandbox.
+RUN_KINDS = ["agentsandboxes", *CHILD_KINDS]
 
 
 @contextmanager
@@ -52,3 +63,29 @@ def names(kubectl: Tool, kind: str, selector: str = "") -> list[str]:
     args = ["get", kind] + (["-l", selector] if selector else [])
     items = kubectl.json(*args)["items"]
     return sorted(item["metadata"]["name"] for item in items)
+
+
+def ready(kubectl: Tool, kind: str, name: str) -> dict[str, Any]:
+    status = kubectl.json("get", kind, name).get("status") or {}
+    return next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+
+
+def refused(kubectl: Tool, kind: str, name: str, reason: str = "InvalidSpec") -> str:
+    """Waits for Ready=False with `reason` on the object and its Warning event, checks that the
+    operator made nothing for it, and returns the message."""
+    condition = eventually(
+        lambda: (c := ready(kubectl, kind, name)).get("reason") == reason and c,
+        what=f"{kind} {name} refused ({reason})",
+    )
+    assert condition["status"] == "False"
+    events = kubectl.json("get", "events", "--field-selector", f"involvedObject.name={name}")
+    warnings = [
+        (e["type"], e["reason"], e["message"])
+        for e in events["items"]
+        if e["involvedObject"]["kind"] == kind
+    ]
+    assert warnings == [("Warning", reason, condition["message"])], warnings
+    # Everything the operator makes is labelled with its run (a sandbox's own name, by hand).
+    for child in RUN_KINDS:
+        assert names(kubectl, child, f"aar.dev/run={name}") == [], child
+    return str(condition["message"])

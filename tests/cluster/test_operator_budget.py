@@ -1,6 +1,7 @@
-"""The operator with the real gateway and scorer as local processes: it registers the run's
-budget and task, copies spend and the best score into status, and at the run's budget marks
-BudgetExhausted and deletes the Pods (workspaces kept). Upstream is the local Messages-API
+"""The operator with the real gateway and scorer as local processes: it checks the run's model
+and task with them before it makes anything, registers the run's budget and task, copies spend
+and the best score into status, and at the run's budget marks BudgetExhausted and deletes the
+Pods (workspaces kept). Upstream is the local Messages-API
 stand-in; agents' requests go through the gateway with credentials the operator's key signs."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_process import OperatorProcess, eventually, names
+from operator_process import OperatorProcess, eventually, names, refused
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_common.ports import free_port
@@ -279,6 +280,67 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
         print(f"--- operator log (tail) ---\n{operator.log()}")
 
 
+def test_an_unknown_task_or_model_is_refused_before_any_pod(
+    control_plane: ControlPlane,
+    kubectl: Tool,
+    operator_namespace: str,
+    crds: None,
+    services: Services,
+    tmp_path: Path,
+) -> None:
+    operator = OperatorProcess(
+        control_plane.kubeconfig_path,
+        operator_namespace,
+        tmp_path / "operator.log",
+        environment={
+            "AAR_CREDENTIAL_SIGNING_KEY_FILE": str(services.signing_key),
+            "AAR_OPERATOR_SERVICES": "true",
+            "AAR_GATEWAY_URL": services.gateway,
+            "AAR_SCORER_URL": services.scorer,
+            "AAR_OPERATOR_POLL_SECONDS": "1",
+        },
+    )
+
+    def run(name: str, task: str, model: str = "claude-opus-4-6") -> dict[str, Any]:
+        return {
+            "apiVersion": "aar.dev/v1alpha1",
+            "kind": "ResearchRun",
+            "metadata": {"name": name},
+            "spec": {
+                "agents": 2,
+                "model": model,
+                "task": {"name": task},
+                "sandbox": {"image": "agent:test"},
+                "budget": {"usd": 1},
+            },
+        }
+
+    operator.start()
+    try:
+        kubectl.apply(run("typo", "w2s-chta"))
+        message = refused(kubectl, "ResearchRun", "typo", "UnknownTask")
+        # The scorer's own words, not an HTTP dump.
+        assert message == (
+            "the scorer refuses task 'w2s-chta': unknown task 'w2s-chta'; the scorer knows: "
+            "w2s-chat"
+        )
+        kubectl.apply(run("dear", "w2s-chat", model="claude-opus-9"))
+        message = refused(kubectl, "ResearchRun", "dear", "UnknownModel")
+        assert message.startswith("the gateway refuses model 'claude-opus-9': model ")
+        assert "The gateway prices: " in message
+        assert "claude-opus-4-6" in message
+        # Fixed, the run starts.
+        kubectl.apply(run("typo", "w2s-chat"))
+        eventually(
+            lambda: names(kubectl, "pods", "aar.dev/run=typo") == ["typo-0", "typo-1"],
+            what="the Pods of the corrected run",
+        )
+        assert names(kubectl, "pods", "aar.dev/run=dear") == []
+    finally:
+        operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.log()}")
+
+
 def test_a_gateway_that_cannot_be_reached_is_reported_and_the_run_goes_on(
     control_plane: ControlPlane,
     kubectl: Tool,
@@ -304,7 +366,12 @@ def test_a_gateway_that_cannot_be_reached_is_reported_and_the_run_goes_on(
                 "apiVersion": "aar.dev/v1alpha1",
                 "kind": "ResearchRun",
                 "metadata": {"name": "offline"},
-                "spec": {"agents": 1, "task": {"name": "w2s-chat"}, "sandbox": {"image": "a:1"}},
+                "spec": {
+                    "agents": 1,
+                    "task": {"name": "w2s-chat"},
+                    "sandbox": {"image": "a:1"},
+                    "budget": {"usd": 1},
+                },
             }
         )
         reported = eventually(

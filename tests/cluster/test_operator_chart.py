@@ -125,7 +125,12 @@ def runs_make_sandboxes(kubectl: Tool) -> None:
         "apiVersion": "aar.dev/v1alpha1",
         "kind": "ResearchRun",
         "metadata": {"name": "rbac"},
-        "spec": {"agents": 2, "task": {"name": "t"}, "sandbox": {"image": "agent:test"}},
+        "spec": {
+            "agents": 2,
+            "task": {"name": "t"},
+            "sandbox": {"image": "agent:test"},
+            "budget": {"usd": 10},
+        },
     }
     kubectl.apply(run)
     for kind, suffix in CHILDREN:
@@ -251,7 +256,12 @@ def test_chart_with_run_namespaces_runs_the_operator_with_roles_only_there(
                 "apiVersion": "aar.dev/v1alpha1",
                 "kind": "ResearchRun",
                 "metadata": {"name": "unseen"},
-                "spec": {"agents": 1, "task": {"name": "t"}, "sandbox": {"image": "agent:test"}},
+                "spec": {
+                    "agents": 1,
+                    "task": {"name": "t"},
+                    "sandbox": {"image": "agent:test"},
+                    "budget": {"usd": 10},
+                },
             }
         )
         runs_make_sandboxes(Tool("kubectl", control_plane.kubeconfig_path, listed))

@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_process import CHILD_KINDS, OperatorProcess, eventually, names, running
+from operator_process import RUN_KINDS, OperatorProcess, eventually, names, ready, refused, running
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool
 
-# Everything the operator makes for a run, and every child of a sandbox.
-RUN_KINDS = ["agentsandboxes", *CHILD_KINDS]
 SANDBOX = {"task": {"name": "t"}, "sandbox": {"image": "agent:test"}}
 
 
@@ -26,7 +24,7 @@ def research_run(name: str, agents: int = 2) -> dict[str, Any]:
         "apiVersion": "aar.dev/v1alpha1",
         "kind": "ResearchRun",
         "metadata": {"name": name},
-        "spec": {"agents": agents, **SANDBOX},
+        "spec": {"agents": agents, **SANDBOX, "budget": {"usd": 10}},
     }
 
 
@@ -63,32 +61,6 @@ def made(kubectl: Tool, run: str) -> None:
 
 def in_namespace(plane: ControlPlane, namespace: str) -> Tool:
     return Tool("kubectl", plane.kubeconfig_path, namespace)
-
-
-def ready(kubectl: Tool, kind: str, name: str) -> dict[str, Any]:
-    status = kubectl.json("get", kind, name).get("status") or {}
-    return next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
-
-
-def refused(kubectl: Tool, kind: str, name: str) -> str:
-    """Waits for Ready=False, InvalidSpec on the object and its Warning event, checks that the
-    operator made nothing for it, and returns the message."""
-    condition = eventually(
-        lambda: (c := ready(kubectl, kind, name)).get("reason") == "InvalidSpec" and c,
-        what=f"{kind} {name} refused",
-    )
-    assert condition["status"] == "False"
-    events = kubectl.json("get", "events", "--field-selector", f"involvedObject.name={name}")
-    warnings = [
-        (e["type"], e["reason"], e["message"])
-        for e in events["items"]
-        if e["involvedObject"]["kind"] == kind
-    ]
-    assert warnings == [("Warning", "InvalidSpec", condition["message"])]
-    # Everything the operator makes is labelled with its run (a sandbox's own name, by hand).
-    for child in RUN_KINDS:
-        assert names(kubectl, child, f"aar.dev/run={name}") == [], child
-    return str(condition["message"])
 
 
 def test_runs_and_sandboxes_in_the_scorers_or_the_operators_namespace_are_refused(

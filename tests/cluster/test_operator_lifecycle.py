@@ -25,6 +25,7 @@ def run(name: str, agents: int, **spec: Any) -> dict[str, Any]:
                 "image": "agent:test",
                 "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"},
             },
+            "budget": {"usd": 100},
             **spec,
         },
     }
@@ -223,7 +224,7 @@ def test_invalid_spec_gets_a_condition_and_a_warning_and_no_children(
 def test_a_passed_deadline_stops_the_run_and_keeps_workspaces(
     kubectl: Tool, aar_operator: OperatorProcess
 ) -> None:
-    kubectl.apply(run("late", 2, budget={"deadline": "20s"}))
+    kubectl.apply(run("late", 2, budget={"deadline": "20s", "usd": 100}))
     eventually(lambda: of_run(kubectl, "pods", "late") == agents("late", 2), what="2 Pods")
     ready = eventually(
         lambda: (
@@ -291,7 +292,7 @@ def test_operator_killed_mid_reconcile_converges_after_restart(
 
 def test_agent_hours_are_banked_and_capped(kubectl: Tool, aar_operator: OperatorProcess) -> None:
     # 0.002 agent-hours (7.2 s) for the run, 3.6 s each: reached within seconds of running.
-    kubectl.apply(run("hours", 2, budget={"agentHours": 0.002}))
+    kubectl.apply(run("hours", 2, budget={"agentHours": 0.002, "usd": 100}))
     eventually(lambda: of_run(kubectl, "pods", "hours") == agents("hours", 2), what="2 Pods")
 
     def start_running(pod: str) -> None:

@@ -381,6 +381,20 @@ async def test_a_dated_alias_is_priced_only_when_the_table_lists_it(
                 model="claude-sonnet-4-5-20990101", max_tokens=10, messages=HI
             )
         assert (await listed.spend())["run"]["usd"] == "0.008700000"  # + 1000*1 + 100*2 $/MTok
+        # What the operator asks before it starts a run on a model: the same rule.
+        status, unpriced = await plain.admin("GET", f"/api/v1/models/{dated}")
+        assert status == 404
+        assert f"model '{dated}' has no price" in unpriced["error"]["message"]
+        assert "The gateway prices: claude-" in unpriced["error"]["message"]
+        status, priced = await listed.admin("GET", f"/api/v1/models/{dated}")
+        assert (status, priced) == (
+            200,
+            {"model": dated, "priced_as": "claude-opus-4-6", "price_table": "ours-1"},
+        )
+        async with aiohttp.ClientSession() as http:
+            as_an_agent = {"Authorization": f"Bearer {ISSUER.mint_agent('ns', 'w2s', 'w2s-1')}"}
+            async with http.get(f"{listed.url}/api/v1/models/{dated}", headers=as_an_agent) as r:
+                assert r.status == 403
 
 
 async def test_server_tools_are_refused_and_images_are_counted_upstream_before_they_start(

@@ -123,3 +123,28 @@ def test_the_schema_refuses_resources_a_pod_spec_would_not_take(
     result = helm_template(repo_root, "--set", setting)
     assert result.returncode != 0
     assert complaint in result.stderr, result.stderr
+
+
+def test_the_operators_default_run_cap_comes_from_values_and_is_a_dollar_amount(
+    repo_root: Path, default: dict[str, dict[str, Any]]
+) -> None:
+    def environment(deployment: dict[str, Any]) -> dict[str, str]:
+        [operator] = deployment["spec"]["template"]["spec"]["containers"]
+        return {item["name"]: item.get("value", "") for item in operator["env"]}
+
+    # None by default: a run that gives no cap is refused rather than left uncapped.
+    assert "AAR_OPERATOR_DEFAULT_BUDGET_USD" not in environment(default["operator"])
+    for given in (
+        ["--set", "operator.defaultBudgetUsd=250"],
+        ["--set", "operator.defaultBudgetUsd=12.5"],
+    ):
+        capped = environment(deployments(render(repo_root, *given))["operator"])
+        value = capped["AAR_OPERATOR_DEFAULT_BUDGET_USD"]
+        assert value == given[1].rsplit("=", 1)[1]
+        # What the operator reads from that variable.
+        config = OperatorConfig.model_validate({"default_budget_usd": value})
+        assert config.default_budget_usd == float(value)
+    for bad in ("-1", "twelve"):
+        result = helm_template(repo_root, "--set", f"operator.defaultBudgetUsd={bad}")
+        assert result.returncode != 0
+        assert "/operator/defaultBudgetUsd" in result.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from aar_operator.budget import agent_budget
 from aar_operator.config import OperatorConfig, add_arguments, from_arguments
-from aar_operator.models import ResearchRunSpec, Spend, format_time
+from aar_operator.models import ResearchRunSpec, Spend, format_time, money
 from aar_operator.services import RunSpend, Totals, budget_request
 from aar_operator.status import (
     Stop,
@@ -21,19 +21,28 @@ from aar_operator.status import (
     running_seconds,
     set_condition,
     validate_run,
+    with_default_cap,
 )
 
 CREATED = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def spec(**overrides: Any) -> ResearchRunSpec:
-    base: dict[str, Any] = {"agents": 3, "task": {"name": "t"}, "sandbox": {"image": "i"}}
+    base: dict[str, Any] = {
+        "agents": 3,
+        "task": {"name": "t"},
+        "sandbox": {"image": "i"},
+        "budget": {"usd": 30},
+    }
     return ResearchRunSpec.model_validate({**base, **overrides})
 
 
 def test_a_valid_run_has_no_problems() -> None:
     assert (
-        validate_run("w2s", spec(directions=["a", "b"], budget={"deadline": "120h"}), CREATED) == []
+        validate_run(
+            "w2s", spec(directions=["a", "b"], budget={"deadline": "120h", "usd": 30}), CREATED
+        )
+        == []
     )
 
 
@@ -44,12 +53,14 @@ def test_more_directions_than_agents_is_invalid_and_says_how_to_fix_it() -> None
 
 
 def test_a_deadline_before_creation_is_invalid() -> None:
-    [problem] = validate_run("w2s", spec(budget={"deadline": "2026-10-01T00:00:00Z"}), CREATED)
+    [problem] = validate_run(
+        "w2s", spec(budget={"deadline": "2026-10-01T00:00:00Z", "usd": 30}), CREATED
+    )
     assert "before the run was created" in problem
 
 
 def test_a_deadline_that_is_neither_duration_nor_time_is_invalid() -> None:
-    [problem] = validate_run("w2s", spec(budget={"deadline": "next week"}), CREATED)
+    [problem] = validate_run("w2s", spec(budget={"deadline": "next week", "usd": 30}), CREATED)
     assert "neither a duration" in problem
 
 
@@ -168,7 +179,7 @@ def test_budget_request_gives_every_agent_its_share() -> None:
     run = spec(agents=4, budget={"usd": 1000})
     request = budget_request(run, ["a-0", "a-1", "a-2", "a-3"], agent_budget(run))
     assert request.model_dump() == {"usd": 1000.0, "agents": {f"a-{i}": 250.0 for i in range(4)}}
-    unbounded = spec(agents=2)
+    unbounded = spec(agents=2, budget={"usdUnlimited": True})
     assert budget_request(unbounded, ["a-0", "a-1"], agent_budget(unbounded)).usd is None
 
 
@@ -204,3 +215,30 @@ def test_a_budget_the_gateway_refused_for_is_exhausted_below_its_cap() -> None:
     assert budget_stop(0.04, None, Totals.model_validate({"usd": "0.031"}).spend(), "agent") is None
     # Without a dollar cap there is nothing to exhaust.
     assert budget_stop(None, None, refused, "agent") is None
+
+
+def test_a_run_without_a_dollar_cap_is_refused_unless_it_says_so_or_the_operator_has_one() -> None:
+    uncapped = spec(budget={"agentHours": 10})
+    [problem] = validate_run("w2s", with_default_cap(uncapped, None), CREATED)
+    assert problem.startswith("spec.budget.usd is not set")
+    assert "budget: {usd: 50}" in problem
+    assert "budget: {usdUnlimited: true}" in problem
+    # Uncapped on purpose.
+    assert validate_run("w2s", spec(budget={"usdUnlimited": True}), CREATED) == []
+    # The operator's default cap, where the run gives none.
+    defaulted = with_default_cap(uncapped, 25.0)
+    assert (defaulted.budget.usd, defaulted.budget.agent_hours) == (25.0, 10)
+    assert validate_run("w2s", defaulted, CREATED) == []
+    assert with_default_cap(spec(budget={"usd": 5}), 25.0).budget.usd == 5
+    assert with_default_cap(spec(budget={"usdUnlimited": True}), 25.0).budget.usd is None
+    [both] = validate_run("w2s", spec(budget={"usd": 5, "usdUnlimited": True}), CREATED)
+    assert "both usd (5) and usdUnlimited" in both
+
+
+def test_dollars_read_the_same_everywhere() -> None:
+    assert money(Decimal("1234.5")) == "$1,234.50"
+    assert money(Decimal("0.031000")) == "$0.03"
+    assert money(Decimal("0.004")) == "<$0.01"
+    assert money(Decimal(0)) == "$0.00"
+    assert money(18000.0) == "$18,000.00"
+    assert money(None) == "unlimited"
