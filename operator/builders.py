@@ -27,6 +27,8 @@ from aar_operator.naming import (
 MANAGER = "aar-operator"
 SPEC_HASH = "aar.dev/spec-hash"
 STOP_REASON = "aar.dev/stop-reason"
+# On every child of a sandbox: which agent it belongs to.
+AGENT_LABEL = "aar.dev/agent"
 TASK_DIR = "/task"
 WORKSPACE_DIR = "/workspace"
 CREDENTIAL_KEY = "credential"
@@ -85,7 +87,7 @@ def labels(run: str, agent: str | None, component: str) -> dict[str, str]:
         "aar.dev/run": run,
     }
     if agent is not None:
-        result["aar.dev/agent"] = agent
+        result[AGENT_LABEL] = agent
     return result
 
 
@@ -302,7 +304,7 @@ def network_policy(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
         "kind": "NetworkPolicy",
         "metadata": _metadata(sandbox, network_policy_name(sandbox.name), "network-policy"),
         "spec": {
-            "podSelector": {"matchLabels": {"aar.dev/agent": sandbox.name}},
+            "podSelector": {"matchLabels": {AGENT_LABEL: sandbox.name}},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [],
             "egress": [

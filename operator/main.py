@@ -11,6 +11,7 @@ import kopf
 
 from aar_common.credentials import CredentialIssuer
 from aar_operator import keys
+from aar_operator.builders import AGENT_LABEL
 from aar_operator.config import OperatorConfig
 from aar_operator.context import Context
 from aar_operator.handlers.run import reconcile_run
@@ -82,6 +83,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         context: Context | None = memo.get("context")
         if memo.get("resync") is not None:
             memo.resync.cancel()
+        if memo.get("watchlist") is not None:
+            await memo.watchlist.stop()
         if context is not None:
             await context.kube.close()
             if context.services is not None:
@@ -94,3 +97,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     @kopf.on.event(*SANDBOXES, registry=registry)
     async def sandbox_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         await memo.watchlist.observe("AgentSandbox", type, body)
+
+    # Only the agents' Pods (the label the operator puts on them), not every Pod it may see.
+    @kopf.on.event("", "v1", "pods", labels={AGENT_LABEL: kopf.PRESENT}, registry=registry)
+    async def pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await memo.watchlist.observe_pod(type, body)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from operator_process import CHILD_KINDS, OperatorProcess, eventually, names
 
+from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool, ToolError
 
 
@@ -403,3 +406,39 @@ def test_a_pod_the_apiserver_refuses_is_reported_on_the_sandbox(
     )
     eventually(lambda: of_run(kubectl, "pods", "refused") == ["refused-0"], what="the Pod")
     kubectl.run("delete", "runtimeclass", "absent")
+
+
+def test_a_sandbox_follows_its_pod_between_resyncs(
+    control_plane: ControlPlane, kubectl: Tool, operator_namespace: str, crds: None, tmp_path: Path
+) -> None:
+    # Resyncs far apart: only the watch on the agents' Pods can bring the scheduler's verdict
+    # to the sandbox in time.
+    operator = OperatorProcess(
+        control_plane.kubeconfig_path, operator_namespace, tmp_path / "operator.log", resync=600
+    )
+    operator.start()
+    try:
+        kubectl.apply(run("watched", 1))
+        started = time.monotonic()
+        scheduled_at = sandbox_at = None
+        verdict: tuple[str, str] | None = None
+        while time.monotonic() - started < 60 and sandbox_at is None:
+            if verdict is None:
+                pod = kubectl.json("get", "pods", "-l", "aar.dev/run=watched")["items"]
+                if pod and (scheduled := condition(pod[0], "PodScheduled")):
+                    scheduled_at = time.monotonic()
+                    verdict = (scheduled["status"], scheduled["reason"])
+            else:
+                shown = condition(kubectl.json("get", "asb", "watched-0"), "PodScheduled")
+                if (shown.get("status"), shown.get("reason")) == verdict:
+                    sandbox_at = time.monotonic()
+            time.sleep(0.1)
+        assert verdict == ("False", "Unschedulable"), "no node here: the scheduler says so"
+        assert scheduled_at is not None
+        assert sandbox_at is not None, "the sandbox never showed the scheduler's verdict"
+        # The real figure is bench/operator_scale.py's; this only says the watch works at all.
+        print(f"the sandbox showed the scheduler's verdict {sandbox_at - scheduled_at:.2f} s later")
+        assert sandbox_at - scheduled_at < 30
+    finally:
+        operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.log()}")
