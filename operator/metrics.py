@@ -4,14 +4,15 @@ each run's spend, labelled by namespace and run."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from aar_operator.models import Spend
+import aar_common  # noqa: F401  (importing it turns off the `_created` series)
+from aar_operator.models import Best, Spend
 
 RECONCILE_SECONDS = Histogram(
     "aar_operator_reconcile_duration_seconds",
@@ -30,6 +31,12 @@ RUN_SPEND_USD = Gauge(
 RUN_AGENT_SECONDS = Gauge(
     "aar_run_agent_seconds",
     "A run's Pod running time summed over its agents, in seconds (promtool's base unit)",
+    ["namespace", "run"],
+)
+
+RUN_BEST_SCORE = Gauge(
+    "aar_run_best_score",
+    "A run's best counted submission's private score (PGR), as the scorer last reported it",
     ["namespace", "run"],
 )
 
@@ -64,17 +71,23 @@ def sandbox_gone(namespace: str, name: str) -> None:
     _STATES.pop((namespace, name), None)
 
 
-def run_gone(
-    namespace: str, run: str, series: Iterable[Gauge] = (RUN_SPEND_USD, RUN_AGENT_SECONDS)
-) -> None:
-    for gauge in series:
+def run_gone(namespace: str, run: str) -> None:
+    """A deleted run's series go with it: a fleet's runs come and go, and each would otherwise
+    be exported for as long as the operator runs."""
+    for gauge in (RUN_SPEND_USD, RUN_AGENT_SECONDS, RUN_BEST_SCORE):
         with suppress(KeyError):
             gauge.remove(namespace, run)
+    for per_reconcile in (RECONCILE_SECONDS, RECONCILE_ERRORS):
+        for kind in ("ResearchRun", "AgentSandbox"):
+            with suppress(KeyError):
+                per_reconcile.remove(kind, namespace, run)
 
 
-def run_figures(namespace: str, run: str, spend: Spend) -> None:
+def run_figures(namespace: str, run: str, spend: Spend, best: Best | None) -> None:
     RUN_SPEND_USD.labels(namespace, run).set(float(spend.dollars()))
     RUN_AGENT_SECONDS.labels(namespace, run).set(spend.agent_hours * 3600)
+    if best is not None and best.score is not None:
+        RUN_BEST_SCORE.labels(namespace, run).set(best.score)
 
 
 @contextmanager

@@ -112,13 +112,14 @@ async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | N
             previous, stop, service_problems, conflicts, counts, now, generation
         )
         await _announce_stop(context, body, stop, previous.conditions, conditions)
-        metrics.run_figures(namespace, name, spend)
+        best = _best(knowledge, previous.best)
+        metrics.run_figures(namespace, name, spend, best)
         status = RunStatus(
             observed_generation=generation,
             conditions=conditions,
             agents=counts,
             spend=spend,
-            best=_best(knowledge, previous.best),
+            best=best,
             ready=f"{counts.ready}/{counts.desired}",
             spent=money(spend.dollars()),
             budget=money(spec.budget.usd),

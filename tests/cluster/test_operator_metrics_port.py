@@ -40,3 +40,4 @@ def test_the_operator_serves_metrics_on_its_metrics_port_and_not_its_health_port
     )
     problems = checked.stdout + checked.stderr
     assert (checked.returncode, problems) == (0, ""), f"promtool on the operator's: {problems}"
+    assert "_created" not in text

@@ -71,3 +71,5 @@ def test_promtool_finds_nothing_wrong_in_each_services_metrics(
         )
         problems = checked.stdout + checked.stderr
         assert (checked.returncode, problems) == (0, ""), f"promtool on the {name}'s: {problems}"
+        # Not a series per label set that nothing reads.
+        assert "_created" not in text, name

@@ -7,10 +7,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
+from aar_operator import metrics
 from aar_operator.budget import agent_budget
 from aar_operator.config import OperatorConfig, add_arguments, from_arguments
-from aar_operator.models import ResearchRunSpec, Spend, format_time, money
+from aar_operator.models import Best, ResearchRunSpec, Spend, format_time, money
 from aar_operator.services import RunSpend, Totals, budget_request
 from aar_operator.status import (
     Stop,
@@ -242,3 +244,21 @@ def test_dollars_read_the_same_everywhere() -> None:
     assert money(Decimal(0)) == "$0.00"
     assert money(18000.0) == "$18,000.00"
     assert money(None) == "unlimited"
+
+
+def test_a_runs_series_go_with_it() -> None:
+    def exported() -> str:
+        return generate_latest(REGISTRY).decode()
+
+    metrics.run_figures("lab", "gone", Spend(usd="1.50"), Best(score=0.42, agent="gone-1"))
+    with metrics.reconciling("ResearchRun", "lab", "gone"):
+        pass
+    text = exported()
+    assert 'aar_run_best_score{namespace="lab",run="gone"} 0.42' in text
+    assert (
+        'aar_operator_reconcile_duration_seconds_count{kind="ResearchRun",namespace="lab",run="gone"}'
+        in text
+    )
+    assert "_created" not in text
+    metrics.run_gone("lab", "gone")
+    assert 'run="gone"' not in exported()
