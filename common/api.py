@@ -109,3 +109,26 @@ class SubmissionResponse(BaseModel):
     status: Status
     feedback: Feedback
     quota: Quota
+
+
+# --- charts: the gateway's spend and the scorer's submissions over time ------------------------
+
+HISTORY_POINTS = 60  # the default number of steps; at most MAX_HISTORY_POINTS
+MAX_HISTORY_POINTS = 500
+
+
+class History(BaseModel):
+    """`GET .../history?points=N` of the gateway (a run's spend) and of the scorer (its
+    submissions and best scores), for the console's charts: each series' value at the end of N
+    equal steps from the run's first event to now. null: nothing yet at that time."""
+
+    start: float  # unix seconds
+    end: float
+    times: list[float]  # the end of each step
+    series: dict[str, list[float | None]]
+
+    @staticmethod
+    def steps(start: float, end: float, points: int) -> list[float]:
+        """The end of each of `points` equal steps from start to end (the last one is end)."""
+        span = max(end - start, 0.0)
+        return [start + span * (index + 1) / points for index in range(points)]

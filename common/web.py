@@ -85,6 +85,17 @@ def _with_status(
     return error
 
 
+def whole_number(value: str, name: str, low: int, high: int) -> int:
+    """A query parameter that must be an integer in [low, high], or a 400 that says so."""
+    try:
+        number = int(value)
+    except ValueError:
+        fail(400, f"{name} must be a whole number (got {value!r})")
+    if not low <= number <= high:
+        fail(400, f"{name} must be between {low} and {high} (got {number})")
+    return number
+
+
 def presented_token(request: web.Request) -> str | None:
     """The credential a client sent: `Authorization: Bearer ...` or `x-api-key` (the anthropic
     SDK sends one or the other, depending on its version)."""

@@ -213,6 +213,7 @@ def run(
     if watch_seconds != 0:
         watch(demo, kubectl, name, watch_seconds)
     port = demo.forward_forum()
+    credential = demo.admin_credential()
     table = kubectl.run("get", "researchruns,agentsandboxes,pods")
     model = (
         "the offline researcher (no ANTHROPIC_API_KEY set)" if installation.offline else "Claude"
@@ -226,13 +227,21 @@ def run(
         f"  export PATH={bin_dir()}:$PATH\n"
         f"  kubectl get researchruns,agentsandboxes,pods -n {deploy.RUN_NAMESPACE}\n"
         f"  kubectl logs -n {deploy.RUN_NAMESPACE} {name}-0 -f\n"
-        f"Web UI: http://127.0.0.1:{port}/  (sign in with this admin credential, valid 7 days:)\n"
-        f"  {demo.admin_credential()}\n"
-        f"Metrics, on each service's metrics port (9090; never on its API port, 8080):\n"
+        f"Research console: http://127.0.0.1:{port}/runs/{deploy.RUN_NAMESPACE}/{name}\n"
+        f"  (sign in with this admin credential, valid 7 days:)\n"
+        f"  {credential}\n"
+        f"Review from the command line (the same decisions as the console's):\n"
+        f"  kubectl port-forward -n {deploy.SCORER_NAMESPACE} service/aar-scorer 8081:8080 &\n"
+        f"  export AAR_SCORER_URL=http://127.0.0.1:8081 AAR_CREDENTIAL={credential}\n"
+        f"  aar review list\n"
+        f"  aar review approve ID --comment 'why'   (or reject)\n"
+        f"Metrics, on each component's metrics port (9090; never on its API port, 8080):\n"
+        f"  kubectl port-forward -n {deploy.SYSTEM_NAMESPACE} "
+        f"deployment/{deploy.RELEASE}-operator 9094:9090\n"
         f"  kubectl port-forward -n {deploy.SYSTEM_NAMESPACE} service/aar-forum 9091:9090\n"
         f"  kubectl port-forward -n {deploy.SYSTEM_NAMESPACE} service/aar-gateway 9092:9090\n"
         f"  kubectl port-forward -n {deploy.SCORER_NAMESPACE} service/aar-scorer 9093:9090\n"
-        f"  then http://127.0.0.1:9091/metrics (9092, 9093)\n"
+        f"  then http://127.0.0.1:9094/metrics (9091, 9092, 9093)\n"
         f"Prometheus (every service scraped, the chart's alert rules loaded): "
         f"{control_plane.node.prometheus_url}/\n"
         f"Stop everything: make cluster-down"

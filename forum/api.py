@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 from aiohttp import web
 
 from aar_common.credentials import Role
-from aar_common.web import fail, json_response, read_model
+from aar_common.web import fail, json_response, read_model, whole_number
 from aar_forum.blobs import CHUNK, TooLargeError
 from aar_forum.forum import forum, view_run, viewer
 from aar_forum.models import DIGEST_RE, MAX_ID, Artifact, Kind, PostIn
@@ -22,16 +22,6 @@ REPLAY_BATCH = 500
 UPLOAD_BATCH = 1024 * 1024
 
 
-def _int(value: str, name: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        fail(400, f"{name} must be a whole number (got {value!r})")
-    if not low <= number <= high:
-        fail(400, f"{name} must be between {low} and {high} (got {number})")
-    return number
-
-
 def post_filter(request: web.Request, run: str | None) -> PostFilter:
     """Parse the query of `GET /api/v1/posts` (shared with the web UI's feed)."""
     query = request.query
@@ -41,7 +31,7 @@ def post_filter(request: web.Request, run: str | None) -> PostFilter:
     since_id = since_time = None
     if since := query.get("since", "").strip():
         if since.isdigit():
-            since_id = _int(since, "since", 0, MAX_ID)
+            since_id = whole_number(since, "since", 0, MAX_ID)
         else:
             try:
                 since_time = normalise_time(since)
@@ -55,7 +45,7 @@ def post_filter(request: web.Request, run: str | None) -> PostFilter:
         author=query.get("author") or None,
         since_id=since_id,
         since_time=since_time,
-        limit=_int(query.get("limit", "50"), "limit", 1, MAX_LIMIT),
+        limit=whole_number(query.get("limit", "50"), "limit", 1, MAX_LIMIT),
     )
 
 
@@ -91,7 +81,7 @@ async def get_post(request: web.Request) -> web.Response:
     state = forum(request)
     principal = viewer(request)
     state.limit(principal, "read")
-    post_id = _int(request.match_info["id"], "post id", 1, MAX_ID)
+    post_id = whole_number(request.match_info["id"], "post id", 1, MAX_ID)
     try:
         post = await state.store.call(state.store.get_post, post_id, view_run(request, principal))
     except NotFoundError as error:
@@ -110,7 +100,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     last_header = request.headers.get("Last-Event-ID", "").strip()
     sent: int | None = None
     if last_header:
-        sent = _int(last_header, "Last-Event-ID", 0, MAX_ID)
+        sent = whole_number(last_header, "Last-Event-ID", 0, MAX_ID)
     owner = f"{principal.run_key}/{principal.agent}" if principal.role is Role.AGENT else ""
     limit = state.settings.streams_per_agent
     if owner and state.hub.held_by(owner) >= limit:
@@ -289,7 +279,7 @@ async def list_artifacts(request: web.Request) -> web.Response:
     state = forum(request)
     principal = viewer(request)
     state.limit(principal, "read")
-    limit = _int(request.query.get("limit", "100"), "limit", 1, MAX_LIMIT)
+    limit = whole_number(request.query.get("limit", "100"), "limit", 1, MAX_LIMIT)
     artifacts = await state.store.call(
         state.store.list_artifacts,
         view_run(request, principal),

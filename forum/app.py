@@ -1,5 +1,5 @@
 """The forum's aiohttp application: `build_app` and its routes, the agents' API (`api.py`) and
-the humans' web UI (`ui.py`)."""
+the humans' web UI (`ui.py`: sign-in, findings; `console.py`: runs, review)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from aar_common.credentials import CredentialVerifier
 from aar_common.web import make_app
-from aar_forum import api, ui
+from aar_forum import api, console, ui
 from aar_forum.blobs import BlobStore, VolumeBlobStore
 from aar_forum.forum import FORUM_KEY, Forum
 from aar_forum.metrics import Metrics
@@ -62,4 +62,5 @@ def build_app(settings: Settings, blobs: BlobStore | None = None) -> web.Applica
     # The routes: the agents' API under /api/v1 and the humans' web UI, each beside its handlers.
     api.add_routes(app)
     ui.add_routes(app)
+    console.add_routes(app)
     return app

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import Awaitable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,9 @@ from aar_common.credentials import CredentialError, Principal, Role
 from aar_common.web import VERIFIER_KEY, fail
 from aar_forum.api import post_filter
 from aar_forum.forum import COOKIE, forum
-from aar_forum.kube import agent_states
 from aar_forum.models import Kind, PostIn
 from aar_forum.render import markdown
 from aar_forum.store import NotFoundError
-from aar_forum.upstream import Reading, get_json, rows
 
 STATIC = Path(__file__).parent / "static"
 CSP = (
@@ -45,7 +42,7 @@ _templates = jinja2.Environment(
 _templates.filters["markdown"] = markdown
 
 
-class _Viewer:
+class Viewer:
     def __init__(self, principal: Principal, token: str) -> None:
         self.principal = principal
         self.token = token
@@ -56,7 +53,7 @@ def csrf_token(credential: str) -> str:
     return hashlib.sha256(b"aar-forum-csrf\0" + credential.encode()).hexdigest()[:32]
 
 
-def _page(name: str, status: int = 200, **context: Any) -> web.Response:
+def render(name: str, status: int = 200, **context: Any) -> web.Response:
     response = web.Response(
         text=_templates.get_template(name).render(kinds=[k.value for k in Kind], **context),
         status=status,
@@ -68,7 +65,7 @@ def _page(name: str, status: int = 200, **context: Any) -> web.Response:
     return response
 
 
-def _signed_in(request: web.Request) -> _Viewer | None:
+def _signed_in(request: web.Request) -> Viewer | None:
     token = request.cookies.get(COOKIE)
     if not token:
         return None
@@ -76,10 +73,10 @@ def _signed_in(request: web.Request) -> _Viewer | None:
         principal = request.app[VERIFIER_KEY].verify(token)
     except CredentialError:
         return None
-    return _Viewer(principal, token) if principal.role is Role.ADMIN else None
+    return Viewer(principal, token) if principal.role is Role.ADMIN else None
 
 
-def _require(request: web.Request) -> _Viewer:
+def require_viewer(request: web.Request) -> Viewer:
     viewer = _signed_in(request)
     if viewer is None:
         raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='/')}")
@@ -95,9 +92,9 @@ def _same_origin(request: web.Request) -> None:
         )
 
 
-async def _checked_form(request: web.Request) -> tuple[_Viewer, dict[str, str]]:
+async def checked_form(request: web.Request) -> tuple[Viewer, dict[str, str]]:
     _same_origin(request)
-    viewer = _require(request)
+    viewer = require_viewer(request)
     form = {key: str(value) for key, value in (await request.post()).items()}
     if not hmac.compare_digest(form.get("csrf", ""), viewer.csrf):
         fail(403, "the form token is missing or stale: reload the page and submit again")
@@ -105,7 +102,7 @@ async def _checked_form(request: web.Request) -> tuple[_Viewer, dict[str, str]]:
 
 
 async def login_page(request: web.Request) -> web.Response:
-    return _page("login.html", next=request.query.get("next", "/"), problem=None, viewer=None)
+    return render("login.html", next=request.query.get("next", "/"), problem=None, viewer=None)
 
 
 def _local(path: str) -> str:
@@ -123,13 +120,13 @@ async def login(request: web.Request) -> web.Response:
         principal = request.app[VERIFIER_KEY].verify(token)
     except CredentialError as error:
         problem = f"That credential was not accepted: {error}."
-        return _page("login.html", status=401, next=next_path, problem=problem, viewer=None)
+        return render("login.html", status=401, next=next_path, problem=problem, viewer=None)
     if principal.role is not Role.ADMIN:
         problem = (
             "The web UI needs an admin credential: "
             "mint one with `aar credential mint --admin NAME`."
         )
-        return _page("login.html", status=403, next=next_path, problem=problem, viewer=None)
+        return render("login.html", status=403, next=next_path, problem=problem, viewer=None)
     response = web.HTTPSeeOther(next_path)
     response.set_cookie(
         COOKIE, token, httponly=True, samesite="Strict", secure=request.secure, path="/"
@@ -138,14 +135,14 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    await _checked_form(request)
+    await checked_form(request)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE, path="/")
     raise response
 
 
 async def feed(request: web.Request) -> web.Response:
-    viewer = _require(request)
+    viewer = require_viewer(request)
     state = forum(request)
     run = request.query.get("run", "").strip() or None
     where = post_filter(request, run)
@@ -153,25 +150,25 @@ async def feed(request: web.Request) -> web.Response:
         state.store.call(state.store.search, where), state.store.call(state.store.runs)
     )
     state.metrics.searches.inc()
-    return _page(
+    return render(
         "feed.html", viewer=viewer, posts=posts, runs=runs, run=run or "", query=request.query
     )
 
 
 async def thread(request: web.Request) -> web.Response:
-    viewer = _require(request)
+    viewer = require_viewer(request)
     state = forum(request)
     try:
         post = await state.store.call(state.store.get_post, int(request.match_info["id"]), None)
     except (NotFoundError, ValueError):
         fail(404, f"post {request.match_info['id']} not found")
     replies = await state.store.call(state.store.replies, post.id)
-    return _page("thread.html", viewer=viewer, post=post, replies=replies, problem=None)
+    return render("thread.html", viewer=viewer, post=post, replies=replies, problem=None)
 
 
 async def new_post(request: web.Request) -> web.Response:
     """A post or reply written by a human from the UI, as `admin:<subject>`."""
-    viewer, form = await _checked_form(request)
+    viewer, form = await checked_form(request)
     state = forum(request)
     parent = int(form["parent"]) if form.get("parent", "").isdigit() else None
     run = form.get("run", "").strip()
@@ -199,82 +196,6 @@ async def new_post(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther(f"/posts/{parent or post.id}")
 
 
-async def run_page(request: web.Request) -> web.Response:
-    viewer = _require(request)
-    state = forum(request)
-    namespace, name = request.match_info["namespace"], request.match_info["run"]
-    run = f"{namespace}/{name}"
-    settings = state.settings
-    assert state.http is not None
-    http, token = state.http, viewer.token
-
-    def scorer(path: str) -> Awaitable[Reading]:
-        return get_json(http, settings.scorer_url, "scorer", "AAR_SCORER_URL", path, token)
-
-    leaderboard, review, spend, sandboxes, activity, artifacts = await asyncio.gather(
-        scorer(f"/api/v1/leaderboard?run={quote(run)}"),
-        scorer(f"/api/v1/review?run={quote(run)}"),
-        get_json(
-            http,
-            settings.gateway_url,
-            "gateway",
-            "AAR_GATEWAY_URL",
-            f"/api/v1/spend/{quote(namespace)}/{quote(name)}",
-            token,
-        ),
-        agent_states(http, settings.kube, namespace, name),
-        state.store.call(state.store.activity, run),
-        state.store.call(state.store.list_artifacts, run, None, 50),
-    )
-    return _page(
-        "run.html",
-        viewer=viewer,
-        run=run,
-        leaderboard=_table(leaderboard),
-        review=_table(review),
-        spend=spend,
-        run_usd=dollars(spend.data["run"].get("usd", 0))
-        if spend.problem is None and isinstance(spend.data, dict) and spend.data.get("run")
-        else None,
-        sandboxes=sandboxes,
-        agents=_agents(activity, spend, sandboxes),
-        artifacts=artifacts,
-    )
-
-
-def _table(reading: Reading) -> dict[str, Any]:
-    columns, table = rows(reading.data) if reading.problem is None else ([], [])
-    return {"problem": reading.problem, "columns": columns, "rows": table}
-
-
-def _agents(
-    activity: dict[str, dict[str, object]], spend: Reading, sandboxes: Reading
-) -> list[dict[str, Any]]:
-    """One row per agent known to Kubernetes, the forum or the gateway."""
-    spent: dict[str, Any] = {}
-    if spend.problem is None and isinstance(spend.data, dict):
-        spent = spend.data.get("agents") or {}
-    states: dict[str, str] = sandboxes.data if sandboxes.problem is None else {}
-    names = sorted(set(activity) | set(spent) | set(states))
-    table = []
-    for name in names:
-        seen = activity.get(name, {})
-        totals = spent.get(name) or {}
-        table.append(
-            {
-                "agent": name,
-                "sandbox": states.get(name, "no pod") if sandboxes.problem is None else None,
-                "posts": seen.get("posts", 0),
-                "artifacts": seen.get("artifacts", 0),
-                "last": seen.get("last") or "never",
-                # The gateway answered and has nothing for this agent: it has spent nothing.
-                "usd": dollars(totals.get("usd", 0)) if spend.problem is None else None,
-                "requests": totals.get("requests", 0) if spend.problem is None else None,
-            }
-        )
-    return table
-
-
 def dollars(value: object) -> str:
     """An amount as the gateway sends it (a decimal string, exact; or a number), in cents."""
     try:
@@ -284,11 +205,10 @@ def dollars(value: object) -> str:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", feed)
+    app.router.add_get("/findings", feed)
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_get("/posts/{id}", thread)
     app.router.add_post("/posts", new_post)
-    app.router.add_get("/runs/{namespace}/{run}", run_page)
     app.router.add_static("/static", STATIC)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import time
 
 from aiohttp import web
 
 from aar_common import api
-from aar_common.web import authenticate, fail, json_response, read_model
+from aar_common.web import authenticate, fail, json_response, read_model, whole_number
 from aar_gateway.pricing import PricingError, nano_to_usd, usd_text, usd_to_nano
 from aar_gateway.proxy import Proxy
 from aar_gateway.store import RUN_ROW, Budget, Totals
@@ -83,6 +84,21 @@ async def get_spend(request: web.Request) -> web.Response:
             },
         )
     )
+
+
+async def get_spend_history(request: web.Request) -> web.Response:
+    """The run's spend over time, for the console's chart (admins)."""
+    authenticate(request, admin=True)
+    run = _run_of(request)
+    points = whole_number(
+        request.query.get("points", str(api.HISTORY_POINTS)), "points", 1, api.MAX_HISTORY_POINTS
+    )
+    store = request.app[PROXY_KEY].store
+    await store.flush()
+    history = await store.spend_history(run, time.time(), points)
+    if history is None:
+        fail(404, f"the gateway has no request of run {run} yet")
+    return json_response(history)
 
 
 async def get_model(request: web.Request) -> web.Response:

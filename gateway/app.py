@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from aar_common.credentials import PUBLIC_KEY_FILE_ENV, CredentialVerifier
 from aar_common.web import make_app
-from aar_gateway.admin import PROXY_KEY, get_model, get_spend, put_budget
+from aar_gateway.admin import PROXY_KEY, get_model, get_spend, get_spend_history, put_budget
 from aar_gateway.limits import RateLimiter
 from aar_gateway.metrics import Metrics
 from aar_gateway.pricing import PricingError, load_table
@@ -70,6 +70,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/messages/count_tokens", _count_tokens)
     app.router.add_put("/api/v1/budgets/{namespace}/{run}", put_budget)
     app.router.add_get("/api/v1/spend/{namespace}/{run}", get_spend)
+    app.router.add_get("/api/v1/spend/{namespace}/{run}/history", get_spend_history)
     app.router.add_get("/api/v1/models/{model}", get_model)
     return app
 

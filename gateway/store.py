@@ -24,8 +24,9 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from aar_common.api import History
 from aar_common.sqlite import open_database, transaction
-from aar_gateway.pricing import Usage
+from aar_gateway.pricing import Usage, nano_to_usd
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     complete INTEGER NOT NULL,     -- 0: the stream ended before message_stop
     created_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS ledger_by_run ON ledger (run, created_at);
 -- Answers kept for a retry that sends the same Idempotency-Key (run/agent/key), a day long.
 CREATE TABLE IF NOT EXISTS replays (
     key TEXT PRIMARY KEY,
@@ -356,6 +358,38 @@ class Store:
     async def ledger_size(self) -> int:
         """Rows in the ledger (through the writer: the connection has one user at a time)."""
         return await self._serially(self._count_ledger)
+
+    async def spend_history(self, run: str, end: float, points: int) -> History | None:
+        """The run's spend in dollars over time (cumulative), or None before its first request."""
+        return await self._serially(self._read_spend_history, run, end, points)
+
+    def _read_spend_history(self, run: str, end: float, points: int) -> History | None:
+        first = self._db.execute(
+            "SELECT min(created_at) FROM ledger WHERE run = ?", (run,)
+        ).fetchone()[0]
+        if first is None:
+            return None
+        end = max(end, first)
+        span = max(end - first, 1e-9)
+        # Summed per step in SQLite: a run's ledger may hold millions of rows.
+        per_step = [0] * points
+        for step, cost_nano in self._db.execute(
+            "SELECT min(CAST((created_at - ?) * ? / ? AS INTEGER), ?), sum(cost_nano) "
+            "FROM ledger WHERE run = ? GROUP BY 1",
+            (first, points, span, points - 1, run),
+        ):
+            per_step[max(step, 0)] += cost_nano
+        spent = 0
+        cumulative: list[float | None] = []
+        for cost_nano in per_step:
+            spent += cost_nano
+            cumulative.append(float(nano_to_usd(spent)))
+        return History(
+            start=first,
+            end=end,
+            times=History.steps(first, end, points),
+            series={"usd": cumulative},
+        )
 
     def _count_ledger(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM ledger").fetchone()[0])

@@ -12,9 +12,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
-from aar_common.api import BestScore, RunRegistration, Status
+from aar_common.api import (
+    HISTORY_POINTS,
+    MAX_HISTORY_POINTS,
+    BestScore,
+    RunRegistration,
+    Status,
+)
 from aar_common.credentials import CredentialVerifier, Principal, Role
-from aar_common.web import authenticate, fail, json_response, make_app, read_model
+from aar_common.web import authenticate, fail, json_response, make_app, read_model, whole_number
 from aar_scorer.intake import SUBMISSIONS_PATH, Intake, TaskFacts, receive
 from aar_scorer.metrics import Metrics
 from aar_scorer.scorer import Scorer
@@ -95,6 +101,21 @@ async def _best(request: web.Request) -> web.Response:
     if best is None:
         fail(404, f"run {run} has no counted submission yet")
     return json_response(BestScore.model_validate(best))
+
+
+async def _history(request: web.Request) -> web.Response:
+    """A run's submissions and best scores over time, for the console's charts (admins)."""
+    authenticate(request, admin=True)
+    scorer = request.app[SCORER_KEY]
+    run = f"{request.match_info['namespace']}/{request.match_info['run']}"
+    points = whole_number(
+        request.query.get("points", str(HISTORY_POINTS)), "points", 1, MAX_HISTORY_POINTS
+    )
+    state = scorer.run_state(run)
+    history = scorer.reviews.history(run, state.task, state.review_required, scorer.clock(), points)
+    if history is None:
+        fail(404, f"run {run} has no scored submission yet")
+    return json_response(history)
 
 
 async def _review_queue(request: web.Request) -> web.Response:
@@ -191,6 +212,7 @@ def build_app(
     app.router.add_get("/api/v1/leaderboard", _leaderboard)
     app.router.add_put("/api/v1/runs/{namespace}/{run}", _register)
     app.router.add_get("/api/v1/runs/{namespace}/{run}/best", _best)
+    app.router.add_get("/api/v1/runs/{namespace}/{run}/history", _history)
     app.router.add_get("/api/v1/review", _review_queue)
     app.router.add_post("/api/v1/review/{id}", _decide)
     return app

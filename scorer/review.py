@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from aar_common.api import History
 from aar_common.web import fail
 from aar_scorer.tasks import Task
 
@@ -144,6 +145,62 @@ class ReviewBook:
             "best_public_score": released[-1]["score"] if released else None,
             "released": released,
         }
+
+    def history(
+        self, run: str, task: Task, review_required: bool, end: float, points: int
+    ) -> History | None:
+        """Submissions (cumulative), the best released feedback and the best counted private
+        score over time (admins: the private score is in it), or None before any submission."""
+        submissions = self.reader.execute(
+            "SELECT id, created_at, status, released, feedback_score, private_accuracy "
+            "FROM submissions WHERE run = ? AND task = ? AND status != 'refused' ORDER BY id",
+            (run, task.name),
+        ).fetchall()
+        if not submissions:
+            return None
+        decisions = self.reader.execute(
+            "SELECT r.submission, r.decision, r.created_at FROM reviews r "
+            "JOIN submissions s ON s.id = r.submission WHERE s.run = ? AND s.task = ? "
+            "ORDER BY r.id",
+            (run, task.name),
+        ).fetchall()
+        # Every change in time order: a submission arrives, or a reviewer decides.
+        changes = [(row["created_at"], 0, row) for row in submissions]
+        changes += [(row["created_at"], 1, row) for row in decisions]
+        changes.sort(key=lambda change: (change[0], change[1]))
+        start = submissions[0]["created_at"]
+        end = max(end, changes[-1][0])
+        times = History.steps(start, end, points)
+        private = {row["id"]: round(task.pgr(row["private_accuracy"]), 6) for row in submissions}
+        counted: set[int] = set()
+        count, best_public, best_counted = 0, None, None
+        series: dict[str, list[float | None]] = {
+            "submissions": [],
+            "best_public": [],
+            "best_counted": [],
+        }
+        position = 0
+        for moment in times:
+            while position < len(changes) and changes[position][0] <= moment:
+                _, kind, row = changes[position]
+                position += 1
+                if kind == 0:
+                    count += 1
+                    if row["released"] and row["feedback_score"] is not None:
+                        best_public = max(
+                            best_public or row["feedback_score"], row["feedback_score"]
+                        )
+                    if not review_required and row["status"] == "accepted":
+                        counted.add(row["id"])
+                elif row["decision"] == "approve":
+                    counted.add(row["submission"])
+                else:
+                    counted.discard(row["submission"])
+                best_counted = max((private[id] for id in counted), default=None)
+            series["submissions"].append(count)
+            series["best_public"].append(best_public)
+            series["best_counted"].append(best_counted)
+        return History(start=start, end=end, times=times, series=series)
 
     def detail(self, submission: int) -> dict[str, Any]:
         """One submission with its feedback and its whole review history (admins)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helm_chart import Chart
 from operator_process import OperatorProcess
+from service_processes import Services
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.paths import BinariesMissingError
@@ -122,3 +123,12 @@ def aar_operator(
     process.stop()
     # Shown by pytest when the test failed: what the operator saw and did.
     print(f"--- operator log (tail) ---\n{process.log()}")
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    """The stand-in upstream, the gateway and the scorer as local processes (see Services)."""
+    running = Services(tmp_path)
+    running.start()
+    yield running
+    running.stop()

@@ -155,6 +155,7 @@ async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
 
     page = await browser.new_page()
     await sign_in(page, forum)
+    await page.goto(f"{forum.url}/findings")
     feed = page.locator("#feed")
     await expect(feed.locator("article")).to_have_count(4)
     await expect(feed).to_contain_text("Confidence loss recovers 0.81 PGR")
@@ -174,20 +175,20 @@ async def test_feed_threads_live_posts_and_the_injection_rendered_inert(
 
     # Filters narrow the feed; a signed-out visit to a filtered page comes back to it.
     await page.context.clear_cookies()
-    await page.goto(f"{forum.url}/?run=lab/other&kind=error")
+    await page.goto(f"{forum.url}/findings?run=lab/other&kind=error")
     await page.fill("input[name=credential]", ISSUER.mint_admin("alice"))
     await page.click("button[type=submit]")
-    await expect(page).to_have_url(f"{forum.url}/?run=lab/other&kind=error")
+    await expect(page).to_have_url(f"{forum.url}/findings?run=lab/other&kind=error")
     await expect(page.locator("#feed article h3 a")).to_have_text(["Another run's OOM"])
-    await page.goto(f"{forum.url}/?q=reproduced")
+    await page.goto(f"{forum.url}/findings?q=reproduced")
     await expect(page.locator("#feed article h3 a")).to_have_text(["Reproduced at 0.79"])
-    await page.goto(f"{forum.url}/?run=lab/w2s&kind=result")
+    await page.goto(f"{forum.url}/findings?run=lab/w2s&kind=result")
     await expect(page.locator("#feed article h3 a")).to_have_text(
         ["Confidence loss recovers 0.81 PGR"]
     )
 
     # A new post appears without a reload.
-    await page.goto(f"{forum.url}/")
+    await page.goto(f"{forum.url}/findings")
     await expect(page.locator("#live-status")).to_have_text("live updates: connected")
     await forum.post(author, kind="hypothesis", title="Teacher entropy predicts flips")
     await expect(page.locator("#live-posts li")).to_contain_text(
@@ -242,12 +243,12 @@ async def test_run_page_shows_spend_leaderboard_review_and_agents(
     agents = page.locator("#agents tbody tr")
     await expect(agents.locator("td:first-child")).to_have_text(["w2s-1", "w2s-2", "w2s-3"])
     await expect(page.locator("#agents tr[data-agent=w2s-1] td")).to_contain_text(
-        ["w2s-1", "unavailable", "1", "0", "", "7.50", "1"]
+        ["w2s-1", "no sandbox", "1", "0", "", "$7.50", "1"]
     )
     # An agent with spend but no post yet, and one with posts but no spend recorded.
     await expect(page.locator("#agents tr[data-agent=w2s-3] td").nth(2)).to_have_text("0")
-    await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(5)).to_have_text("0.00")
-    await expect(page.locator("#run-spend")).to_have_text("Run total: 8.50 USD over 2 requests.")
+    await expect(page.locator("#agents tr[data-agent=w2s-2] td").nth(5)).to_have_text("$0.00")
+    await expect(page.locator("#run-spend")).to_have_text("Run total: $8.50 over 2 model requests.")
     shared = page.locator("#artifacts tbody tr")
     await expect(shared.locator("td")).to_contain_text(
         [artifact["digest"][:19], "loss.py", "15", "w2s-2", "<i>the</i> loss"]
@@ -329,3 +330,24 @@ async def test_forms_refuse_cross_site_posts(forum: Forum) -> None:
         ) as response,
     ):
         assert response.status == 401
+
+
+async def test_the_agents_table_is_paged_and_filtered(forum: Forum, browser: Browser) -> None:
+    # 60 agents known to the forum only (no cluster here): two pages of 50.
+    for n in range(60):
+        await forum.post(forum.agent(f"w2s-{n}"), title=f"note {n}")
+    page = await browser.new_page()
+    await sign_in(page, forum)
+    await page.goto(f"{forum.url}/runs/lab/w2s")
+    rows = page.locator("#agents tbody tr td:first-child")
+    await expect(rows).to_have_count(50)
+    await expect(rows.first).to_have_text("w2s-0")
+    await expect(rows.nth(10)).to_have_text("w2s-10")  # natural order: w2s-2 before w2s-10
+    await expect(page.locator("#agents .pages")).to_contain_text("Page 1 of 2")
+    await page.click("#agents a[rel=next]")
+    await expect(rows).to_have_count(10)
+    await expect(rows.last).to_have_text("w2s-59")
+    await page.goto(f"{forum.url}/runs/lab/w2s?state=PodRunning")
+    await expect(page.locator("#agents .empty")).to_have_text("No agent in state PodRunning.")
+    await page.goto(f"{forum.url}/runs/lab/w2s?state=no+sandbox&page=9")
+    await expect(page.locator("#agents .pages")).to_contain_text("Page 2 of 2")

@@ -499,3 +499,35 @@ async def test_a_gateway_killed_with_a_request_in_flight_comes_back_holding_noth
                 await client.messages.create(model=OPUS, max_tokens=500, messages=HI)
         finally:
             release.set()  # the stand-in's handler ends, whatever the test came to
+
+
+async def test_spend_history_adds_up_to_the_ledger_and_is_for_admins_only(
+    gateway: Gateway,
+) -> None:
+    await gateway.budget(10)
+    status, answer = await gateway.admin("GET", "/api/v1/spend/ns/w2s/history")
+    assert status == 404
+    assert "no request of run ns/w2s yet" in answer["error"]["message"]
+    for agent, tokens in (("w2s-1", 1000), ("w2s-2", 3000), ("w2s-1", 2000)):
+        gateway.stub.script(Reply.text("ok", usage={"input_tokens": tokens}))
+        async with gateway.client(agent) as client:
+            await client.messages.create(model=HAIKU, max_tokens=10, messages=HI)
+    status, history = await gateway.admin("GET", "/api/v1/spend/ns/w2s/history?points=5")
+    assert status == 200, history
+    spent = history["series"]["usd"]
+    assert len(spent) == len(history["times"]) == 5
+    assert spent == sorted(spent)  # cumulative
+    assert spent[-1] == float((await gateway.spend())["run"]["usd"]) > 6000 * HAIKU_IN / 1e9
+    assert history["times"][-1] == history["end"] >= history["start"]
+
+    status, answer = await gateway.admin("GET", "/api/v1/spend/ns/w2s/history?points=501")
+    assert status == 400
+    assert "points must be between 1 and 500" in answer["error"]["message"]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{gateway.url}/api/v1/spend/ns/w2s/history",
+            headers={"Authorization": f"Bearer {ISSUER.mint_agent('ns', 'w2s', 'w2s-1')}"},
+        ) as response,
+    ):
+        assert response.status == 403  # every agent's spend is in it

@@ -410,3 +410,55 @@ async def test_flagged_probes_get_feedback_but_count_only_when_approved(
             assert best["submission"] == probe["id"]
     finally:
         await served.stop()
+
+
+async def test_history_follows_submissions_feedback_and_decisions_over_time(
+    scorer: Scorer,
+) -> None:
+    start = scorer.clock.now
+    _, low = await scorer.submit(agent("a1"), guess(130, 1))
+    scorer.clock.now = start + 100
+    _, high = await scorer.submit(agent("a2"), guess(180, 2))
+    _, board, _ = await scorer.call("GET", "/api/v1/leaderboard?run=lab/run-a", scorer.admin)
+    private = {entry["id"]: entry["private_score"] for entry in board["submissions"]}
+    released = [a["feedback"]["score"] for a in (low, high) if a["feedback"]["released"]]
+    assert released  # the Ladder released at least the first
+    scorer.clock.now = start + 200
+    await scorer.call(
+        "POST", f"/api/v1/review/{high['id']}", scorer.admin,
+        {"decision": "approve", "comment": "reproduced"},
+    )  # fmt: skip
+    scorer.clock.now = start + 300
+    for submission, decision in ((high, "reject"), (low, "approve")):
+        await scorer.call(
+            "POST", f"/api/v1/review/{submission['id']}", scorer.admin,
+            {"decision": decision, "comment": "second look"},
+        )  # fmt: skip
+    scorer.clock.now = start + 400
+
+    status, history, _ = await scorer.call(
+        "GET", "/api/v1/runs/lab/run-a/history?points=4", scorer.admin
+    )
+    assert status == 200, history
+    assert history["start"] == start
+    assert history["end"] == start + 400
+    assert history["times"] == [start + 100, start + 200, start + 300, start + 400]
+    series = history["series"]
+    assert series["submissions"] == [2, 2, 2, 2]
+    assert series["best_public"] == [max(released)] * 4
+    # Approved at +200, then rejected at +300 in favour of the other: the latest decision holds.
+    assert series["best_counted"] == [
+        None, private[high["id"]], private[low["id"]], private[low["id"]]
+    ]  # fmt: skip
+
+    status, answer, _ = await scorer.call(
+        "GET", "/api/v1/runs/lab/run-a/history?points=0", scorer.admin
+    )
+    assert status == 400
+    assert "points must be between 1 and 500" in answer["error"]["message"]
+    status, _, _ = await scorer.call("GET", "/api/v1/runs/lab/run-a/history", agent("a1"))
+    assert status == 403  # the private scores are in it
+    await scorer.call("PUT", "/api/v1/runs/lab/quiet", scorer.admin, {"task": "toy"})
+    status, answer, _ = await scorer.call("GET", "/api/v1/runs/lab/quiet/history", scorer.admin)
+    assert status == 404
+    assert "no scored submission yet" in answer["error"]["message"]

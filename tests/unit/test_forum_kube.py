@@ -1,73 +1,10 @@
-"""How a sandbox Pod's state reads on the web UI."""
+"""Where the console finds the Kubernetes API and how it proves who it is."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from aar_forum.kube import KubeAccess, pod_state
-
-
-def pod(status: dict[str, Any], **metadata: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "w2s-1", **metadata}, "status": status}
-
-
-@pytest.mark.parametrize(
-    ("status", "expected"),
-    [
-        (
-            {
-                "phase": "Running",
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "containerStatuses": [{"state": {"running": {}}}],
-            },
-            "Running, ready",
-        ),
-        (
-            {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]},
-            "Running, not ready",
-        ),
-        (
-            {
-                "phase": "Running",
-                "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}],
-            },
-            "Running: CrashLoopBackOff",
-        ),
-        (
-            {
-                "phase": "Pending",
-                "conditions": [
-                    {
-                        "type": "PodScheduled",
-                        "status": "False",
-                        "reason": "Unschedulable",
-                        "message": "0/4 nodes have nvidia.com/gpu",
-                    }
-                ],
-            },
-            "Pending: Unschedulable (0/4 nodes have nvidia.com/gpu)",
-        ),
-        (
-            {
-                "phase": "Failed",
-                "containerStatuses": [{"state": {"terminated": {"reason": "OOMKilled"}}}],
-            },
-            "Failed: OOMKilled",
-        ),
-        ({}, "Unknown"),
-    ],
-)
-def test_pod_state_names_the_phase_and_what_is_wrong(status: dict[str, Any], expected: str) -> None:
-    assert pod_state(pod(status)) == expected
-
-
-def test_a_deleted_pod_is_terminating() -> None:
-    assert pod_state(pod({"phase": "Running"}, deletionTimestamp="2026-01-01T00:00:00Z")) == (
-        "Terminating"
-    )
+from aar_forum.kube import KubeAccess
 
 
 def test_access_comes_from_the_cluster_or_an_explicit_server(tmp_path: Path) -> None:
