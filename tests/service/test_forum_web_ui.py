@@ -351,3 +351,50 @@ async def test_the_agents_table_is_paged_and_filtered(forum: Forum, browser: Bro
     await expect(page.locator("#agents .empty")).to_have_text("No agent in state PodRunning.")
     await page.goto(f"{forum.url}/runs/lab/w2s?state=no+sandbox&page=9")
     await expect(page.locator("#agents .pages")).to_contain_text("Page 2 of 2")
+
+
+async def test_a_review_decision_needs_the_form_token_this_site_and_an_admin(
+    start_forum: Any, scorer: str
+) -> None:
+    forum: Forum = await start_forum(scorer_url=scorer)
+    admin = ISSUER.mint_admin("alice")
+    decision = {"decision": "approve", "comment": "looks fine", "csrf": csrf_token(admin)}
+    url = f"{forum.url}/submissions/1/review"
+    async with aiohttp.ClientSession(cookies={"aar_credential": admin}) as http:
+        async with http.post(
+            url, data={**decision, "csrf": "0" * 32}, allow_redirects=False
+        ) as response:
+            assert response.status == 403
+        async with http.post(
+            url, data=decision, headers={"Origin": "https://evil.example"}, allow_redirects=False
+        ) as response:
+            assert response.status == 403
+        async with http.post(url, data={**decision, "decision": "count"}) as response:
+            assert response.status == 400
+            assert "decision must be approve or reject" in await response.text()
+    # An agent's credential in the cookie is no signed-in human: back to the sign-in page.
+    agent = ISSUER.mint_agent("lab", "w2s", "w2s-1")
+    async with (
+        aiohttp.ClientSession(cookies={"aar_credential": agent}) as http,
+        http.post(
+            url, data={**decision, "csrf": csrf_token(agent)}, allow_redirects=False
+        ) as response,
+    ):
+        assert response.status == 303
+        assert response.headers["Location"].startswith("/login")
+    # None of these reached the scorer: the submission is still undecided.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{scorer}/api/v1/submissions/1",
+            headers={"Authorization": f"Bearer {ISSUER.mint_admin('operator')}"},
+        ) as response,
+    ):
+        assert (await response.json())["reviews"] == []
+    # The real thing is kept, with the signed-in human as the reviewer.
+    async with (
+        aiohttp.ClientSession(cookies={"aar_credential": admin}) as http,
+        http.post(url, data=decision) as response,
+    ):
+        assert response.status == 200
+        assert "admin:alice" in await response.text()
