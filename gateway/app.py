@@ -39,7 +39,7 @@ def build_app(settings: Settings) -> web.Application:
         ) from error
     registry = CollectorRegistry()
     app = make_app(verifier, registry, client_max_size=MAX_REQUEST_BYTES)
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, per_agent=settings.per_agent_metrics)
     api_key = read_api_key(settings.api_key_file)
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:

@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         default=float(env.get("AAR_GATEWAY_UPSTREAM_TIMEOUT", "600")),
         help="seconds the upstream may stay silent before the request fails with 504",
     )
+    parser.add_argument(
+        "--per-agent-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=env.get("AAR_GATEWAY_PER_AGENT_METRICS", "false").lower() in ("1", "true", "yes"),
+        help="series per agent, not only per run (default $AAR_GATEWAY_PER_AGENT_METRICS, off)",
+    )
     args = parser.parse_args(argv)
     for flag, variable in (
         ("api_key_file", "AAR_ANTHROPIC_API_KEY_FILE"),
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         prices_file=args.prices_file,
         agent_requests_per_minute=args.agent_requests_per_minute,
         upstream_timeout=args.upstream_timeout,
+        per_agent_metrics=args.per_agent_metrics,
     )
     app = build_app(settings)
     metrics = metrics_listener("aar-gateway", args.host, args.metrics_port)

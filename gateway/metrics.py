@@ -1,6 +1,7 @@
 """The gateway's Prometheus metrics, in base units, labelled by run (`namespace/run`), agent and
-model. The upstream latency histogram leaves out the agent: buckets times agents times models
-would be thousands of series for a large run, and latency is the upstream's, not the agent's."""
+model. By default the agent label is empty and only runs' budgets are exported: a 900-agent run
+would otherwise cost thousands of series (`per_agent` turns the agents' series on). The upstream
+latency histogram never has the agent: latency is the upstream's, not the agent's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ TOKEN_TYPES = {
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, per_agent: bool = False) -> None:
+        self.per_agent = per_agent
         self.requests = Counter(
             "aar_llm_requests",
             "Messages API requests by the HTTP status the agent was answered "
@@ -60,14 +62,22 @@ class Metrics:
             registry=registry,
         )
 
+    def _who(self, agent: str) -> str:
+        return agent if self.per_agent else ""
+
+    def answered(self, run: str, agent: str, model: str, status: int | str) -> None:
+        self.requests.labels(run, self._who(agent), model, str(status)).inc()
+
     def billed(self, run: str, agent: str, model: str, usage: Usage, cost_nano: int) -> None:
         for kind, field in TOKEN_TYPES.items():
             count = getattr(usage, field)
             if count:
-                self.tokens.labels(run, agent, model, kind).inc(count)
-        self.spend.labels(run, agent, model).inc(float(nano_to_usd(cost_nano)))
+                self.tokens.labels(run, self._who(agent), model, kind).inc(count)
+        self.spend.labels(run, self._who(agent), model).inc(float(nano_to_usd(cost_nano)))
 
     def budget_left(self, run: str, agent: str, cap_nano: int | None, spent_nano: int) -> None:
+        if agent and not self.per_agent:
+            return
         if cap_nano is None:
             # An uncapped budget has no remainder to show (and may have had one before).
             with contextlib.suppress(KeyError):
@@ -76,4 +86,6 @@ class Metrics:
         self.remaining.labels(run, agent).set(float(nano_to_usd(max(0, cap_nano - spent_nano))))
 
     def reserved(self, run: str, agent: str, held_nano: int) -> None:
+        if agent and not self.per_agent:
+            return
         self.reservations.labels(run, agent).set(float(nano_to_usd(held_nano)))

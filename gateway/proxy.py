@@ -140,7 +140,7 @@ class Proxy:
                     f"Idempotency-Key {key!r} was used for a different request body; "
                     "use a new key for each new request",
                 )
-            self.metrics.requests.labels(call.run, call.agent, call.model, "200").inc()
+            self.metrics.answered(call.run, call.agent, call.model, 200)
             return web.Response(
                 body=answer.body,
                 headers={"content-type": answer.content_type, "x-aar-replayed": "true"},
@@ -319,7 +319,7 @@ class Proxy:
         retry: bool | None = None,
     ) -> NoReturn:
         if call.path == MESSAGES:
-            self.metrics.requests.labels(call.run, call.agent, call.model, str(status)).inc()
+            self.metrics.answered(call.run, call.agent, call.model, status)
         # Unless told: only a rate limit passes; the SDK must not retry anything else refused here.
         should_retry = "true" if (status == 429 if retry is None else retry) else "false"
         fail(status, message, error_type, {"x-should-retry": should_retry, **(headers or {})})
@@ -384,7 +384,7 @@ class Proxy:
                 f"the upstream {self.upstream} could not be reached: {error}",
             )
         if path == MESSAGES:
-            self.metrics.requests.labels(call.run, call.agent, call.model, str(status)).inc()
+            self.metrics.answered(call.run, call.agent, call.model, status)
         return response
 
     def _upstream_failed(
@@ -392,7 +392,7 @@ class Proxy:
     ) -> NoReturn:
         log.warning("Upstream failed for %s of %s: %s", call.agent, call.run, message)
         if path == MESSAGES:
-            self.metrics.requests.labels(call.run, call.agent, call.model, str(status)).inc()
+            self.metrics.answered(call.run, call.agent, call.model, status)
         fail(status, message, error_type, {"x-should-retry": "true", "retry-after": "1"})
 
     async def _relay_message(

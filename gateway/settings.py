@@ -20,6 +20,11 @@ class Settings(BaseModel):
         default=600, gt=0, description="seconds the upstream may stay silent mid-answer"
     )
     connect_timeout: float = Field(default=10, gt=0)
+    per_agent_metrics: bool = Field(
+        default=False,
+        description="label request, token and spend series by agent, and export each agent's "
+        "remaining and reserved dollars (a 900-agent run: thousands of series)",
+    )
 
 
 def read_api_key(path: Path) -> str:

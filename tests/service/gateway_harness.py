@@ -64,7 +64,8 @@ class Gateway:
             public_key_file=self.directory / "public-key.pem",
             data_dir=self.directory / "data",
             upstream=self.stub_url,
-            **self.options,
+            # The tests read series per agent; the default (off) has its own test.
+            **{"per_agent_metrics": True, **self.options},
         )
 
     async def start(self) -> None:

@@ -531,3 +531,23 @@ async def test_spend_history_adds_up_to_the_ledger_and_is_for_admins_only(
         ) as response,
     ):
         assert response.status == 403  # every agent's spend is in it
+
+
+async def test_by_default_the_series_are_per_run_not_per_agent(
+    tmp_path: Path, upstream_stub: tuple[AnthropicStub, str]
+) -> None:
+    instance = Gateway(*upstream_stub, tmp_path, options={"per_agent_metrics": False})
+    async with started(instance, usd=None):
+        await instance.budget(1.0, {"w2s-1": 0.5, "w2s-2": 0.5})
+        for agent in ("w2s-1", "w2s-2"):
+            instance.stub.script(Reply.text("ok", usage={"input_tokens": 1000}))
+            async with instance.client(agent) as client:
+                await client.messages.create(model=HAIKU, max_tokens=10, messages=HI)
+        metrics = await instance.metrics()
+    run = {"run": "ns/w2s", "model": HAIKU}
+    assert metric(metrics, "aar_llm_requests_total", agent="", status="200", **run) == 2
+    assert metric(metrics, "aar_llm_tokens_total", agent="", type="input", **run) == 2000
+    assert 'agent="w2s-1"' not in metrics
+    assert 'agent="w2s-2"' not in metrics
+    # The run's own cap is still there for the alerts.
+    assert metric(metrics, "aar_budget_remaining_usd", run="ns/w2s", agent="") > 0
