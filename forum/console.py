@@ -19,7 +19,6 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from aar_common.client import ServiceClient, ServiceError
 from aar_common.web import fail, whole_number
 from aar_forum.charts import Line, bar_chart, line_chart
 from aar_forum.forum import forum
@@ -32,8 +31,15 @@ from aar_forum.kube import (
     states,
 )
 from aar_forum.store import PostFilter
-from aar_forum.ui import Viewer, checked_form, dollars, render, require_viewer
-from aar_forum.upstream import TIMEOUT, Reading, get_json
+from aar_forum.ui import (
+    Viewer,
+    checked_form,
+    dollars,
+    render,
+    require_viewer,
+    template_functions,
+)
+from aar_forum.upstream import Reading, ask
 
 AGENTS_PER_PAGE = 50
 # What a reviewer sees of an artifact without downloading it: the first members of its archive.
@@ -59,6 +65,9 @@ def pgr(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+template_functions(pgr=pgr, when=when)
+
+
 def _natural(name: str) -> tuple[Any, ...]:
     """`cues-2` before `cues-10`."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
@@ -71,15 +80,19 @@ class _Services:
         self.state = forum(request)
         self.token = viewer.token
 
-    def scorer(self, path: str) -> Awaitable[Reading]:
+    def scorer(self, path: str, method: str = "GET", body: Any = None) -> Awaitable[Reading]:
         settings, http = self.state.settings, self.state.http
         assert http is not None
-        return get_json(http, settings.scorer_url, "scorer", "AAR_SCORER_URL", path, self.token)
+        return ask(
+            http, settings.scorer_url, "scorer", "AAR_SCORER_URL", self.token, method, path, body
+        )
 
     def gateway(self, path: str) -> Awaitable[Reading]:
         settings, http = self.state.settings, self.state.http
         assert http is not None
-        return get_json(http, settings.gateway_url, "gateway", "AAR_GATEWAY_URL", path, self.token)
+        return ask(
+            http, settings.gateway_url, "gateway", "AAR_GATEWAY_URL", self.token, "GET", path
+        )
 
 
 def _pending_by_run(review: Reading) -> dict[str, dict[str, Any]]:
@@ -113,8 +126,6 @@ async def runs_page(request: web.Request) -> web.Response:
         review_problem=review.problem,
         # Outside a cluster the forum still knows the runs its agents wrote to.
         forum_runs=forum_runs,
-        pgr=pgr,
-        when=when,
     )
 
 
@@ -150,8 +161,8 @@ def _charts(
     charts: dict[str, Any] = {}
     if spend.problem is None:
         cap = None
-        if run is not None and run.spent_fraction is not None and run.budget.startswith("$"):
-            cap = (f"cap {run.budget}", float(run.budget[1:].replace(",", "")))
+        if run is not None and run.cap_usd is not None:
+            cap = (f"cap {run.budget}", run.cap_usd)
         charts["spend"] = line_chart(
             "Spend over time",
             spend.data["times"],
@@ -272,8 +283,6 @@ async def run_page(request: web.Request) -> web.Response:
         best_pending=_pending_by_run(review).get(key, {}).get("private_score"),
         review_problem=review.problem,
         artifacts=artifacts,
-        pgr=pgr,
-        when=when,
     )
 
 
@@ -295,8 +304,6 @@ async def review_page(request: web.Request) -> web.Response:
         viewer=viewer,
         pending=_queue(review),
         problem=review.problem,
-        pgr=pgr,
-        when=when,
     )
 
 
@@ -398,8 +405,6 @@ async def submission_page(request: web.Request, problem: str | None = None) -> w
         nearest=nearest,
         posts=around,
         artifact=artifact,
-        pgr=pgr,
-        when=when,
     )
 
 
@@ -444,21 +449,11 @@ async def decide(request: web.Request) -> web.Response:
         return await submission_page(
             request, problem="Say why in the comment: every decision is kept with its reason."
         )
-    state = forum(request)
-    client = ServiceClient(
-        "scorer",
-        state.settings.scorer_url,
-        viewer.token,
-        timeout=TIMEOUT,
-        session=state.http,
-        unconfigured="not configured (set AAR_SCORER_URL)",
+    kept = await _Services(request, viewer).scorer(
+        f"/api/v1/review/{raw}", "POST", {"decision": decision, "comment": comment}
     )
-    try:
-        await client.request(
-            "POST", f"/api/v1/review/{raw}", json_body={"decision": decision, "comment": comment}
-        )
-    except ServiceError as error:
-        return await submission_page(request, problem=f"The scorer refused: {error.message}")
+    if kept.problem is not None:
+        return await submission_page(request, problem=f"The decision was not kept: {kept.problem}")
     raise web.HTTPSeeOther(f"/submissions/{raw}#reviews")
 
 

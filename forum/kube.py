@@ -72,6 +72,7 @@ class RunView:
     agents: dict[str, int]  # desired, ready, scheduled, suspended
     spent: str  # `$12.34`
     budget: str  # `$100.00`, `unlimited` or empty before the operator has looked
+    cap_usd: float | None  # the dollar cap; None without one
     spent_fraction: float | None  # of the dollar cap, 0..1; None without a cap
     best: float | None  # the best counted (approved) private PGR
     best_agent: str
@@ -101,6 +102,7 @@ class RunView:
             agents={"desired": spec.get("agents", 0), **(status.get("agents") or {})},
             spent=spent,
             budget=budget,
+            cap_usd=float(cap) if cap is not None else None,
             spent_fraction=min(1.0, float(used / cap)) if cap else None,
             best=best.get("score"),
             best_agent=best.get("agent", ""),

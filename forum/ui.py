@@ -42,6 +42,11 @@ _templates = jinja2.Environment(
 _templates.filters["markdown"] = markdown
 
 
+def template_functions(**functions: Any) -> None:
+    """Functions every template may call (formatters the console's pages share)."""
+    _templates.globals.update(functions)
+
+
 class Viewer:
     def __init__(self, principal: Principal, token: str) -> None:
         self.principal = principal

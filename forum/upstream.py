@@ -21,15 +21,18 @@ class Reading:
     problem: str | None = None
 
 
-async def get_json(
+async def ask(
     http: aiohttp.ClientSession,
     base_url: str | None,
     service: str,
     setting: str,
-    path: str,
     token: str,
+    method: str,
+    path: str,
+    body: Any = None,
 ) -> Reading:
-    """GET `path` of a service with the viewer's credential, over the forum's pooled session."""
+    """Call `path` of a service with the viewer's credential, over the forum's pooled session:
+    its JSON answer, or what went wrong in words for the page."""
     client = ServiceClient(
         service,
         base_url,
@@ -39,7 +42,8 @@ async def get_json(
         unconfigured=f"not configured (set {setting})",
     )
     try:
-        return Reading(data=await client.request("GET", path))
+        return Reading(data=await client.request(method, path, json_body=body))
     except ServiceError as error:
-        reason = error.message if error.status is None else f"HTTP {error.status} {error.message}"
-        return Reading(problem=f"{service} unavailable: {reason}")
+        if error.status is None:
+            return Reading(problem=f"{service} unavailable: {error.message}")
+        return Reading(problem=f"{service} answered {error.status}: {error.message}")

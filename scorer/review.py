@@ -187,9 +187,8 @@ class ReviewBook:
                 if kind == 0:
                     count += 1
                     if row["released"] and row["feedback_score"] is not None:
-                        best_public = max(
-                            best_public or row["feedback_score"], row["feedback_score"]
-                        )
+                        score = row["feedback_score"]
+                        best_public = score if best_public is None else max(best_public, score)
                     if not review_required and row["status"] == "accepted":
                         counted.add(row["id"])
                 elif row["decision"] == "approve":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from operator_process import eventually
+from operator_process import OperatorProcess, eventually
 
 from aar_common.credentials import CredentialIssuer, generate_signing_key, public_key_pem
 from aar_common.ports import free_port
@@ -136,6 +136,21 @@ class Services:
         )  # fmt: skip
         eventually(lambda: healthy(self.forum), what="forum")
         return self.forum
+
+    def operator(self, kubeconfig: Path, namespace: str, log: Path) -> OperatorProcess:
+        """The operator, polling every second, with its key and these services to talk to."""
+        return OperatorProcess(
+            kubeconfig,
+            namespace,
+            log,
+            environment={
+                "AAR_CREDENTIAL_SIGNING_KEY_FILE": str(self.signing_key),
+                "AAR_OPERATOR_SERVICES": "true",
+                "AAR_GATEWAY_URL": self.gateway,
+                "AAR_SCORER_URL": self.scorer,
+                "AAR_OPERATOR_POLL_SECONDS": "1",
+            },
+        )
 
     def stop(self) -> None:
         for process in self.processes:

@@ -9,18 +9,17 @@ With AAR_CONSOLE_SCREENSHOTS=DIR the run page and the review page are saved ther
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shutil
-import tarfile
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_process import OperatorProcess, eventually
+from archives import tar_gz
+from operator_process import eventually
 from playwright.sync_api import Page, expect, sync_playwright
 from service_processes import LABELS, Services, call
 
@@ -39,16 +38,6 @@ def answers(right: int, flips: tuple[int, ...] = ()) -> list[int]:
     for index in flips:
         predictions[index] = 1 - predictions[index]
     return predictions
-
-
-def archive(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def publish(forum: str, credential: str, filename: str, data: bytes) -> str:
@@ -88,17 +77,8 @@ def test_a_reviewer_reads_the_run_and_decides_in_the_browser(
     state = control_plane.read_state()
     assert state is not None
     forum = services.start_forum(state.server, state.token, control_plane.pki_dir / "ca.crt")
-    operator = OperatorProcess(
-        control_plane.kubeconfig_path,
-        operator_namespace,
-        tmp_path / "operator.log",
-        environment={
-            "AAR_CREDENTIAL_SIGNING_KEY_FILE": str(services.signing_key),
-            "AAR_OPERATOR_SERVICES": "true",
-            "AAR_GATEWAY_URL": services.gateway,
-            "AAR_SCORER_URL": services.scorer,
-            "AAR_OPERATOR_POLL_SECONDS": "1",
-        },
+    operator = services.operator(
+        control_plane.kubeconfig_path, operator_namespace, tmp_path / "operator.log"
     )
     operator.start()
     try:
@@ -139,12 +119,12 @@ def test_a_reviewer_reads_the_run_and_decides_in_the_browser(
             assert status == 200, answer
         first = publish(
             forum, agent[1], "experiments.tar.gz",
-            archive({"experiments/train.py": b"loss = 'confidence'\n",
+            tar_gz({"experiments/train.py": b"loss = 'confidence'\n",
                      "experiments/seed0.json": b"{}"}),
         )  # fmt: skip
         second = publish(
             forum, agent[1], "experiments.tar.gz",
-            archive({"experiments/train.py": b"loss = 'confidence'  # alpha 0.75\n",
+            tar_gz({"experiments/train.py": b"loss = 'confidence'  # alpha 0.75\n",
                      "experiments/seed0.json": b"{}", "experiments/seed1.json": b"{}"}),
         )  # fmt: skip
         submitted: dict[str, int] = {}

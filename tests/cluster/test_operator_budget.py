@@ -35,17 +35,8 @@ def test_spend_and_best_reach_status_and_a_spent_budget_stops_the_run(
     services: Services,
     tmp_path: Path,
 ) -> None:
-    operator = OperatorProcess(
-        control_plane.kubeconfig_path,
-        operator_namespace,
-        tmp_path / "operator.log",
-        environment={
-            "AAR_CREDENTIAL_SIGNING_KEY_FILE": str(services.signing_key),
-            "AAR_OPERATOR_SERVICES": "true",
-            "AAR_GATEWAY_URL": services.gateway,
-            "AAR_SCORER_URL": services.scorer,
-            "AAR_OPERATOR_POLL_SECONDS": "1",
-        },
+    operator = services.operator(
+        control_plane.kubeconfig_path, operator_namespace, tmp_path / "operator.log"
     )
     operator.start()
     try:
@@ -168,17 +159,8 @@ def test_an_unknown_task_or_model_is_refused_before_any_pod(
     services: Services,
     tmp_path: Path,
 ) -> None:
-    operator = OperatorProcess(
-        control_plane.kubeconfig_path,
-        operator_namespace,
-        tmp_path / "operator.log",
-        environment={
-            "AAR_CREDENTIAL_SIGNING_KEY_FILE": str(services.signing_key),
-            "AAR_OPERATOR_SERVICES": "true",
-            "AAR_GATEWAY_URL": services.gateway,
-            "AAR_SCORER_URL": services.scorer,
-            "AAR_OPERATOR_POLL_SECONDS": "1",
-        },
+    operator = services.operator(
+        control_plane.kubeconfig_path, operator_namespace, tmp_path / "operator.log"
     )
 
     def run(name: str, task: str, model: str = "claude-opus-4-6") -> dict[str, Any]:

@@ -3,11 +3,11 @@ charts, leaderboard rows, the review order, artifact listings and diffs."""
 
 from __future__ import annotations
 
-import io
 import random
 import re
-import tarfile
 from typing import Any
+
+from archives import tar_gz
 
 from aar_forum.charts import Line, bar_chart, line_chart
 from aar_forum.console import (
@@ -162,16 +162,6 @@ def test_the_queue_puts_flagged_submissions_first() -> None:
         )
     )
     assert [e["id"] for e in queue] == [4, 2, 3, 1]
-
-
-def tar_gz(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, data in files.items():
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            archive.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def test_artifacts_are_listed_and_compared_by_their_files() -> None:
