@@ -9,7 +9,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictInt, StrictStr
 
 # Dollars a client sends: exact once parsed, a JSON number on the wire (as the operator sends it).
 Dollars = Annotated[
@@ -75,14 +75,74 @@ class RunRegistration(BaseModel):
 
     task: str = Field(min_length=1)
     review_required: bool = True
+    # Count a submission only once its code reproduced its score on the task's fresh split
+    # (docs/scorer.md, Reproduction), within `tolerance` PGR of its claim.
+    reproduce: bool = False
+    tolerance: float = Field(default=0.1, ge=0, le=1)
+    # Transfer tasks to reproduce on (a subset of the task's configured ones); None: all of them.
+    transfer: list[str] | None = None
+    # How many of the run's leading submissions (by public score) are reproduced.
+    reproduce_top: int = Field(default=3, ge=1, le=100)
 
 
 class BestScore(BaseModel):
     """`GET /api/v1/runs/{namespace}/{run}/best`: the run's best counted submission."""
 
-    score: float  # the private PGR
+    score: float  # the private PGR: what the submission claims
     agent: str
     submission: int
+    # Its PGR reproduced on the fresh split, and on each transfer task (None: not yet, or the
+    # reproduction failed), when the run reproduces.
+    reproduced: float | None = None
+    transfer: dict[str, float | None] = Field(default_factory=dict)
+
+
+# --- reproductions: the operator (a verifier credential) and the scorer -----------------------
+
+
+class ReproductionOutcome(StrEnum):
+    SUCCEEDED = "succeeded"  # the command exited 0 and wrote predictions
+    FAILED = "failed"  # it exited non-zero, or wrote no predictions
+    TIMED_OUT = "timed_out"  # the Job's deadline passed
+    INVALID = "invalid"  # predictions the scorer could not take (the reason says why)
+
+
+class ReproductionTarget(BaseModel):
+    task: str
+    kind: str  # "fresh" or "transfer"
+
+
+class WantedReproduction(BaseModel):
+    """A submission to run again, with the targets it has no result for yet."""
+
+    submission: int
+    agent: str
+    artifact: str
+    command: str
+    targets: list[ReproductionTarget]
+
+
+class WantedReproductions(BaseModel):
+    """`GET /api/v1/runs/{namespace}/{run}/reproductions`: what the operator should run."""
+
+    run: str
+    wanted: list[WantedReproduction]
+
+
+class ReproductionReport(BaseModel):
+    """`POST /api/v1/submissions/{id}/reproductions`: what a reproduction Job did. Scored
+    privately: nothing of it reaches any agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(min_length=1)
+    outcome: ReproductionOutcome
+    predictions: list[StrictInt | StrictStr] | None = None
+    exit_code: int | None = None
+    reason: str = Field(default="", max_length=2000)
+    log: str = Field(default="", max_length=65_536, description="the end of the Job's log")
+    gpu_hours: float = Field(default=0.0, ge=0)
+    job: str = Field(min_length=1, max_length=253, description="namespace/name of the Job")
 
 
 class Status(StrEnum):

@@ -30,6 +30,9 @@ VERIFIED_CACHE_SIZE = 4096  # verified credentials remembered per verifier (a fl
 class Role(StrEnum):
     AGENT = "agent"
     ADMIN = "admin"  # a human (reviewer, operator of the fleet) or the aar operator itself
+    # The operator reporting reproductions: it reads artifacts and the scorer's list of what to
+    # reproduce, and reports results; every other endpoint refuses it (aar_common.web).
+    VERIFIER = "verifier"
 
 
 class CredentialError(Exception):
@@ -57,7 +60,7 @@ class Principal(BaseModel):
     @property
     def name(self) -> str:
         """How logs, posts and submissions name this principal."""
-        return self.agent if self.role is Role.AGENT else f"admin:{self.subject}"
+        return self.agent if self.role is Role.AGENT else f"{self.role.value}:{self.subject}"
 
 
 def _b64encode(data: bytes) -> str:
@@ -120,10 +123,16 @@ class CredentialIssuer:
         )
 
     def mint_admin(self, subject: str, ttl_seconds: int | None = None) -> str:
+        return self._mint_service(Role.ADMIN, subject, ttl_seconds)
+
+    def mint_verifier(self, subject: str, ttl_seconds: int) -> str:
+        return self._mint_service(Role.VERIFIER, subject, ttl_seconds)
+
+    def _mint_service(self, role: Role, subject: str, ttl_seconds: int | None) -> str:
         now = int(time.time())
         return self.mint(
             Principal(
-                role=Role.ADMIN,
+                role=role,
                 subject=subject,
                 issued_at=now,
                 expires_at=None if ttl_seconds is None else now + ttl_seconds,

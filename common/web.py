@@ -105,24 +105,36 @@ def presented_token(request: web.Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-def authenticate(request: web.Request, *, admin: bool = False) -> Principal:
+def authenticate(request: web.Request, *, admin: bool = False, verifier: bool = False) -> Principal:
     """The verified principal of a request, or a 401/403 that says why."""
-    return verify_token(request.app[VERIFIER_KEY], presented_token(request), admin=admin)
+    return verify_token(
+        request.app[VERIFIER_KEY], presented_token(request), admin=admin, verifier=verifier
+    )
 
 
 def verify_token(
-    verifier: CredentialVerifier, token: str | None, *, admin: bool = False
+    keys: CredentialVerifier, token: str | None, *, admin: bool = False, verifier: bool = False
 ) -> Principal:
     """The verified principal of a presented credential, or a 401/403 that says why."""
     if not token:
         fail(401, "missing credential: send 'Authorization: Bearer <aar credential>'")
     try:
-        principal = verifier.verify(token)
+        principal = keys.verify(token)
     except CredentialError as error:
         fail(401, f"invalid credential: {error}")
+    check_role(principal, admin=admin, verifier=verifier)
+    return principal
+
+
+def check_role(principal: Principal, *, admin: bool = False, verifier: bool = False) -> None:
+    """403 unless the principal may call: a verifier only where `verifier`, and with `admin`
+    nobody but an admin (or the verifier where allowed)."""
+    if principal.role is Role.VERIFIER:
+        if not verifier:
+            fail(403, "a verifier credential reports reproductions only; this endpoint refuses it")
+        return
     if admin and principal.role is not Role.ADMIN:
         fail(403, "this endpoint needs an admin credential (mint one with `aar credential mint`)")
-    return principal
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from aar_common.credentials import CredentialError, Principal, Role
-from aar_common.web import VERIFIER_KEY, authenticate, fail, presented_token
+from aar_common.web import VERIFIER_KEY, authenticate, check_role, fail, presented_token
 from aar_forum.blobs import BlobStore
 from aar_forum.metrics import Metrics
 from aar_forum.ratelimit import RateLimiter
@@ -41,9 +41,9 @@ class Forum:
         self.reads = RateLimiter(self.settings.reads_per_minute, self.settings.read_burst)
 
     def limit(self, principal: Principal, action: str) -> None:
-        """Refuse an agent's request over its rate with a 429 and `retry-after`; admins are
-        humans and the operator, and are not limited."""
-        if principal.role is Role.ADMIN:
+        """Refuse an agent's request over its rate with a 429 and `retry-after`; admins (humans
+        and the operator) and the operator's verifier are not limited."""
+        if principal.role in (Role.ADMIN, Role.VERIFIER):
             return
         limiter = self.writes if action == "write" else self.reads
         wait = limiter.take(f"{principal.run_key}/{principal.agent}")
@@ -65,16 +65,20 @@ def forum(request: web.Request) -> Forum:
     return request.app[FORUM_KEY]
 
 
-def viewer(request: web.Request, *, allow_cookie: bool = False) -> Principal:
+def viewer(
+    request: web.Request, *, allow_cookie: bool = False, verifier: bool = False
+) -> Principal:
     """The caller: a credential in a header, or, for the web UI's own GET requests, the admin
-    credential in the UI's cookie (only GETs: a cookie must never authorise a change)."""
+    credential in the UI's cookie (only GETs: a cookie must never authorise a change).
+    `verifier`: the operator's verifier credential may read here too (artifacts it reproduces)."""
     if allow_cookie and presented_token(request) is None and (token := request.cookies.get(COOKIE)):
         try:
             principal = request.app[VERIFIER_KEY].verify(token)
         except CredentialError:
             fail(401, "the web UI's stored credential is invalid; log in again at /login")
+        check_role(principal, verifier=verifier)
         return principal
-    return authenticate(request)
+    return authenticate(request, verifier=verifier)
 
 
 def view_run(request: web.Request, principal: Principal, *, write: bool = False) -> str | None:

@@ -16,8 +16,10 @@ from aar_common.api import (
     HISTORY_POINTS,
     MAX_HISTORY_POINTS,
     BestScore,
+    ReproductionReport,
     RunRegistration,
     Status,
+    WantedReproductions,
 )
 from aar_common.credentials import CredentialVerifier, Principal, Role
 from aar_common.web import authenticate, fail, json_response, make_app, read_model, whole_number
@@ -41,6 +43,12 @@ async def _task(request: web.Request) -> web.Response:
     authenticate(request)
     scorer = request.app[SCORER_KEY]
     task = scorer.known_task(request.match_info["task"])
+    if task.spec.verification_only:
+        fail(
+            404,
+            f"task {task.name} is for verification only: reproductions are scored on it, and "
+            "no run works on it",
+        )
     return json_response(
         {
             "name": task.name,
@@ -70,7 +78,7 @@ async def _leaderboard(request: web.Request) -> web.Response:
     if principal.role is Role.AGENT:
         board = scorer.reviews.public_board(run, state.task)
     else:
-        board = scorer.reviews.admin_board(run, state.task, state.review_required)
+        board = scorer.reviews.admin_board(run, state.task, state.rule)
     facts = scorer.feedback_facts(state.task)
     board["feedback"] = {
         "closed": facts["closed"],
@@ -97,7 +105,7 @@ async def _best(request: web.Request) -> web.Response:
     scorer = request.app[SCORER_KEY]
     run = f"{request.match_info['namespace']}/{request.match_info['run']}"
     state = scorer.run_state(run)
-    best = scorer.reviews.best(run, state.task, state.review_required)
+    best = scorer.reviews.best(run, state.task, state.rule)
     if best is None:
         fail(404, f"run {run} has no counted submission yet")
     return json_response(BestScore.model_validate(best))
@@ -112,7 +120,7 @@ async def _history(request: web.Request) -> web.Response:
         request.query.get("points", str(HISTORY_POINTS)), "points", 1, MAX_HISTORY_POINTS
     )
     state = scorer.run_state(run)
-    history = scorer.reviews.history(run, state.task, state.review_required, scorer.clock(), points)
+    history = scorer.reviews.history(run, state.task, state.rule, scorer.clock(), points)
     if history is None:
         fail(404, f"run {run} has no scored submission yet")
     return json_response(history)
@@ -126,13 +134,49 @@ async def _review_queue(request: web.Request) -> web.Response:
     pending: list[dict[str, Any]] = []
     for name in runs:
         state = scorer.run_state(name)
-        pending += scorer.reviews.pending(name, state.task, state.review_required)
+        pending += scorer.reviews.pending(name, state.task, state.rule)
     return json_response({"pending": pending})
 
 
 async def _submission(request: web.Request) -> web.Response:
     authenticate(request, admin=True)
-    return json_response(request.app[SCORER_KEY].reviews.detail(_submission_id(request)))
+    return json_response(_detail(request.app[SCORER_KEY], _submission_id(request)))
+
+
+def _detail(scorer: Scorer, submission: int) -> dict[str, Any]:
+    """A submission as reviewers see it, with whether it counts under its run's rule."""
+    run = scorer.reviews.detail(submission)["run"]
+    state = scorer.runs.get(run)
+    return scorer.reviews.detail(submission, None if state is None else state.rule)
+
+
+async def _wanted_reproductions(request: web.Request) -> web.Response:
+    """What the operator should reproduce for a run (the verifier, or an admin)."""
+    authenticate(request, admin=True, verifier=True)
+    scorer = request.app[SCORER_KEY]
+    run = f"{request.match_info['namespace']}/{request.match_info['run']}"
+    state = scorer.run_state(run)
+    done = scorer.reviews.reproductions.of_run(run)
+    wanted = scorer.reviews.reproductions.wanted(run, state.task, state.rule, done)
+    return json_response(WantedReproductions(run=run, wanted=wanted))
+
+
+async def _report_reproduction(request: web.Request) -> web.Response:
+    """A reproduction Job's result, from the operator's verifier credential only: an admin
+    is a person, and a result must come from the Job that ran the code."""
+    verifier = authenticate(request, verifier=True)
+    if verifier.role is not Role.VERIFIER:
+        fail(403, "reproduction results come from the operator's verifier credential")
+    body = await read_model(request, ReproductionReport)
+    scorer = request.app[SCORER_KEY]
+    detail = await scorer.record_reproduction(_submission_id(request), body, verifier.name)
+    return json_response(detail)
+
+
+async def _request_reproduction(request: web.Request) -> web.Response:
+    admin = authenticate(request, admin=True)
+    scorer = request.app[SCORER_KEY]
+    return json_response(await scorer.request_reproduction(_submission_id(request), admin.name))
 
 
 def _submission_id(request: web.Request) -> int:
@@ -166,7 +210,7 @@ async def _decide(request: web.Request) -> web.Response:
             (submission, body.decision, body.comment, admin.name, scorer.clock()),
         )
     )
-    return json_response(scorer.reviews.detail(submission))
+    return json_response(_detail(scorer, submission))
 
 
 def build_app(
@@ -213,6 +257,9 @@ def build_app(
     app.router.add_put("/api/v1/runs/{namespace}/{run}", _register)
     app.router.add_get("/api/v1/runs/{namespace}/{run}/best", _best)
     app.router.add_get("/api/v1/runs/{namespace}/{run}/history", _history)
+    app.router.add_get("/api/v1/runs/{namespace}/{run}/reproductions", _wanted_reproductions)
+    app.router.add_post("/api/v1/submissions/{id}/reproductions", _report_reproduction)
+    app.router.add_post("/api/v1/submissions/{id}/reproduce", _request_reproduction)
     app.router.add_get("/api/v1/review", _review_queue)
     app.router.add_post("/api/v1/review/{id}", _decide)
     return app

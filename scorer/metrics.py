@@ -44,6 +44,19 @@ class Metrics:
             ["reason", "action"],
             registry=registry,
         )
+        self.reproductions = Counter(
+            "aar_scorer_reproductions",
+            "Reproductions reported by the operator, by target task and outcome (succeeded, "
+            "failed, timed_out, invalid)",
+            ["task", "outcome"],
+            registry=registry,
+        )
+        self.reproduction_gpu_hours = Counter(
+            "aar_scorer_reproduction_gpu_hours",
+            "GPU-hours the reproductions of submissions took, by target task",
+            ["task"],
+            registry=registry,
+        )
         self.intake_restarts = Counter(
             "aar_scorer_intake_restarts",
             "Intake workers started again after one exited (the connections it held were closed)",

@@ -14,10 +14,12 @@ or by this process's own handler (aar_scorer.intake).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,13 +28,21 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from aar_common.api import Feedback, Quota, RunRegistration, Status, SubmissionResponse
+from aar_common.api import (
+    Feedback,
+    Quota,
+    ReproductionReport,
+    RunRegistration,
+    Status,
+    SubmissionResponse,
+)
 from aar_common.credentials import CredentialVerifier, Principal, Role
 from aar_common.web import error_body, fail, verify_token
 from aar_scorer.intake import Answer, BodyError, Intake, ParsedSubmission, Submission
 from aar_scorer.ladder import DELTA, Budget, Ladder, level
 from aar_scorer.metrics import Metrics
 from aar_scorer.probing import ProbeIndex, ProbeReason, Verdict
+from aar_scorer.reproduction import CountRule, check_registration, targets
 from aar_scorer.review import ReviewBook
 from aar_scorer.store import Store
 from aar_scorer.tasks import ProbeAction, Task
@@ -56,7 +66,7 @@ class RunState:
     """What the scorer keeps in memory about one registered run (rebuilt from the store)."""
 
     task: Task
-    review_required: bool
+    rule: CountRule
     # (window start, agent or "" for the whole run) -> submissions counted in that window
     counts: dict[tuple[int, str], int] = field(default_factory=dict)
 
@@ -109,11 +119,10 @@ class Scorer:
         for state in self.task_states.values():
             self._observe(state)
         for row in store.reader.execute(
-            "SELECT run, task, review_required FROM runs WHERE id IN "
-            "(SELECT MAX(id) FROM runs GROUP BY run)"
+            "SELECT * FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY run)"
         ):
             if row["task"] in tasks:
-                self.runs[row["run"]] = RunState(tasks[row["task"]], bool(row["review_required"]))
+                self.runs[row["run"]] = RunState(tasks[row["task"]], _rule(row))
 
     def _load_task(self, task: Task) -> TaskState:
         """Rebuild a task's Ladder, leakage account and probe history from the stored
@@ -182,25 +191,128 @@ class Scorer:
 
     async def register(self, run: str, body: RunRegistration, by: str) -> dict[str, Any]:
         task = self.known_task(body.task)
+        if task.spec.verification_only:
+            fail(
+                400,
+                f"task {task.name} is for verification only (reproductions are scored on it); "
+                "runs work on a task whose reproduction section names it",
+            )
+        transfer = check_registration(task, body.reproduce, body.transfer)
+        rule = CountRule(
+            body.review_required, body.reproduce, body.tolerance, transfer, body.reproduce_top
+        )
         await self.store.write(
             (
-                "INSERT INTO runs (run, task, review_required, registered_by, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (run, task.name, int(body.review_required), by, self.clock()),
+                "INSERT INTO runs (run, task, review_required, registered_by, created_at, "
+                "reproduce, tolerance, transfer, reproduce_top) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run,
+                    task.name,
+                    int(rule.review_required),
+                    by,
+                    self.clock(),
+                    int(rule.reproduce),
+                    rule.tolerance,
+                    json.dumps(list(rule.transfer)),
+                    rule.top,
+                ),
             )
         )
         current = self.runs.get(run)
         if current is not None and current.task is task:
-            current.review_required = body.review_required
+            current.rule = rule
         else:
-            self.runs[run] = RunState(task, body.review_required)
-        return {"run": run, "task": task.name, "review_required": body.review_required}
+            self.runs[run] = RunState(task, rule)
+        return {
+            "run": run,
+            "task": task.name,
+            "review_required": rule.review_required,
+            "reproduce": rule.reproduce,
+            "tolerance": rule.tolerance,
+            "transfer": list(rule.transfer),
+            "reproduce_top": rule.top,
+        }
 
     def known_task(self, name: str) -> Task:
         task = self.tasks.get(name)
         if task is None:
-            fail(404, f"unknown task {name!r}; the scorer knows: {', '.join(sorted(self.tasks))}")
+            known = sorted(t.name for t in self.tasks.values() if not t.spec.verification_only)
+            fail(404, f"unknown task {name!r}; the scorer knows: {', '.join(known)}")
         return task
+
+    async def record_reproduction(
+        self, submission: int, report: ReproductionReport, by: str
+    ) -> dict[str, Any]:
+        """Store what a reproduction Job did, scored privately against its target's labels;
+        a report for a target already reported is answered with what was stored (the operator
+        may report twice across a restart)."""
+        detail = self.reviews.detail(submission)
+        state = self.run_state(detail["run"])
+        aims = {aim.task: aim.kind for aim in targets(state.task, state.rule)}
+        if report.target not in aims:
+            fail(
+                400,
+                f"submission {submission} is not reproduced on {report.target!r}; its targets "
+                f"are: {', '.join(aims) or 'none (its task has no reproduction section)'}",
+            )
+        if report.target not in detail["reproduction"]["reported"]:
+            outcome, accuracy, reason = self.reviews.reproductions.score(report)
+            try:
+                await self.store.write(
+                    (
+                        "INSERT INTO reproductions (submission, target, kind, outcome, accuracy, "
+                        "exit_code, reason, log, gpu_hours, job, reported_by, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            submission,
+                            report.target,
+                            aims[report.target],
+                            outcome,
+                            accuracy,
+                            report.exit_code,
+                            reason,
+                            report.log,
+                            report.gpu_hours,
+                            report.job,
+                            by,
+                            self.clock(),
+                        ),
+                    )
+                )
+            except sqlite3.IntegrityError:
+                pass  # the same report, raced in: the first one stands
+            else:
+                self.metrics.reproductions.labels(report.target, outcome).inc()
+                self.metrics.reproduction_gpu_hours.labels(report.target).inc(report.gpu_hours)
+        return self.reviews.detail(submission, state.rule)
+
+    async def request_reproduction(self, submission: int, by: str) -> dict[str, Any]:
+        """A reviewer asks for a submission to be reproduced, whatever its rank."""
+        detail = self.reviews.detail(submission)
+        state = self.run_state(detail["run"])
+        if not (detail["artifact"] and detail["reproduction"]["command"]):
+            fail(
+                409,
+                f"submission {submission} has no artifact and command to run again; only "
+                "submissions made with both can be reproduced",
+            )
+        if not targets(state.task, state.rule):
+            fail(
+                409,
+                f"task {state.task.name} has no reproduction targets in the scorer's "
+                "configuration (a reproduction section naming its fresh split)",
+            )
+        if not detail["reproduction"]["requested"]:
+            # Asked twice at once: once is enough.
+            with contextlib.suppress(sqlite3.IntegrityError):
+                await self.store.write(
+                    (
+                        "INSERT INTO reproduction_requests (submission, requested_by, "
+                        "created_at) VALUES (?, ?, ?)",
+                        (submission, by, self.clock()),
+                    )
+                )
+        return self.reviews.detail(submission, state.rule)
 
     def run_state(self, run: str) -> RunState:
         state = self.runs.get(run)
@@ -367,6 +479,7 @@ class Scorer:
             "packed": stored,
             "method": body.method,
             "artifact": body.artifact,
+            "command": body.command,
             "status": status.value,
             "probe_reason": verdict.reason.value if verdict.reason else None,
             "probe_nearest": verdict.nearest,
@@ -385,6 +498,17 @@ class Scorer:
                 list(row.values()),
             )
         )
+
+
+def _rule(row: Any) -> CountRule:
+    """A run's counting rule as its latest registration row holds it."""
+    return CountRule(
+        bool(row["review_required"]),
+        bool(row["reproduce"]),
+        float(row["tolerance"]),
+        tuple(json.loads(row["transfer"])),
+        int(row["reproduce_top"]),
+    )
 
 
 def _closed(state: TaskState) -> str:

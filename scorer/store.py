@@ -37,7 +37,13 @@ CREATE TABLE IF NOT EXISTS runs (
     task TEXT NOT NULL,
     review_required INTEGER NOT NULL,
     registered_by TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    -- Reproduction (docs/scorer.md): whether a submission counts only once reproduced, within
+    -- what tolerance of its claim, on which transfer tasks (JSON list), for how many leaders.
+    reproduce INTEGER NOT NULL DEFAULT 0,
+    tolerance REAL NOT NULL DEFAULT 0.1,
+    transfer TEXT NOT NULL DEFAULT '[]',
+    reproduce_top INTEGER NOT NULL DEFAULT 3
 );
 CREATE INDEX IF NOT EXISTS runs_by_run ON runs (run, id);
 
@@ -62,7 +68,9 @@ CREATE TABLE IF NOT EXISTS submissions (
     feedback_score REAL,
     feedback_message TEXT NOT NULL,
     -- 1: answered while the task's feedback was open, counted against its leakage budget
-    feedback_open INTEGER NOT NULL DEFAULT 1
+    feedback_open INTEGER NOT NULL DEFAULT 1,
+    -- the shell command that makes the predictions again from the artifact
+    command TEXT
 );
 CREATE INDEX IF NOT EXISTS submissions_by_run ON submissions (run, created_at);
 CREATE INDEX IF NOT EXISTS submissions_by_task ON submissions (task, id);
@@ -77,14 +85,53 @@ CREATE TABLE IF NOT EXISTS reviews (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reviews_by_submission ON reviews (submission, id);
+
+CREATE TABLE IF NOT EXISTS reproductions (
+    id INTEGER PRIMARY KEY,
+    submission INTEGER NOT NULL REFERENCES submissions (id),
+    target TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('fresh', 'transfer')),
+    outcome TEXT NOT NULL CHECK (outcome IN ('succeeded', 'failed', 'timed_out', 'invalid')),
+    accuracy REAL,
+    exit_code INTEGER,
+    reason TEXT NOT NULL,
+    log TEXT NOT NULL,
+    gpu_hours REAL NOT NULL,
+    job TEXT NOT NULL,
+    reported_by TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (submission, target)
+);
+
+CREATE TABLE IF NOT EXISTS reproduction_requests (
+    id INTEGER PRIMARY KEY,
+    submission INTEGER NOT NULL UNIQUE REFERENCES submissions (id),
+    requested_by TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
+
+# Columns added since the first schema: a database from before gets them with their defaults.
+_ADDED_COLUMNS = {
+    "submissions": {
+        # every scored answer there was open
+        "feedback_open": "INTEGER NOT NULL DEFAULT 1",
+        "command": "TEXT",
+    },
+    "runs": {
+        "reproduce": "INTEGER NOT NULL DEFAULT 0",
+        "tolerance": "REAL NOT NULL DEFAULT 0.1",
+        "transfer": "TEXT NOT NULL DEFAULT '[]'",
+        "reproduce_top": "INTEGER NOT NULL DEFAULT 3",
+    },
+}
 
 _APPEND_ONLY = "".join(
     f"""
 CREATE TRIGGER IF NOT EXISTS {table}_no_{verb.lower()} BEFORE {verb} ON {table}
 BEGIN SELECT RAISE(ABORT, '{table} are append-only: add a row instead'); END;
 """
-    for table in ("runs", "submissions", "reviews")
+    for table in ("runs", "submissions", "reviews", "reproductions", "reproduction_requests")
     for verb in ("UPDATE", "DELETE")
 )
 
@@ -116,12 +163,11 @@ class Store:
         self.path = path
         self.group_window = group_window
         self.reader = open_database(path, SCHEMA + _APPEND_ONLY)
-        columns = {row[1] for row in self.reader.execute("PRAGMA table_info(submissions)")}
-        if "feedback_open" not in columns:
-            # A database from before leakage budgets: every scored answer there was open.
-            self.reader.execute(
-                "ALTER TABLE submissions ADD COLUMN feedback_open INTEGER NOT NULL DEFAULT 1"
-            )
+        for table, added in _ADDED_COLUMNS.items():
+            columns = {row[1] for row in self.reader.execute(f"PRAGMA table_info({table})")}
+            for column, definition in added.items():
+                if column not in columns:
+                    self.reader.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self._writer = open_database(path)
         # The writer never checkpoints on its own: that would stall the loop for milliseconds.
         self._writer.execute("PRAGMA wal_autocheckpoint=0")

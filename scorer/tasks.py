@@ -120,12 +120,29 @@ class Probing(BaseModel):
         return self.walk_distance if self.fan_distance is None else self.fan_distance
 
 
+TASK_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class Reproduction(BaseModel):
+    """Where a task's leading submissions are run again from their code (docs/scorer.md,
+    Reproduction): `fresh`, the same task on a re-drawn split its agents never saw (same
+    models), and `transfer`, other tasks (another dataset or model pair). Each is a task of this
+    file with `verification_only: true`, whose bundle the operator mounts in the Job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fresh: str = Field(pattern=TASK_NAME, description="the re-drawn split, a verification task")
+    transfer: list[str] = Field(
+        default_factory=list, description="transfer tasks, verification tasks of this file"
+    )
+
+
 class TaskSpec(BaseModel):
     """One task as the configuration file describes it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=1, pattern=TASK_NAME)
     metric: Metric = Metric.ACCURACY
     labels: list[StrictInt | StrictStr] = Field(min_length=2, description="the allowed answers")
     baselines: Baselines
@@ -133,6 +150,12 @@ class TaskSpec(BaseModel):
     quota: Quota = Quota()
     feedback: Feedback = Feedback()
     probing: Probing = Probing()
+    reproduction: Reproduction | None = None
+    verification_only: bool = Field(
+        default=False,
+        description="only reproductions are scored on it: no run may register for it, and "
+        "nothing about its labels is ever released",
+    )
 
     @model_validator(mode="after")
     def _distinct_labels(self) -> Self:
@@ -187,6 +210,10 @@ class Task:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def accuracy(self, packed: int) -> float:
+        """Accuracy over every label: how a reproduction on a verification task is scored."""
+        return (packed & self._truth).bit_count() / self.size
 
     def accuracies(self, packed: int) -> tuple[float, float]:
         """(public, private) accuracy of packed predictions: one AND and popcount each."""
@@ -250,6 +277,9 @@ def refuse_vacuous(tasks: dict[str, Task]) -> list[str]:
     is vacuous unless its configuration allows that explicitly."""
     lines = []
     for task in tasks.values():
+        if task.spec.verification_only:
+            lines.append(f"Task {task.name}: verification only, nothing released")
+            continue
         report = bound_report(task)
         if report.vacuous and not task.spec.feedback.allow_vacuous_bound:
             raise TaskConfigError(
@@ -305,7 +335,37 @@ def load_tasks(config_path: Path) -> dict[str, Task]:
         hidden = _parse(HiddenLabels, hidden_raw, f"task {spec.name}: {labels_path}")
         assert isinstance(hidden, HiddenLabels)
         tasks[spec.name] = Task(spec.model_copy(update={"labels_file": labels_path}), hidden)
+    _check_reproduction_targets(config_path, tasks)
     return tasks
+
+
+def _check_reproduction_targets(config_path: Path, tasks: dict[str, Task]) -> None:
+    """Every reproduction target is a verification task of the file, with the same answers
+    as the task it reproduces for `fresh` (the same task, re-drawn)."""
+    for task in tasks.values():
+        reproduction = task.spec.reproduction
+        if reproduction is None:
+            continue
+        if task.spec.verification_only:
+            raise TaskConfigError(
+                f"{config_path}: task {task.name} is verification_only and has a reproduction "
+                "section; only tasks agents work on are reproduced"
+            )
+        for kind, name in [("fresh", reproduction.fresh)] + [
+            ("transfer", name) for name in reproduction.transfer
+        ]:
+            target = tasks.get(name)
+            if target is None or not target.spec.verification_only:
+                raise TaskConfigError(
+                    f"{config_path}: task {task.name}: reproduction.{kind} names {name!r}, "
+                    "which must be a task of this file with verification_only: true (its labels "
+                    "must never be fed back to agents)"
+                )
+            if kind == "fresh" and target.spec.labels != task.spec.labels:
+                raise TaskConfigError(
+                    f"{config_path}: task {task.name}: its fresh split {name} has labels "
+                    f"{target.spec.labels}, not the task's {task.spec.labels}"
+                )
 
 
 def write_task_files(

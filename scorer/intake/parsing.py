@@ -24,6 +24,13 @@ class SubmissionRequest(BaseModel):
     predictions: list[StrictInt | StrictStr] = Field(min_length=1)
     method: str = Field(min_length=1, max_length=20_000, description="what was done")
     artifact: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+    command: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4000,
+        description="the shell command that makes these predictions again from the artifact "
+        "(run in its folder, with $AAR_TASK_DIR and $AAR_OUTPUT_DIR)",
+    )
 
 
 class Parser:
@@ -51,7 +58,9 @@ class Parser:
                     packed = packer.pack(body.predictions)
                 except ValueError as error:
                     answer_error = f"predictions: {error}"
-        return ParsedSubmission(body.task, body.method, body.artifact, packed, answer_error)
+        return ParsedSubmission(
+            body.task, body.method, body.artifact, packed, answer_error, body.command
+        )
 
 
 async def receive(request: web.Request, parser: Parser) -> Submission:

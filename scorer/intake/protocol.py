@@ -55,6 +55,8 @@ class ParsedSubmission:
     artifact: str | None
     packed: int | None
     answer_error: str | None
+    # How to produce the predictions again from the artifact (docs/scorer.md, Reproduction).
+    command: str | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,7 @@ def _encode_submission(submission: Submission) -> bytes:
         out.optional_text(parsed.artifact)
         out.optional_integer(parsed.packed)
         out.optional_text(parsed.answer_error)
+        out.optional_text(parsed.command)
     else:
         out.fixed(_U8, _BODY_ERROR)
         out.text(parsed.message)
@@ -350,6 +353,7 @@ def _decode_submission(source: _Reader) -> Submission:
             artifact=source.optional_text(),
             packed=source.optional_integer(),
             answer_error=source.optional_text(),
+            command=source.optional_text(),
         )
     else:
         parsed = BodyError(source.text(), source.fixed(_U16))

@@ -158,7 +158,7 @@ async def start_scorer(tmp_path: Path) -> AsyncIterator[StartScorer]:
     started: list[ServedScorer] = []
 
     async def start(
-        task: ScorerTask,
+        task: ScorerTask | list[ScorerTask],
         *,
         key: bytes,
         directory: Path | None = None,

@@ -57,15 +57,17 @@ class ServedScorer:
 
 async def serve_scorer(
     directory: Path,
-    task: ScorerTask,
+    task: ScorerTask | list[ScorerTask],
     key: bytes,
     clock: Callable[[], float] = time.time,
     workers: int = 0,
 ) -> ServedScorer:
-    """Serve `task` on a free loopback port, its task files in `directory`/tasks and its
-    database in `directory`/data/scorer.db, accepting credentials signed with `key`; `clock`
+    """Serve `task` (or several) on a free loopback port, its task files in `directory`/tasks and
+    its database in `directory`/data/scorer.db, accepting credentials signed with `key`; `clock`
     and `workers` (intake worker processes) are build_app's."""
-    tasks = load_tasks(write_task_files(directory / "tasks", [task]))
+    tasks = load_tasks(
+        write_task_files(directory / "tasks", task if isinstance(task, list) else [task])
+    )
     store = Store(directory / "data" / "scorer.db")
     app = build_app(tasks, store, CredentialVerifier(public_key_pem(key)), clock, workers)
     public = listen("127.0.0.1", 0)

@@ -72,7 +72,7 @@ async def test_a_pydantic_body_goes_as_json_with_a_fresh_bearer_credential_each_
     assert first == {"credential": "Bearer cred-0", "body": body.model_dump()}
     assert second == {
         "credential": "Bearer cred-1",
-        "body": {"task": "toy", "review_required": True},
+        "body": RunRegistration(task="toy").model_dump(),
     }
 
 

@@ -36,6 +36,7 @@ PARSED = ParsedSubmission(
     artifact="sha256:" + "0" * 64,
     packed=(1 << 5133) | 0b1011,
     answer_error=None,
+    command="aar-train w2s --task $AAR_TASK_DIR --out $AAR_OUTPUT_DIR",
 )
 SUBMISSIONS = [
     Submission("eyJhbGciOi.token", PARSED, 12345.678),
