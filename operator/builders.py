@@ -211,6 +211,30 @@ def sandbox_env(sandbox: Sandbox, config: OperatorConfig) -> list[dict[str, Any]
     )
 
 
+def container_security_context() -> dict[str, Any]:
+    """Every container the operator makes, agent or reproduction: nothing to escalate to,
+    nothing to write outside its volumes."""
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Every Pod the operator makes runs as the image's unprivileged user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": AGENT_UID,
+        "runAsGroup": AGENT_UID,
+        "fsGroup": AGENT_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def _agent_container(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
     """The one container: nothing to escalate to, nothing to write outside its volumes."""
     resources = sandbox.spec.sandbox.resources
@@ -223,14 +247,7 @@ def _agent_container(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]
         "image": sandbox.spec.sandbox.image,
         "env": sandbox_env(sandbox, config),
         "resources": {"requests": amounts, "limits": limits},
-        "securityContext": {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "privileged": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "workspace", "mountPath": WORKSPACE_DIR},
             {"name": "task", "mountPath": TASK_DIR, "readOnly": True},
@@ -267,13 +284,7 @@ def pod(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
         "enableServiceLinks": False,
         # An agent that ends its loop is done; the sandbox reports Succeeded or Failed.
         "restartPolicy": "Never",
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": AGENT_UID,
-            "runAsGroup": AGENT_UID,
-            "fsGroup": AGENT_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [_agent_container(sandbox, config)],
         "volumes": _volumes(sandbox),
     }

@@ -26,6 +26,9 @@ class OperatorConfig(BaseModel):
     # Where the services' Pods run, for the sandboxes' NetworkPolicy egress rules.
     services_namespace: str = "aar-system"
     scorer_namespace: str = "aar-scorer"
+    # Where reproduction Jobs run: no network, no credential, the task volumes of the
+    # reproduction targets (docs/operator.md, Reproduction). Never a run's namespace.
+    verification_namespace: str = "aar-verify"
     # The allow-list of namespaces runs and sandboxes may be in; empty: any namespace but the
     # scorer's and the operator's own, which are never allowed (aar_operator.namespaces).
     run_namespaces: tuple[str, ...] = ()
@@ -67,6 +70,7 @@ class OperatorConfig(BaseModel):
         never = {
             self.scorer_namespace: "the scorer's namespace",
             self.namespace: "the operator's own namespace",
+            self.verification_namespace: "where reproductions run",
         }
         for namespace in self.run_namespaces:
             if namespace in never:
@@ -89,6 +93,7 @@ _FLAGS = {
     "--scorer-url": ("scorer_url", "AAR_SCORER_URL"),
     "--services-namespace": ("services_namespace", "AAR_SERVICES_NAMESPACE"),
     "--scorer-namespace": ("scorer_namespace", "AAR_SCORER_NAMESPACE"),
+    "--verification-namespace": ("verification_namespace", "AAR_VERIFICATION_NAMESPACE"),
     "--run-namespaces": ("run_namespaces", "AAR_RUN_NAMESPACES"),
     "--signing-key-file": ("signing_key_file", SIGNING_KEY_FILE_ENV),
     "--resync-seconds": ("resync_seconds", "AAR_OPERATOR_RESYNC_SECONDS"),

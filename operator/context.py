@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from aar_common.credentials import CredentialIssuer
 from aar_operator.config import OperatorConfig
 from aar_operator.kube import Kube
-from aar_operator.models import Best
+from aar_operator.models import Best, Reproductions
 from aar_operator.services import RunSpend, Services
 from aar_operator.status import Stop
 
@@ -26,6 +26,8 @@ class RunKnowledge:
     checked: tuple[str, str] | None = None
     checked_at: float = 0.0
     refusal: Stop | None = None
+    # The run's reproduction Jobs as last counted (None: not since the operator started).
+    reproductions: Reproductions | None = None
 
 
 @dataclass

@@ -171,6 +171,8 @@ def definitions() -> dict[str, dict[str, Any]]:
                 {"name": "Budget", "type": "string", "jsonPath": ".status.budget"},
                 # The best counted submission's score: Performance Gap Recovered.
                 {"name": "PGR", "type": "number", "jsonPath": ".status.best.score"},
+                # Its score when its code ran again on data no agent saw (spec.review.reproduce).
+                {"name": "Reproduced", "type": "number", "jsonPath": ".status.best.reproduced"},
                 {"name": "Ends", "type": "string", "jsonPath": ".status.ends"},
                 age,
                 _ready_message(),

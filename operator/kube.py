@@ -28,6 +28,7 @@ PLURALS = {
     "AgentSandbox": "agentsandboxes",
     "ResearchRun": "researchruns",
     "Event": "events",
+    "Job": "jobs",
 }
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,15 @@ class Kube:
         result = await self._call("GET", ref.collection(), params={"labelSelector": label_selector})
         items: list[dict[str, Any]] = result.get("items", [])
         return items
+
+    async def log(self, namespace: str, pod: str, container: str, limit_bytes: int) -> str:
+        """The first `limit_bytes` of a container's log."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
+        params = {"container": container, "limitBytes": str(limit_bytes)}
+        async with self._session.get(self._server + path, params=params) as response:
+            if response.status >= 400:
+                raise ApiError(response.status, "GET", path, await response.text())
+            return (await response.read()).decode(errors="replace")
 
     async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return await self._call("POST", Ref.of(manifest).collection(), manifest)

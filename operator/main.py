@@ -14,6 +14,7 @@ from aar_operator import keys
 from aar_operator.builders import AGENT_LABEL
 from aar_operator.config import OperatorConfig
 from aar_operator.context import Context
+from aar_operator.handlers import reproduction
 from aar_operator.handlers.run import reconcile_run
 from aar_operator.handlers.sandbox import reconcile_sandbox
 from aar_operator.kube import Kube
@@ -35,6 +36,14 @@ def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
             "no Kubernetes credentials: run in a Pod with a service account or set KUBECONFIG"
         )
     return info
+
+
+async def _remove_reproductions(context: Context, run: dict[str, Any]) -> None:
+    """A deleted run's reproduction Jobs go with it (they live in another namespace, out of
+    reach of its ownerReferences)."""
+    if gone := await reproduction.remove(context, run["metadata"]["uid"]):
+        name = f"{run['metadata']['namespace']}/{run['metadata']['name']}"
+        logging.getLogger(__name__).info(f"Deleted {gone} reproduction objects of run {name}")
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
@@ -69,20 +78,30 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
                 aiohttp.ClientSession(),
                 config.gateway_url,
                 config.scorer_url,
+                config.forum_url,
                 issuer,
             )
         context = Context(kube=kube, config=config, issuer=issuer, services=services)
         memo.context = context
-        memo.watchlist = Watchlist(
-            context, {"ResearchRun": reconcile_run, "AgentSandbox": reconcile_sandbox}
+        watchlist = Watchlist(
+            context,
+            {"ResearchRun": reconcile_run, "AgentSandbox": reconcile_sandbox},
+            on_deleted={"ResearchRun": _remove_reproductions},
         )
-        memo.resync = asyncio.create_task(memo.watchlist.resync_forever(config.resync_seconds))
+        memo.watchlist = watchlist
+        memo.resync = asyncio.create_task(watchlist.resync_forever(config.resync_seconds))
+        memo.sweep = asyncio.create_task(
+            reproduction.sweep_forever(
+                context, lambda: watchlist.uids("ResearchRun"), config.resync_seconds
+            )
+        )
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         context: Context | None = memo.get("context")
-        if memo.get("resync") is not None:
-            memo.resync.cancel()
+        for task in ("resync", "sweep"):
+            if memo.get(task) is not None:
+                memo[task].cancel()
         if memo.get("watchlist") is not None:
             await memo.watchlist.stop()
         if context is not None:

@@ -132,6 +132,33 @@ class Review(_Model):
     required: bool = Field(
         default=True, description="Top submissions need a human approval before they count."
     )
+    reproduce: bool = Field(
+        default=False,
+        description="Run the leading submissions' code again in a Job with no network and no "
+        "credential, on the task's fresh split and transfer tasks; a submission counts only "
+        "when its fresh-split PGR lands within the tolerance of its claim.",
+    )
+    tolerance: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="How far below its claimed PGR a reproduction may land and still count.",
+    )
+    transfer: list[Annotated[str, Field(min_length=1, max_length=63)]] | None = Field(
+        default=None,
+        max_length=16,
+        description="Transfer tasks to reproduce on, of those the scorer configures for the "
+        "task (default: all of them).",
+    )
+    top: int = Field(
+        default=3, ge=1, le=100, description="How many leading submissions are reproduced."
+    )
+    timeout: str = Field(
+        default="2h",
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description="The deadline of each reproduction Job (e.g. 2h, 90m).",
+    )
 
 
 class ResearchRunSpec(_Model):
@@ -223,10 +250,28 @@ class AgentCounts(_Model):
     suspended: int = 0
 
 
+class TransferScore(_Model):
+    task: str
+    pgr: float | None = None  # None: not reproduced there yet, or the reproduction failed
+
+
 class Best(_Model):
-    score: float | None = None
+    score: float | None = None  # the claimed PGR: the submission's private score
     agent: str = ""
     submission: str = ""
+    # Its PGR when its code ran again on the task's fresh split, and on each transfer task.
+    reproduced: float | None = None
+    transfer: list[TransferScore] = Field(default_factory=list)
+
+
+class Reproductions(_Model):
+    """The run's reproduction Jobs (docs/operator.md, Reproduction)."""
+
+    running: int = 0
+    reported: int = 0
+    gpu_hours: float = 0.0
+    # What stops reproductions, when something does (a missing namespace or task volume).
+    message: str = ""
 
 
 class SandboxStatus(_Model):
@@ -245,6 +290,7 @@ class RunStatus(_Model):
     agents: AgentCounts = Field(default_factory=AgentCounts)
     spend: Spend = Field(default_factory=Spend)
     best: Best | None = None
+    reproductions: Reproductions = Field(default_factory=Reproductions)
     # For the printer columns: ready agents of desired, dollars spent and the cap as people read
     # them, and when the deadline stops the run (empty: no deadline).
     ready: str = "0/0"

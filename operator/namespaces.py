@@ -1,6 +1,7 @@
 """Where runs and sandboxes may be. Never in the scorer's namespace: a Pod there could mount the
 hidden labels' Secret without any permission on Secrets. Never in the operator's own namespace,
-where its signing key is. And, when the operator has an allow-list, only in a namespace on it."""
+where its signing key is, nor in the verification namespace, where reproductions run on data
+no agent may see. And, when the operator has an allow-list, only in a namespace on it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def refusal(kind: str, namespace: str, config: OperatorConfig) -> str:
         why = "it is the scorer's namespace, where the hidden labels are kept"
     elif namespace == config.namespace:
         why = "it is the operator's own namespace, where its signing key is kept"
+    elif namespace == config.verification_namespace:
+        why = "it is the verification namespace, where reproductions run on data no agent sees"
     elif config.run_namespaces and namespace not in config.run_namespaces:
         why = "it is not on the operator's allow-list of run namespaces"
     else:
@@ -27,11 +30,12 @@ def refusal(kind: str, namespace: str, config: OperatorConfig) -> str:
 
 
 def _fix(namespace: str, config: OperatorConfig) -> str:
-    forbidden = namespace in (config.scorer_namespace, config.namespace)
+    never = (config.scorer_namespace, config.namespace, config.verification_namespace)
+    forbidden = namespace in never
     if not config.run_namespaces:
         return (
-            f"delete it and create it in any namespace but {config.scorer_namespace} and "
-            f"{config.namespace} (an allow-list narrows that: {ALLOW_LIST})"
+            f"delete it and create it in any namespace but {', '.join(never)} "
+            f"(an allow-list narrows that: {ALLOW_LIST})"
         )
     allowed = ", ".join(config.run_namespaces)
     if forbidden:

@@ -1,10 +1,13 @@
-"""The operator's calls to the gateway and the scorer (docs/interfaces.md), with an admin
-credential it mints itself: register each run's budget and task, read spend and the best score."""
+"""The operator's calls to the gateway, the scorer and the forum (docs/interfaces.md), with
+credentials it mints itself: as an admin, register each run's budget and task and read spend and
+the best score; as the verifier, ask what to reproduce, fetch its artifact and report the result."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from decimal import Decimal
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -12,10 +15,19 @@ import aiohttp
 from pydantic import BaseModel, Field
 
 from aar_common import api
-from aar_common.api import BestScore, BudgetSpec, ModelPrice, RunRegistration
+from aar_common.api import (
+    BestScore,
+    BudgetSpec,
+    ModelPrice,
+    ReproductionReport,
+    RunRegistration,
+    WantedReproduction,
+    WantedReproductions,
+)
 from aar_common.client import ServiceClient, ServiceError
 from aar_common.credentials import CredentialIssuer
-from aar_operator.models import AgentBudget, Best, ResearchRunSpec, Spend
+from aar_operator.models import AgentBudget, Best, ResearchRunSpec, Spend, TransferScore
+from aar_operator.reproductions import ArtifactError
 
 __all__ = [
     "RunRegistration",
@@ -28,6 +40,9 @@ __all__ = [
 
 ADMIN_SUBJECT = "aar-operator"
 ADMIN_TTL_SECONDS = 300
+# The verifier's credential reads artifacts and reports reproductions, nothing else; one per
+# call, as short-lived as the admin's.
+VERIFIER_TTL_SECONDS = 300
 MICRO_DOLLAR = Decimal("0.000001")
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -66,18 +81,23 @@ def budget_request(spec: ResearchRunSpec, agents: list[str], share: AgentBudget)
 
 
 class Services:
-    """Admin calls to the gateway and scorer; every failure is a ServiceError."""
+    """Admin and verifier calls to the gateway, scorer and forum; every failure is a
+    ServiceError."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
         gateway_url: str,
         scorer_url: str,
+        forum_url: str,
         issuer: CredentialIssuer,
     ) -> None:
         def credential() -> str:
             # A short-lived admin credential per call: nothing long-lived to leak.
             return issuer.mint_admin(ADMIN_SUBJECT, ADMIN_TTL_SECONDS)
+
+        def verifier() -> str:
+            return issuer.mint_verifier(ADMIN_SUBJECT, VERIFIER_TTL_SECONDS)
 
         self._session = session
         self._gateway = ServiceClient(
@@ -86,6 +106,10 @@ class Services:
         self._scorer = ServiceClient(
             "scorer", scorer_url, credential, timeout=TIMEOUT, session=session
         )
+        self._verifier = ServiceClient(
+            "scorer", scorer_url, verifier, timeout=TIMEOUT, session=session
+        )
+        self._forum = ServiceClient("forum", forum_url, verifier, timeout=TIMEOUT, session=session)
 
     async def model_refusal(self, model: str) -> str | None:
         """The gateway's own words when it will not serve `model` (it has no price for it), or
@@ -122,7 +146,42 @@ class Services:
         found = await _found(self._scorer, f"/api/v1/runs/{namespace}/{run}/best", BestScore)
         if found is None:
             return None
-        return Best(score=found.score, agent=found.agent, submission=str(found.submission))
+        return Best(
+            score=found.score,
+            agent=found.agent,
+            submission=str(found.submission),
+            reproduced=found.reproduced,
+            transfer=[TransferScore(task=t, pgr=pgr) for t, pgr in sorted(found.transfer.items())],
+        )
+
+    async def wanted_reproductions(self, namespace: str, run: str) -> list[WantedReproduction]:
+        """The run's submissions the scorer wants run again, with the targets still missing."""
+        found = await _found(
+            self._verifier, f"/api/v1/runs/{namespace}/{run}/reproductions", WantedReproductions
+        )
+        return [] if found is None else found.wanted
+
+    async def report_reproduction(self, submission: int, report: ReproductionReport) -> None:
+        await self._verifier.request(
+            "POST", f"/api/v1/submissions/{submission}/reproductions", json_body=report
+        )
+
+    async def artifact(self, digest: str, limit: int) -> tuple[str, bytes]:
+        """An artifact's file name and bytes, read with the verifier's credential; one over
+        `limit` bytes raises ArtifactError before its bytes are read."""
+        path = f"/api/v1/artifacts/{quote(digest, safe=':')}"
+        meta = await self._forum.request("GET", f"{path}/meta")
+        size, filename = int(meta.get("size", 0)), str(meta.get("filename") or "artifact")
+        if size > limit:
+            raise ArtifactError(
+                f"artifact {digest} is {size:,} bytes; a reproduction takes artifacts up to "
+                f"{limit:,} bytes: publish the code that trains the method, without weights or "
+                "data (the task bundle is mounted for it)"
+            )
+        with tempfile.TemporaryDirectory(prefix="aar-artifact-") as scratch:
+            saved = Path(scratch) / "artifact"
+            await self._forum.request("GET", path, save_to=saved)
+            return filename, saved.read_bytes()
 
     async def close(self) -> None:
         await self._session.close()

@@ -56,9 +56,17 @@ _NOTHING_REPORTED = _reported({})
 
 
 class Watchlist:
-    def __init__(self, context: Context, reconcilers: dict[str, Reconcile]) -> None:
+    def __init__(
+        self,
+        context: Context,
+        reconcilers: dict[str, Reconcile],
+        on_deleted: dict[str, Callable[[Context, dict[str, Any]], Awaitable[None]]] | None = None,
+    ) -> None:
         self._context = context
         self._reconcilers = reconcilers
+        # What to do once an object of a kind is deleted (what its ownerReferences cannot
+        # reach, such as a run's Jobs in another namespace).
+        self._on_deleted = on_deleted or {}
         self._objects: dict[str, dict[str, Any]] = {}  # uid -> latest body seen
         self._poked: set[str] = set()  # uids with a reconcile scheduled that has not begun
         self._pokes: set[asyncio.Task[None]] = set()
@@ -75,6 +83,8 @@ class Watchlist:
         uid = raw["metadata"]["uid"]
         if event_type == "DELETED":
             self._forget(uid, raw)
+            if (then := self._on_deleted.get(kind)) is not None:
+                self._spawn(then(self._context, raw))
             return
         seen = self._objects.get(uid)
         self._objects[uid] = raw
@@ -121,9 +131,24 @@ class Watchlist:
                 self._poked.discard(uid)
                 await self.reconcile(uid)
 
-        task = asyncio.create_task(reconcile_soon())
+        self._spawn(reconcile_soon())
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run `work` in the background; `stop` cancels what is still running."""
+
+        async def logged() -> None:
+            try:
+                await work
+            except Exception:
+                logger.exception("Background work of the watch failed")
+
+        task = asyncio.create_task(logged())
         self._pokes.add(task)
         task.add_done_callback(self._pokes.discard)
+
+    def uids(self, kind: str) -> set[str]:
+        """The uids of the objects of `kind` the watch has shown and not seen deleted."""
+        return {uid for uid, raw in self._objects.items() if raw["kind"] == kind}
 
     async def reconcile(self, uid: str) -> None:
         async with self._context.locks[uid]:

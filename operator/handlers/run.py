@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from aar_operator.budget import agent_budget
 from aar_operator.builders import Owner
 from aar_operator.children import Changes, controller_uid, ensure
 from aar_operator.context import Context, RunKnowledge
+from aar_operator.handlers.reproduction import reconcile_reproductions
 from aar_operator.kube import Ref
 from aar_operator.models import (
     API_VERSION,
@@ -35,6 +37,7 @@ from aar_operator.models import (
 )
 from aar_operator.namespaces import refusal
 from aar_operator.naming import agent_index, agent_name
+from aar_operator.reproductions import RunRef
 from aar_operator.services import (
     RunRegistration,
     ServiceError,
@@ -100,7 +103,15 @@ async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | N
                 declined.reason,
             )
         owner = Owner(API_VERSION, "ResearchRun", name, body["metadata"]["uid"])
-        service_problems = await _talk_to_services(context, namespace, name, spec, knowledge)
+        polled = await _talk_to_services(context, namespace, name, spec, knowledge)
+        service_problems = polled.problems
+        if polled.fresh or knowledge.reproductions is None:
+            knowledge.reproductions = await reconcile_reproductions(
+                context,
+                RunRef(namespace, name, owner.uid),
+                spec,
+                knowledge.reproductions or previous.reproductions,
+            )
         existing, ours = await _list_sandboxes(context, namespace, owner)
         counts, spend, retired = _tally(name, spec, ours, previous, knowledge)
         stop = run_stop(spec, created, now, spend)
@@ -120,6 +131,7 @@ async def reconcile_run(context: Context, body: kopf.Body) -> dict[str, Any] | N
             agents=counts,
             spend=spend,
             best=best,
+            reproductions=knowledge.reproductions,
             ready=f"{counts.ready}/{counts.desired}",
             spent=money(spend.dollars()),
             budget=money(spec.budget.usd),
@@ -182,10 +194,12 @@ def _tally(
         for s in ours.values()
         if _index(run, s) >= spec.agents
     )
+    # Reproductions are the run's GPU time too.
+    reproduced = (knowledge.reproductions or previous.reproductions).gpu_hours
     spend = gateway_spend.model_copy(
         update={
             "agent_hours": round(hours.agent_hours + retired, 4),
-            "gpu_hours": hours.gpu_hours,
+            "gpu_hours": round(hours.gpu_hours + reproduced, 6),
             "budget_exhausted": gateway_spend.budget_exhausted or shares_spent,
         }
     )
@@ -334,23 +348,37 @@ async def _refusal_by_services(
     return refusal
 
 
+@dataclass(frozen=True)
+class Polled:
+    problems: list[str]
+    fresh: bool  # spend and best were read again this cycle
+
+
 async def _talk_to_services(
     context: Context,
     namespace: str,
     name: str,
     spec: ResearchRunSpec,
     knowledge: RunKnowledge,
-) -> list[str]:
+) -> Polled:
     """Register budget and task when they changed; poll spend and best at most every
     poll_seconds. A service that is down is reported, and the run goes on (the gateway is
     fail-closed: a run it does not know is refused)."""
     services = context.services
     if services is None:
-        return []
+        return Polled([], False)
     problems = []
     agents = [agent_name(name, i) for i in range(spec.agents)]
     budget = budget_request(spec, agents, agent_budget(spec))
-    registration = RunRegistration(task=spec.task.name, review_required=spec.review.required)
+    review = spec.review
+    registration = RunRegistration(
+        task=spec.task.name,
+        review_required=review.required,
+        reproduce=review.reproduce,
+        tolerance=review.tolerance,
+        transfer=review.transfer,
+        reproduce_top=review.top,
+    )
     digest = builders.spec_hash([budget.model_dump(mode="json"), registration.model_dump()])
     if knowledge.registered != digest:
         try:
@@ -360,11 +388,13 @@ async def _talk_to_services(
             logger.info(f"Registered run {namespace}/{name} with the gateway and the scorer")
         except ServiceError as error:
             problems.append(str(error))
+    fresh = False
     if time.monotonic() - knowledge.polled_at >= context.config.poll_seconds:
         try:
             knowledge.spend = await services.spend(namespace, name)
             knowledge.best = await services.best(namespace, name)
             knowledge.polled_at = time.monotonic()
+            fresh = True
         except ServiceError as error:
             problems.append(str(error))
-    return problems
+    return Polled(problems, fresh)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ def call(
         return error.code, json.loads(error.read() or b"{}")
 
 
+def publish(forum: str, credential: str, filename: str, data: bytes) -> str:
+    """An artifact uploaded to the forum as an agent does; its digest."""
+    request = urllib.request.Request(f"{forum}/api/v1/artifacts", data=data, method="POST")
+    request.add_header("Authorization", f"Bearer {credential}")
+    request.add_header("X-Aar-Filename", filename)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return str(json.loads(response.read())["digest"])
+
+
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
@@ -49,9 +59,15 @@ def healthy(url: str) -> bool:
 class Services:
     """The stand-in upstream, the gateway and the scorer, each its own process."""
 
-    def __init__(self, directory: Path, task_settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        task_settings: dict[str, Any] | None = None,
+        more_tasks: Sequence[tuple[dict[str, Any], list[int]]] = (),
+    ) -> None:
         """`task_settings`: the task's own (feedback, probing), where a test needs other than
-        the defaults."""
+        the defaults; `more_tasks`: other tasks (such as reproduction targets), each with its
+        labels."""
         self.directory = directory
         self.signing_key = directory / "signing-key.pem"
         pem = generate_signing_key()
@@ -68,7 +84,14 @@ class Services:
             "labels_file": "labels.json",
             **(task_settings or {}),
         }
-        (directory / "tasks.yaml").write_text(yaml.safe_dump({"tasks": [task]}))
+        tasks = [task]
+        for more, labels in more_tasks:
+            labels_file = f"{more['name']}-labels.json"
+            (directory / labels_file).write_text(
+                json.dumps({"labels": labels, "split_seed": f"seed-of-{more['name']}"})
+            )
+            tasks.append({**more, "labels_file": labels_file})
+        (directory / "tasks.yaml").write_text(yaml.safe_dump({"tasks": tasks}))
         self.issuer = CredentialIssuer(pem)
         self.processes: list[subprocess.Popen[bytes]] = []
         self.gateway = f"http://127.0.0.1:{free_port()}"
@@ -137,8 +160,11 @@ class Services:
         eventually(lambda: healthy(self.forum), what="forum")
         return self.forum
 
-    def operator(self, kubeconfig: Path, namespace: str, log: Path) -> OperatorProcess:
+    def operator(
+        self, kubeconfig: Path, namespace: str, log: Path, **environment: str
+    ) -> OperatorProcess:
         """The operator, polling every second, with its key and these services to talk to."""
+        forum = {"AAR_FORUM_URL": self.forum} if getattr(self, "forum", None) else {}
         return OperatorProcess(
             kubeconfig,
             namespace,
@@ -149,6 +175,8 @@ class Services:
                 "AAR_GATEWAY_URL": self.gateway,
                 "AAR_SCORER_URL": self.scorer,
                 "AAR_OPERATOR_POLL_SECONDS": "1",
+                **forum,
+                **environment,
             },
         )
 

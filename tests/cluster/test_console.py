@@ -9,11 +9,9 @@ With AAR_CONSOLE_SCREENSHOTS=DIR the run page and the review page are saved ther
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import pytest
 from archives import tar_gz
 from operator_process import eventually
 from playwright.sync_api import Page, expect, sync_playwright
-from service_processes import LABELS, Services, call
+from service_processes import LABELS, Services, call, publish
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool
@@ -38,14 +36,6 @@ def answers(right: int, flips: tuple[int, ...] = ()) -> list[int]:
     for index in flips:
         predictions[index] = 1 - predictions[index]
     return predictions
-
-
-def publish(forum: str, credential: str, filename: str, data: bytes) -> str:
-    request = urllib.request.Request(f"{forum}/api/v1/artifacts", data=data, method="POST")
-    request.add_header("Authorization", f"Bearer {credential}")
-    request.add_header("X-Aar-Filename", filename)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return str(json.loads(response.read())["digest"])
 
 
 def sign_in(page: Page, forum: str, credential: str) -> None:

@@ -79,7 +79,7 @@ def test_runs_and_sandboxes_in_the_scorers_or_the_operators_namespace_are_refuse
         home.apply(research_run("home"))
         made(kubectl, "sneak")  # the same run anywhere else is made as always
 
-        anywhere_else = f"any namespace but {scorer_namespace} and {operator_namespace}"
+        anywhere_else = f"any namespace but {scorer_namespace}, {operator_namespace}, aar-verify"
         message = refused(scorer, "ResearchRun", "sneak")
         assert message.startswith(
             f"no ResearchRun may run in namespace {scorer_namespace}: it is the scorer's namespace"

@@ -39,8 +39,16 @@ def test_without_an_allow_list_every_other_namespace_is_allowed_and_the_message_
     assert refusal("ResearchRun", "research", CONFIG) == ""
     assert refusal("ResearchRun", "default", CONFIG) == ""
     message = refusal("ResearchRun", "aar-scorer", CONFIG)
-    assert "create it in any namespace but aar-scorer and aar-system" in message
+    assert "create it in any namespace but aar-scorer, aar-system, aar-verify" in message
     assert "operator.runNamespaces" in message
+
+
+@pytest.mark.parametrize("config", [CONFIG, LISTED])
+def test_the_verification_namespace_is_refused(config: OperatorConfig) -> None:
+    message = refusal("ResearchRun", "aar-verify", config)
+    assert message.startswith(
+        "no ResearchRun may run in namespace aar-verify: it is the verification namespace"
+    )
 
 
 def test_with_an_allow_list_only_listed_namespaces_are_allowed() -> None:
@@ -77,6 +85,7 @@ def test_run_namespaces_come_from_a_flag_or_the_environment_as_a_list() -> None:
     [
         (["--run-namespaces", "research,aar-scorer"], "must not list aar-scorer: it is the scorer"),
         (["--run-namespaces", "aar-system"], "must not list aar-system: it is the operator's own"),
+        (["--run-namespaces", "aar-verify"], "must not list aar-verify: it is where reproductions"),
         (
             ["--run-namespaces", "ops", "--namespace", "ops"],
             "must not list ops: it is the operator's own",
