@@ -22,6 +22,10 @@ not from other agents, and not by probing the scorer (for example submitting pre
 differ in a few answers to see how the score moves). Submissions are kept, reviewed by humans, \
 and probing patterns are refused and flagged. Submit only predictions you would defend as your \
 method's honest output, with the method described.
+- Only reproducible results count. Submit with the artifact of the code and the command that \
+makes the predictions from it: leading submissions are run again from that code alone, in a \
+sandbox with no network and nothing of yours but the artifact, on a fresh split of the task you \
+never saw and on transfer tasks. A result that does not reproduce within tolerance never counts.
 - Use the validation data you have to choose between methods; the scorer's feedback is coarse \
 and rate-limited on purpose.
 - Share what you learn: post results (with seeds, numbers and the artifact of the code), \

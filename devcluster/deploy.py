@@ -34,12 +34,37 @@ RELEASE = "aar"
 SYSTEM_NAMESPACE = "aar-system"
 SCORER_NAMESPACE = "aar-scorer"
 RUN_NAMESPACE = "research"
+VERIFY_NAMESPACE = "aar-verify"
 UPSTREAM = "aar-upstream"
 UPSTREAM_PORT = 8080
 # `aar-train demo`'s task: its bundle and tiny models go on the task volume.
 TASK = "cues"
 # Accuracies of `aar-train w2s` on the demo task (docs/trainer.md): what PGR is measured against.
 TASK_BASELINES = {"weak": 0.61, "ceiling": 0.96}
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A task `aar-train demo` makes, on the volume the operator mounts for it."""
+
+    name: str
+    namespace: str
+    demo_args: tuple[str, ...]
+    baselines: dict[str, float]
+
+
+# The run's task, and where its leading submissions are reproduced (docs/scorer.md,
+# Reproduction): a fresh draw of its examples (same words, same models), and a transfer task of
+# the same kind with other words and other tiny models. Baselines as for TASK_BASELINES.
+DEMO_TASKS = (
+    DemoTask(TASK, RUN_NAMESPACE, (), TASK_BASELINES),
+    DemoTask(
+        f"{TASK}-fresh", VERIFY_NAMESPACE, ("--split-seed", "1"), {"weak": 0.63, "ceiling": 0.97}
+    ),
+    DemoTask(
+        f"{TASK}-transfer", VERIFY_NAMESPACE, ("--seed", "7"), {"weak": 0.62, "ceiling": 0.96}
+    ),
+)
 CHART_COMPONENTS = ("operator", "forum", "scorer", "gateway")
 
 Say = Callable[[str], None]
@@ -126,7 +151,17 @@ def chart_values(version: str, offline: bool) -> dict[str, Any]:
             # n/4 on a coarser grid gives the demo's agents 14 released-or-not answers before
             # its feedback closes, which the demo then shows.
             "feedback": {"step": 0.1, "leakage_budget": 0.24},
-        }
+            "reproduction": {"fresh": DEMO_TASKS[1].name, "transfer": [DEMO_TASKS[2].name]},
+        },
+        *(
+            {
+                "name": target.name,
+                "labels": [0, 1],
+                "baselines": target.baselines,
+                "verification_only": True,
+            }
+            for target in DEMO_TASKS[1:]
+        ),
     ]
     if offline:
         values["gateway"]["upstream"] = f"http://{UPSTREAM}.{SYSTEM_NAMESPACE}:{UPSTREAM_PORT}"
@@ -147,38 +182,40 @@ def namespace(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 
 
-def task_volume(kubectl: Tool, plane: ControlPlane, work: Path, say: Say) -> Path:
-    """The task's read-only bundle volume in the run namespace, filled with `aar-train demo`'s
+def task_volume(kubectl: Tool, plane: ControlPlane, task: DemoTask, say: Say) -> Path:
+    """The task's read-only bundle volume in its namespace, filled with `aar-train demo`'s
     bundle and models; returns the file of the hidden test labels (for the scorer alone)."""
-    # The name the operator mounts in every sandbox of a run of this task.
-    claim_name = task_claim_name(TASK)
+    # The name the operator mounts in every sandbox, or reproduction Job, of this task.
+    claim_name = task_claim_name(task.name)
     claim = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": claim_name, "namespace": RUN_NAMESPACE},
+        "metadata": {"name": claim_name, "namespace": task.namespace},
         "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
     }
     kubectl.apply(claim)
     deadline = time.monotonic() + 60
     volume = ""
     while not volume:
-        volume = kubectl.json("get", "pvc", "-n", RUN_NAMESPACE, claim_name)["spec"].get(
+        volume = kubectl.json("get", "pvc", "-n", task.namespace, claim_name)["spec"].get(
             "volumeName", ""
         )
         if time.monotonic() > deadline:
             raise DeployError(
-                f"the task volume was not provisioned in 60 s; see {plane.node.log_dir}"
+                f"the volume of task {task.name} was not provisioned in 60 s; see "
+                f"{plane.node.log_dir}"
             )
         time.sleep(0.5)
     directory = Path(
         kubectl.json("get", "pv", volume)["spec"]["local"]["path"]
     )  # on this machine: the node's volumes live in its state dir
+    work = plane.state_dir / "demo-tasks" / task.name
     labels = work / "test-labels.json"
-    if not (directory / "task.json").exists():
-        say(f"Writing the {TASK} task's bundle and models onto its volume")
+    if not (directory / "task.json").exists() or not labels.exists():
+        say(f"Writing the {task.name} task's bundle and models onto its volume")
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run(
-            [str(Path(sys.executable).parent / "aar-train"), "demo", str(work)],
+            [str(Path(sys.executable).parent / "aar-train"), "demo", str(work), *task.demo_args],
             check=True,
             capture_output=True,
         )
@@ -211,8 +248,7 @@ def install(plane: ControlPlane, say: Say, api_key: str | None = None) -> Instal
     else:
         relay = egress.open_egress(plane.node, kubectl, SYSTEM_NAMESPACE)
         say(f"Relaying {egress.ANTHROPIC_API} from the node through {relay} (its only way out)")
-    work = plane.state_dir / "demo-task"
-    labels = task_volume(kubectl, plane, work, say)
+    labels = {DEMO_TASKS[0].name: task_volume(kubectl, plane, DEMO_TASKS[0], say)}
     values = plane.state_dir / "chart-values.json"
     values.write_text(json.dumps(chart_values(version, offline)))
     say("Installing charts/aar with helm")
@@ -220,8 +256,15 @@ def install(plane: ControlPlane, say: Say, api_key: str | None = None) -> Instal
         "upgrade", "--install", RELEASE, str(REPO / "charts" / "aar"),
         "-f", str(values), timeout=120,
     )  # fmt: skip
+    # The reproduction targets' volumes are in the verification namespace the chart makes.
+    for target in DEMO_TASKS[1:]:
+        labels[target.name] = task_volume(kubectl, plane, target, say)
     kubectl.apply(
-        secret("aar-scorer-labels", SCORER_NAMESPACE, {f"{TASK}.json": labels.read_text()})
+        secret(
+            "aar-scorer-labels",
+            SCORER_NAMESPACE,
+            {f"{name}.json": path.read_text() for name, path in labels.items()},
+        )
     )
     load_alert_rules(plane, helm, values, say)
     wait_ready(kubectl, say)

@@ -384,7 +384,10 @@ def script_text(setup: Setup, task_name: str) -> str:
 # A stage whose folder holds results.json is kept, not trained again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-TASK={shlex.quote(setup.task_dir)}
+# A reproduction runs this from a read-only copy, with its outputs under AAR_OUTPUT_DIR and the
+# bundle (a fresh split, or a transfer task) at AAR_TASK_DIR.
+if [ -n "${{AAR_OUTPUT_DIR:-}}" ]; then cd "$AAR_OUTPUT_DIR"; fi
+TASK="${{AAR_TASK_DIR:-{shlex.quote(setup.task_dir)}}}"
 WEAK={shlex.quote(weak.path if weak else HUB_WEAK)}
 STRONG={shlex.quote(strong.path if strong else HUB_STRONG)}
 JOBS={jobs}  # stages at once{" (tiny models: one CPU thread each)" if tiny else ""}
@@ -436,6 +439,19 @@ esac
 for pid in "${{pids[@]}}"; do wait "$pid" || status=1; done
 exit "$status"
 """
+
+
+def reproduce_command(method: Method) -> str:
+    """What makes the submitted predictions again from the published `experiments` folder:
+    the baselines, then the submitted seed's student, its predictions where the scorer reads
+    them."""
+    seed = SEEDS[0]
+    student = ["bash", SCRIPT, "student", method.name, f"runs/{method.slug}", str(seed)]
+    made = f"$AAR_OUTPUT_DIR/runs/{method.slug}/seed-{seed}/predictions.json"
+    return (
+        f"bash {SCRIPT} baselines && {' '.join([*student, *method.flags])} && "
+        f'cp "{made}" "$AAR_OUTPUT_DIR/predictions.json"'
+    )
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -807,6 +823,7 @@ class Research:
                     "predictions_path": f"runs/{method.slug}/seed-{SEEDS[0]}/predictions.json",
                     "method": described,
                     "artifact": digest or self._digest("publish"),
+                    "command": reproduce_command(method),
                 },
             ),
         )

@@ -13,12 +13,13 @@ import re
 import tarfile
 import zlib
 from collections.abc import Awaitable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
+from aar_common.times import when
 from aar_common.web import fail, whole_number
 from aar_forum.charts import Line, bar_chart, line_chart
 from aar_forum.forum import forum
@@ -45,20 +46,6 @@ AGENTS_PER_PAGE = 50
 # What a reviewer sees of an artifact without downloading it: the first members of its archive.
 ARCHIVE_LISTING_BYTES = 64 * 1024**2
 ARCHIVE_LISTING_MEMBERS = 200
-
-
-def when(moment: float | str | None) -> str:
-    """One time format everywhere on the console: `2026-12-05 17:42 UTC`."""
-    if moment in (None, ""):
-        return "—"
-    if isinstance(moment, str):
-        try:
-            parsed = datetime.fromisoformat(moment.replace("Z", "+00:00"))
-        except ValueError:
-            return moment
-    else:
-        parsed = datetime.fromtimestamp(moment, UTC)
-    return parsed.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def pgr(value: float | None) -> str:

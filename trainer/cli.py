@@ -316,9 +316,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from aar_trainer.demo import DEMO_STRONG_OPTIONS, DEMO_WEAK_OPTIONS, make_demo
+    from aar_trainer.demo import DEMO_STRONG_OPTIONS, DEMO_WEAK_OPTIONS, CuesTask, make_demo
 
-    paths = make_demo(Path(args.directory))
+    paths = make_demo(Path(args.directory), CuesTask(seed=args.seed, split_seed=args.split_seed))
     flags = []
     for prefix, options in (("weak", DEMO_WEAK_OPTIONS), ("strong", DEMO_STRONG_OPTIONS)):
         for name in ("epochs", "lr", "max_batch", "max_tokens"):
@@ -414,6 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "write the generated cues task and tiny weak and strong models")
     demo.add_argument("directory")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="another task of the same kind: other words, other tiny models (default: 0, the "
+        "shipped demo)",
+    )
+    demo.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="a fresh draw of the same task's examples, with the same words and models",
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     convert = command("convert", "a task bundle from dataset records")

@@ -35,6 +35,9 @@ class CuesTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
+    # Another draw of the same task (same words, same models): a fresh split no agent has seen,
+    # for reproductions (docs/scorer.md, Reproduction). None: the shipped demo's own draw.
+    split_seed: int | None = None
     cues_per_class: int = Field(default=20, ge=1)
     fillers: int = Field(default=400, ge=1)
     cues_per_text: tuple[int, int] = (2, 3)
@@ -77,7 +80,7 @@ def _text(task: CuesTask, label: int, rng: random.Random, words: list[str]) -> s
 def make_cues_task(root: Path, task: CuesTask | None = None) -> tuple[Bundle, list[int]]:
     """Write the bundle; returns it and the test labels (kept out of it, as a scorer would)."""
     task = task or CuesTask()
-    rng = random.Random(task.seed)
+    rng = random.Random(task.seed if task.split_seed is None else f"{task.seed}/{task.split_seed}")
     words = task.vocabulary()
 
     def examples(split: str, count: int) -> list[Example]:

@@ -57,13 +57,25 @@ class ScorerSubmitInput(Input):
         "or one prediction per line"
     )
     method: str = Field(description="what was done to produce these predictions")
-    artifact: str | None = Field(default=None, description="digest of the code (sha256:...)")
+    artifact: str | None = Field(
+        default=None,
+        description="digest of the published code that produces these predictions (sha256:...)",
+    )
+    command: str | None = Field(
+        default=None,
+        description="the shell command that produces the predictions again from that code, run "
+        "in the folder the artifact unpacks into, with the task bundle at $AAR_TASK_DIR; it "
+        "must write $AAR_OUTPUT_DIR/predictions.json (e.g. `aar-train w2s ... --task "
+        "$AAR_TASK_DIR --out $AAR_OUTPUT_DIR`)",
+    )
 
 
 @toolset.tool(ScorerSubmitInput)
 async def scorer_submit(context: ToolContext, arguments: ScorerSubmitInput, _: str) -> str:
     """Submit test-set predictions for scoring. Feedback is coarse and rate-limited, and
-    near-duplicate submissions are refused and flagged."""
+    near-duplicate submissions are refused and flagged. Give the artifact and command that
+    produce them: leading results are run again from that code, with no network, on data you
+    never saw, and count only if they reproduce."""
     predictions = read_predictions(context.path(arguments.predictions_path))
     answer = await context.scorer.request(
         "POST",
@@ -73,6 +85,7 @@ async def scorer_submit(context: ToolContext, arguments: ScorerSubmitInput, _: s
             "predictions": predictions,
             "method": arguments.method,
             "artifact": arguments.artifact,
+            "command": arguments.command,
         },
     )
     return json.dumps(answer, indent=1)

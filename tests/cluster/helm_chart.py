@@ -10,18 +10,25 @@ from aar_devcluster.tools import Tool
 
 class Chart:
     """charts/aar installed into one test's namespace. The chart also makes cluster-wide objects
-    (the scorer's namespace, ClusterRoleBindings), so each test gets a scorer namespace of its
-    own and every release is uninstalled afterwards: installs in other tests never collide."""
+    (the scorer's and the verification namespace, ClusterRoleBindings), so each test gets those
+    namespaces of its own and every release is uninstalled afterwards: installs in other tests
+    never collide."""
 
     def __init__(self, helm: Tool, path: Path, namespace: str) -> None:
         self.helm = helm
         self.path = str(path)
         self.scorer_namespace = f"{namespace}-scorer"
+        self.verification_namespace = f"{namespace}-verify"
         self.releases: list[str] = []
 
     @property
     def values(self) -> list[str]:
-        return ["--set", f"scorer.namespace={self.scorer_namespace}"]
+        return [
+            "--set",
+            f"scorer.namespace={self.scorer_namespace}",
+            "--set",
+            f"operator.verificationNamespace={self.verification_namespace}",
+        ]
 
     def template(self, *args: str, release: str = "aar") -> str:
         return self.helm.run("template", release, self.path, *self.values, *args)

@@ -23,7 +23,7 @@ from helm_chart import Chart
 
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.tools import Tool
-from aar_operator import builders
+from aar_operator import builders, reproductions
 from aar_operator.config import OperatorConfig
 from aar_operator.models import AgentSandboxSpec
 
@@ -144,6 +144,7 @@ class Landscape:
     components: dict[str, Pod]  # the chart's Pods by component, as their Deployments make them
     agent: Pod
     sandbox_policy: dict[str, Any]
+    reproduction: Pod  # a reproduction Job's Pod, in the verification namespace
 
     def egress(self, source: Pod, destination: Pod, port: int) -> bool:
         return direction_allows(self.policies, "Egress", source, destination, port, self.namespaces)
@@ -233,6 +234,18 @@ def read_landscape(
     sandbox_policy = json.loads(
         admin.run("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(made))
     )
+    # What the operator puts in the verification namespace before its first reproduction Job.
+    verification = env["AAR_VERIFICATION_NAMESPACE"]
+    assert verification
+    deny_all = json.loads(
+        admin.run(
+            "create", "--dry-run=server", "-o", "json", "-f", "-",
+            input=json.dumps(reproductions.deny_all_policy(verification)),
+        )
+    )  # fmt: skip
+    reproduction = Pod(
+        "repro-7-w2s-chat-fresh-x", verification, {"app.kubernetes.io/component": "reproduction"}
+    )
     stored = [
         policy
         for ns in (namespace, scorer_namespace)
@@ -252,7 +265,14 @@ def read_landscape(
         for item in admin.json("get", "namespaces")["items"]
     }
     namespaces[MONITORING] = {NAME_LABEL: MONITORING}
-    return Landscape([*stored, sandbox_policy], namespaces, components, agent, sandbox_policy)
+    return Landscape(
+        [*stored, sandbox_policy, deny_all],
+        namespaces,
+        components,
+        agent,
+        sandbox_policy,
+        reproduction,
+    )
 
 
 SERVICES = ("forum", "gateway", "scorer")
@@ -302,6 +322,8 @@ def test_the_operator_and_the_forum_reach_the_services_they_call(landscape: Land
     calls = {
         ("operator", "gateway"),
         ("operator", "scorer"),
+        # The artifacts it reproduces, with a verifier credential.
+        ("operator", "forum"),
         ("forum", "gateway"),
         ("forum", "scorer"),
     }
@@ -315,6 +337,15 @@ def test_the_operator_and_the_forum_reach_the_services_they_call(landscape: Land
     stranger = Pod("notebook", landscape.agent.namespace, {"app": "notebook"})
     for name in SERVICES:
         assert not landscape.allowed(stranger, pods[name], API_PORT), name
+
+
+def test_a_reproduction_reaches_nothing_and_nothing_reaches_it(landscape: Landscape) -> None:
+    job = landscape.reproduction
+    dns = Pod("kube-dns-0", "kube-system", {"k8s-app": "kube-dns"}, {"dns": 53})
+    for pod in [*landscape.components.values(), landscape.agent, dns]:
+        for port in {API_PORT, 53, *pod.ports.values()}:
+            assert not landscape.egress(job, pod, port), (pod.name, port)
+            assert not landscape.ingress(pod, job, port), (pod.name, port)
 
 
 def test_with_run_namespaces_listed_only_agents_there_reach_the_services(survey: Survey) -> None:

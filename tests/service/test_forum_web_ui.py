@@ -398,3 +398,70 @@ async def test_a_review_decision_needs_the_form_token_this_site_and_an_admin(
     ):
         assert response.status == 200
         assert "admin:alice" in await response.text()
+
+
+async def test_a_submission_page_shows_its_reproductions(
+    tmp_path: Path, start_scorer: StartScorer, start_forum: Any
+) -> None:
+    """Claimed, reproduced and transfer PGR, each Job's outcome, exit status and log, and why
+    the claim does not hold."""
+    rng = random.Random(9)
+    truth, fresh, transfer = ([rng.randrange(2) for _ in range(n)] for n in (100, 100, 50))
+    verification = {"labels": [0, 1], "baselines": {"weak": 0.5, "ceiling": 1.0}}
+    tasks = [
+        (
+            {**verification, "name": "toy", "feedback": {"leakage_budget": None},
+             "reproduction": {"fresh": "toy-fresh", "transfer": ["toy-transfer"]}},
+            truth, "seed-of-the-toy-task",
+        ),
+        ({**verification, "name": "toy-fresh", "verification_only": True}, fresh,
+         "seed-of-the-fresh-split"),
+        ({**verification, "name": "toy-transfer", "verification_only": True}, transfer,
+         "seed-of-the-transfer-task"),
+    ]  # fmt: skip
+    served = await start_scorer(tasks, key=SIGNING_KEY, directory=tmp_path / "scorer")
+    admin = {"Authorization": f"Bearer {ISSUER.mint_admin('operator')}"}
+    verifier = {"Authorization": f"Bearer {ISSUER.mint_verifier('aar-operator', 300)}"}
+    agent = {"Authorization": f"Bearer {ISSUER.mint_agent('lab', 'w2s', 'w2s-1')}"}
+    async with aiohttp.ClientSession() as http:
+
+        async def call(method: str, path: str, headers: dict[str, str], body: Any) -> Any:
+            async with http.request(
+                method, served.url + path, json=body, headers=headers
+            ) as response:
+                assert response.status == 200, await response.text()
+                return await response.json()
+
+        await call("PUT", "/api/v1/runs/lab/w2s", admin,
+                   {"task": "toy", "review_required": False, "reproduce": True})  # fmt: skip
+        submitted = await call(
+            "POST", "/api/v1/submissions", agent,
+            {"task": "toy", "predictions": truth, "method": "copied the answers",
+             "artifact": "sha256:" + "cd" * 32, "command": "python leak.py"},
+        )  # fmt: skip
+        job = "aar-verify/repro-1-toy-fresh"
+        await call("POST", f"/api/v1/submissions/{submitted['id']}/reproductions", verifier,
+                   {"target": "toy-fresh", "outcome": "succeeded", "predictions": truth,
+                    "exit_code": 0, "log": "printed the answers it had", "job": job})  # fmt: skip
+        await call("POST", f"/api/v1/submissions/{submitted['id']}/reproductions", verifier,
+                   {"target": "toy-transfer", "outcome": "failed", "exit_code": 3,
+                    "reason": "the command exited with status 3", "gpu_hours": 0.5,
+                    "log": "Traceback\nFileNotFoundError: /workspace/answers.json",
+                    "job": "aar-verify/repro-1-toy-transfer"})  # fmt: skip
+    forum: Forum = await start_forum(scorer_url=served.url)
+    cookies = {"aar_credential": ISSUER.mint_admin("alice")}
+    async with (
+        aiohttp.ClientSession(cookies=cookies) as http,
+        http.get(f"{forum.url}/submissions/{submitted['id']}") as response,
+    ):
+        assert response.status == 200
+        page = await response.text()
+    section = page[page.index('<section id="reproduction" class="flagged">') :]
+    section = section[: section.index("</section>")]
+    assert '<dd class="claimed">1.000</dd>' in section
+    assert "Does not hold: did not reproduce" in section
+    assert "<code>python leak.py</code>" in section
+    assert "toy-transfer" in section
+    assert "failed, PGR —, exit status 3, 0.500 GPU-hours" in section
+    assert "FileNotFoundError: /workspace/answers.json" in section
+    assert f"<code>{job}</code>" in section

@@ -354,8 +354,11 @@ async def test_the_review_cli_lists_shows_and_decides(
     # The CLI runs its own event loop: call it from a thread, as a terminal would be.
     listing = await asyncio.to_thread(cli, "review", "list")
     assert f"{submitted['id']:>6}  lab/run-a" in listing
-    shown = await asyncio.to_thread(cli, "review", "show", str(submitted["id"]))
+    shown = await asyncio.to_thread(cli, "review", "show", str(submitted["id"]), "--json")
     assert '"method": "a test"' in shown
+    shown = await asyncio.to_thread(cli, "review", "show", str(submitted["id"]))
+    assert shown.startswith(f"Submission {submitted['id']} of lab/run-a by a1: accepted")
+    assert "Method:\n  a test" in shown
     decided = await asyncio.to_thread(
         cli, "review", "approve", str(submitted["id"]), "--comment", "reproduced it"
     )

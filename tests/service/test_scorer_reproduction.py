@@ -4,6 +4,7 @@ submission counting only when its claim held, within the run's tolerance."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 from scorer_harness import StartScorer
 
+from aar_common.cli import main as aar
 from aar_common.credentials import CredentialIssuer, generate_signing_key
 
 KEY = generate_signing_key()
@@ -332,3 +334,47 @@ async def test_a_run_that_does_not_reproduce_counts_as_before(scorer: Scorer) ->
     assert best["reproduced"] is None
     _, wanted = await scorer.wanted()
     assert wanted["wanted"] == []  # only what a reviewer asks for
+
+
+async def test_a_reviewer_sees_the_three_figures_the_log_and_exit_status_and_asks_for_more(
+    scorer: Scorer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Below the top two the operator reproduces by itself: only a reviewer's request brings it.
+    for n, accuracy in enumerate((0.97, 0.96)):
+        await scorer.submit(f"lead{n}", with_accuracy(TRUTH, accuracy, 20 + n))
+    trailing = await scorer.submit("a1", with_accuracy(TRUTH, 0.9, 22))
+    monkeypatch.setenv("AAR_SCORER_URL", scorer.url)
+    monkeypatch.setenv("AAR_CREDENTIAL", ADMIN["Authorization"][7:])
+
+    def cli(*args: str) -> str:
+        assert aar(list(args)) == 0
+        return capsys.readouterr().out
+
+    _, wanted = await scorer.wanted()
+    assert trailing not in [w["submission"] for w in wanted["wanted"]]
+    asked = await asyncio.to_thread(cli, "review", "reproduce", str(trailing))
+    assert f"Asked for submission {trailing} of lab/run-a to be reproduced" in asked
+    _, wanted = await scorer.wanted()
+    assert trailing in [w["submission"] for w in wanted["wanted"]]
+
+    claimed = await scorer.claimed(trailing)
+    await scorer.report(
+        trailing, "toy-fresh", await scorer.fresh_at(trailing, round(claimed - 0.05, 6), 23)
+    )
+    await scorer.report(
+        trailing,
+        "toy-transfer",
+        None,
+        outcome="failed",
+        exit_code=2,
+        reason="the command exited with status 2",
+        log="epoch 1\nTraceback (most recent call last):\nOSError: /workspace: not found",
+    )
+    shown = await asyncio.to_thread(cli, "review", "show", str(trailing))
+    assert f"claimed {claimed:.3f}, reproduced {claimed - 0.05:.3f}, transfer toy-transfer -" in (
+        shown
+    )
+    assert f"command: {COMMAND}" in shown
+    assert "toy-transfer (transfer): failed, PGR -, exit status 2" in shown
+    assert "    | OSError: /workspace: not found" in shown
+    assert "toy-fresh (fresh): succeeded" in shown

@@ -9,6 +9,7 @@ from typing import Any
 
 from archives import tar_gz
 
+from aar_common.times import when
 from aar_forum.charts import Line, bar_chart, line_chart
 from aar_forum.console import (
     _archive_listing,
@@ -16,7 +17,6 @@ from aar_forum.console import (
     _leaderboard,
     _method_diff,
     _queue,
-    when,
 )
 from aar_forum.kube import RunView, SandboxView, states
 from aar_forum.ui import dollars

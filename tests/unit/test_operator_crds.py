@@ -70,7 +70,8 @@ def test_run_schema_bounds_agents_and_names_the_short_name() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["rr"]
     columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert columns == [
-        "Ready", "Status", "Model", "Task", "Spent", "Budget", "PGR", "Ends", "Age", "Message"
+        "Ready", "Status", "Model", "Task", "Spent", "Budget", "PGR", "Reproduced", "Ends", "Age",
+        "Message",
     ]  # fmt: skip
     assert crds.definitions()["agentsandboxes.yaml"]["spec"]["names"]["shortNames"] == ["asb"]
 
