@@ -128,7 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (field, env) in _FLAGS.items():
         default = getattr(defaults, field)
         if field == "run_namespaces":
-            default = "any namespace but the scorer's and the operator's own"
+            default = (
+                "any namespace but the scorer's, the operator's own and the verification namespace"
+            )
         if field == "default_budget_usd":
             default = "none: a run without spec.budget.usd is refused"
         parser.add_argument(flag, dest=field, default=None, help=f"${env} (default: {default})")

@@ -4,6 +4,7 @@ the best score; as the verifier, ask what to reproduce, fetch its artifact and r
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Mapping
 from decimal import Decimal
@@ -181,7 +182,14 @@ class Services:
         with tempfile.TemporaryDirectory(prefix="aar-artifact-") as scratch:
             saved = Path(scratch) / "artifact"
             await self._forum.request("GET", path, save_to=saved)
-            return filename, saved.read_bytes()
+            content = saved.read_bytes()
+        # What is run is what the submission names, byte for byte.
+        if f"sha256:{hashlib.sha256(content).hexdigest()}" != digest:
+            raise ArtifactError(
+                f"the forum's bytes for {digest} do not match that digest; the artifact store "
+                "is damaged: check the forum's volume"
+            )
+        return filename, content
 
     async def close(self) -> None:
         await self._session.close()

@@ -316,14 +316,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from aar_trainer.demo import DEMO_STRONG_OPTIONS, DEMO_WEAK_OPTIONS, CuesTask, make_demo
+    from aar_trainer.demo import CuesTask, demo_w2s_flags, make_demo
 
     paths = make_demo(Path(args.directory), CuesTask(seed=args.seed, split_seed=args.split_seed))
-    flags = []
-    for prefix, options in (("weak", DEMO_WEAK_OPTIONS), ("strong", DEMO_STRONG_OPTIONS)):
-        for name in ("epochs", "lr", "max_batch", "max_tokens"):
-            flags.append(f"--{prefix}-{name.replace('_', '-')} {getattr(options, name)}")
-    flags.append(f"--strong-aux-alpha {DEMO_STRONG_OPTIONS.aux_alpha}")
+    flags = demo_w2s_flags()
     print(f"Wrote the cues task to {paths['task']} and tiny models under {args.directory}/models")
     print(
         "Try:\n  aar-train w2s "

@@ -141,6 +141,15 @@ DEMO_WEAK_OPTIONS = TrainOptions(epochs=5, lr=1e-3, max_batch=16, max_tokens=204
 DEMO_STRONG_OPTIONS = TrainOptions(epochs=5, lr=3e-3, max_batch=32, max_tokens=2048, aux_alpha=0.3)
 
 
+def demo_w2s_flags() -> list[str]:
+    """The `aar-train w2s` flags that train the tiny models with the settings above."""
+    flags = []
+    for prefix, options in (("weak", DEMO_WEAK_OPTIONS), ("strong", DEMO_STRONG_OPTIONS)):
+        for name in ("epochs", "lr", "max_batch", "max_tokens"):
+            flags += [f"--{prefix}-{name.replace('_', '-')}", str(getattr(options, name))]
+    return [*flags, "--strong-aux-alpha", str(DEMO_STRONG_OPTIONS.aux_alpha)]
+
+
 def save_tokenizer(words: list[str], root: Path) -> int:
     """A byte-level BPE tokenizer, like Qwen's, trained until each of `words` is one token;
     saved so that `AutoTokenizer` loads it as Qwen's own tokenizer class. Returns its size."""

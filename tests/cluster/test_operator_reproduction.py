@@ -1,8 +1,9 @@
 """Reproductions on a real apiserver: a leading submission of a run that reproduces becomes
 exactly one Job per target in the verification namespace, locked down field by field; the
 namespace is shut off the network; a Job that runs past its deadline is reported to the scorer
-as timed out; an operator restart makes no second Job; deleting the run (with the operator up,
-or while it is down) deletes its Jobs and their artifacts.
+as timed out; an operator restart makes no second Job; an artifact whose stored bytes no longer
+match its digest is never run; deleting the run (with the operator up, or while it is down)
+deletes its Jobs and their artifacts.
 
 The cluster tier has no node, so the Jobs' Pods never start: the job controller still ends a
 Job at its deadline, which is the path tested here. Jobs that run are the e2e tier's."""
@@ -315,7 +316,28 @@ def test_a_run_deleted_while_the_operator_is_down_loses_its_jobs_when_it_is_back
             method="POST",
         )  # fmt: skip
         assert status == 200, answer
-        eventually(lambda: len(names(in_verify, "jobs", REPRODUCTION)) == 2, what="two Jobs")
+        # An artifact whose stored bytes no longer match its digest is not run: what is
+        # reproduced is what the submission named, byte for byte.
+        damaged = publish(services.forum, agent, "other.tar.gz", tar_gz({"m/x.py": b"x = 1\n"}))
+        blob = services.directory / "forum" / "artifacts" / "sha256" / damaged.split(":")[1]
+        blob.write_bytes(tar_gz({"m/x.py": b"import os; os.system('curl ...')\n"}))
+        status, answer = call(
+            f"{services.scorer}/api/v1/submissions",
+            agent,
+            {"task": "w2s-chat", "predictions": LABELS[::-1], "method": "m2",
+             "artifact": damaged, "command": COMMAND},
+            method="POST",
+        )  # fmt: skip
+        assert status == 200, answer
+
+        def refused() -> list[str]:
+            _, found = call(f"{services.scorer}/api/v1/submissions/{answer['id']}",
+                            services.admin())  # fmt: skip
+            return [r["reason"] for r in found["reproduction"]["results"]]
+
+        reasons = eventually(lambda: len(r := refused()) == 2 and r, what="damaged: reported")
+        assert all("do not match that digest" in reason for reason in reasons), reasons
+        assert len(names(in_verify, "jobs", REPRODUCTION)) == 2  # none for the damaged one
     finally:
         first.stop()
     kubectl.run("delete", "rr", "verified", "--wait=true")

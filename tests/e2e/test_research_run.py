@@ -7,6 +7,7 @@ The tests share one installation and run in file order, each building on the run
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -20,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from archives import tar_gz
 from node_cluster import require_node
 
 from aar_devcluster import deploy
 from aar_devcluster.controlplane import ControlPlane
 from aar_devcluster.demo import Demo, port_forward, run_manifest
 from aar_devcluster.tools import Tool
+from aar_trainer.demo import demo_w2s_flags
 
 # The installation builds and imports every image (minutes when the code changed), and the
 # agents train for real on two cores.
@@ -46,15 +49,35 @@ class Installed:
 
     def get(self, namespace: str, service: str, path: str, health: str = "/healthz") -> Any:
         """GET a service's API through a port-forward, as an admin."""
+        return self.request(namespace, service, "GET", path, health=health)
+
+    def request(
+        self,
+        namespace: str,
+        service: str,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        credential: str | None = None,
+        health: str = "/healthz",
+    ) -> Any:
+        """Call a service's API through a port-forward, as an admin unless `credential` says
+        otherwise; its JSON answer."""
         process, port = port_forward(
             self.plane.kubeconfig_path, namespace, service, self.logs / f"{service}.log", health
         )
         try:
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}{path}",
-                headers={"Authorization": f"Bearer {self.credential}"},
+                data=body,
+                method=method,
+                headers={
+                    "Authorization": f"Bearer {credential or self.credential}",
+                    **(headers or {}),
+                },
             )
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read())
         finally:
             process.kill()
@@ -222,15 +245,183 @@ def test_an_approved_submission_becomes_the_runs_best(
             [aar, "review", "approve", chosen, "--comment", "read the method and the artifact"],
             env=environment, capture_output=True, text=True, check=True,
         )  # fmt: skip
+        # The run reproduces: the approved submission counts once its code ran again on the
+        # fresh split (asked for here, whatever its rank by public score).
+        subprocess.run(
+            [aar, "review", "reproduce", chosen],
+            env=environment, capture_output=True, text=True, check=True,
+        )  # fmt: skip
     finally:
         process.kill()
         process.wait()
     best = eventually(
         lambda: installed.kubectl.json("get", "researchrun", RUN)["status"].get("best"),
-        what="status.best after the approval",
-        timeout=180,
+        what="status.best after the approval and the reproduction",
+        timeout=900,
     )
     assert (str(best["submission"]), best["agent"]) == (chosen, agent)
+    # Reproduced on the fresh split within the run's tolerance, and on the transfer task.
+    assert best["reproduced"] >= best["score"] - run_manifest()["spec"]["review"]["tolerance"]
+    assert [t["task"] for t in best["transfer"]] == [deploy.DEMO_TASKS[2].name]
+    printed = installed.kubectl.run("get", "researchrun", RUN)
+    assert "REPRODUCED" in printed.splitlines()[0]
+
+
+def _agent_credential(installed: Installed, agent: str) -> str:
+    """The credential the operator minted for an agent, from its Secret."""
+    secret = installed.kubectl.json("get", "secret", f"{agent}-credential")
+    return base64.b64decode(secret["data"]["credential"]).decode()
+
+
+def _publish(installed: Installed, credential: str, name: str, files: dict[str, bytes]) -> str:
+    answer = installed.request(
+        deploy.SYSTEM_NAMESPACE, "aar-forum", "POST", "/api/v1/artifacts", tar_gz(files),
+        {"X-Aar-Filename": f"{name}.tar.gz", "Content-Type": "application/octet-stream"},
+        credential,
+    )  # fmt: skip
+    return str(answer["digest"])
+
+
+def _submit(
+    installed: Installed, credential: str, predictions: list[Any], method: str, artifact: str,
+    command: str,
+) -> int:  # fmt: skip
+    body = {"task": deploy.TASK, "predictions": predictions, "method": method,
+            "artifact": artifact, "command": command}  # fmt: skip
+    answer = installed.request(
+        deploy.SCORER_NAMESPACE, "aar-scorer", "POST", "/api/v1/submissions",
+        json.dumps(body).encode(), {"Content-Type": "application/json"}, credential,
+    )  # fmt: skip
+    assert answer["status"] in ("accepted", "flagged"), answer
+    return int(answer["id"])
+
+
+def _reproduced(installed: Installed, submission: int) -> dict[str, Any] | None:
+    """The submission's detail once every target has reported."""
+    detail: dict[str, Any] = installed.get(
+        deploy.SCORER_NAMESPACE, "aar-scorer", f"/api/v1/submissions/{submission}"
+    )
+    targets = {task.name for task in deploy.DEMO_TASKS[1:]}
+    return detail if set(detail["reproduction"]["reported"]) == targets else None
+
+
+def test_reproductions_run_as_jobs_and_only_honest_code_counts(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """On the node, in the verification namespace, with no network: an honest `aar-train`
+    method reproduces within tolerance; predictions copied from leaked labels reproduce near
+    chance on the fresh split and the transfer task and never count; a method that reads the
+    agent's workspace fails there."""
+    credential = _agent_credential(installed, AGENTS[1])
+    labels = json.loads(
+        (installed.plane.state_dir / "demo-tasks" / deploy.TASK / "test-labels.json").read_text()
+    )["labels"]
+    # Honest: the run's own trainer, one seed, on whatever bundle the Job mounts. Its claim is
+    # the same command run here on the run's bundle.
+    honest_script = (
+        "set -e\n"
+        'aar-train w2s --task "$AAR_TASK_DIR" --weak-model "$AAR_TASK_DIR/models/weak" '
+        '--strong-model "$AAR_TASK_DIR/models/strong" --method confident --seeds 0 '
+        '--no-ceiling --device cpu --threads 1 --quiet --out "$AAR_OUTPUT_DIR/w2s" '
+        + " ".join(demo_w2s_flags())
+        + "\n"
+        'cp "$AAR_OUTPUT_DIR/w2s/predictions.json" "$AAR_OUTPUT_DIR/predictions.json"\n'
+    )
+    # The run's bundle as the agents have it: the task volume's own folder on this machine.
+    claim = installed.kubectl.json("get", "pvc", f"aar-task-{deploy.TASK}")
+    volume = installed.admin.json("get", "pv", claim["spec"]["volumeName"])
+    bundle = Path(volume["spec"]["local"]["path"])
+    claim_dir = tmp_path / "claim"
+    subprocess.run(
+        ["bash", "-c", honest_script],
+        env={**os.environ, "AAR_TASK_DIR": str(bundle),
+             "AAR_OUTPUT_DIR": str(claim_dir),
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    honest_predictions = json.loads((claim_dir / "predictions.json").read_text())
+    honest = _submit(
+        installed, credential, honest_predictions, "w2s confident, seed 0",
+        _publish(installed, credential, "honest", {"honest/run.sh": honest_script.encode()}),
+        "bash honest/run.sh",
+    )  # fmt: skip
+    # Leaked: the hidden labels themselves, and code that only prints them.
+    leaked = _submit(
+        installed, credential, labels, "a very good method",
+        _publish(installed, credential, "leak", {"leak/answers.json": json.dumps(labels).encode()}),
+        'cp leak/answers.json "$AAR_OUTPUT_DIR/predictions.json"',
+    )  # fmt: skip
+    # Outside: predictions the agent made in its workspace, which no Job has.
+    outside = _submit(
+        installed, credential, honest_predictions[::-1], "reuses my earlier run",
+        _publish(installed, credential, "reuse", {"reuse/README.md": b"see my workspace"}),
+        'cp /workspace/runs/naive/seed-0/predictions.json "$AAR_OUTPUT_DIR/predictions.json"',
+    )  # fmt: skip
+
+    process, port = port_forward(
+        installed.plane.kubeconfig_path, deploy.SCORER_NAMESPACE, "aar-scorer",
+        installed.logs / "reproduce.log",
+    )  # fmt: skip
+    environment = {**os.environ, "AAR_SCORER_URL": f"http://127.0.0.1:{port}",
+                   "AAR_CREDENTIAL": installed.credential}  # fmt: skip
+    aar = str(Path(sys.executable).parent / "aar")
+    try:
+        # The leaked one leads the run by public score: reproduced unasked. The others a
+        # reviewer asks for.
+        for submission in (honest, outside):
+            subprocess.run([aar, "review", "reproduce", str(submission)], env=environment,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+        details = {
+            name: eventually(
+                lambda s=submission: _reproduced(installed, s),
+                what=f"the {name} submission's reproductions",
+                timeout=900,
+            )
+            for name, submission in (("honest", honest), ("leaked", leaked), ("outside", outside))
+        }
+        shown = subprocess.run([aar, "review", "show", str(outside)], env=environment,
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    finally:
+        process.kill()
+        process.wait()
+
+    tolerance = run_manifest()["spec"]["review"]["tolerance"]
+    fresh, transfer = (task.name for task in deploy.DEMO_TASKS[1:])
+    found = details["honest"]["reproduction"]
+    assert {r["target"]: r["outcome"] for r in found["results"]} == {
+        fresh: "succeeded",
+        transfer: "succeeded",
+    }
+    assert found["reproduced"] >= found["claimed"] - tolerance, found
+    assert found["holds"] is True, found
+
+    found = details["leaked"]["reproduction"]
+    assert found["claimed"] > 1.0  # every answer right: above the ceiling
+    assert abs(found["reproduced"]) < 0.5, found  # chance: the weak teacher, PGR about 0
+    assert abs(found["transfer"][transfer]) < 0.5, found
+    assert found["holds"] is False
+    assert "did not reproduce" in found["verdict"]
+    assert details["leaked"]["counted"] is False
+
+    found = details["outside"]["reproduction"]
+    assert {r["outcome"] for r in found["results"]} == {"failed"}
+    assert all(r["exit_code"] == 1 for r in found["results"]), found
+    assert "/workspace/runs/naive/seed-0/predictions.json" in found["results"][0]["log"]
+    assert found["holds"] is False
+    assert "exit status 1" in shown
+    assert "No such file or directory" in shown
+
+    # The Jobs ran in the verification namespace, their GPU time charged to the run.
+    jobs = installed.admin.json("get", "jobs", "-n", deploy.VERIFY_NAMESPACE)["items"]
+    assert {f"repro-{leaked}-{fresh}", f"repro-{honest}-{transfer}"} <= {
+        job["metadata"]["name"] for job in jobs
+    }
+    status = eventually(
+        lambda: (s := installed.kubectl.json("get", "researchrun", RUN)["status"])
+        .get("reproductions", {}).get("gpuHours", 0) > 0 and s,
+        what="the reproductions' GPU-hours in the run's status",
+    )  # fmt: skip
+    assert status["spend"]["gpuHours"] >= status["reproductions"]["gpuHours"]
 
 
 def _resumed(installed: Installed, agent: str) -> bool:
@@ -291,3 +482,13 @@ def test_deleting_the_run_leaves_nothing(installed: Installed) -> None:
         return names
 
     eventually(lambda: not left(), what="the run's objects to be collected", timeout=180)
+    # Its reproductions in the verification namespace go too.
+    eventually(
+        lambda: (
+            not installed.admin.json(
+                "get", "jobs,configmaps", "-n", deploy.VERIFY_NAMESPACE, "-l", "aar.dev/run=" + RUN
+            )["items"]
+        ),
+        what="the run's reproduction Jobs to be deleted",
+        timeout=180,
+    )
