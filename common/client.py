@@ -96,9 +96,11 @@ class ServiceClient:
         data: Any = None,
         headers: dict[str, str] | None = None,
         save_to: Path | None = None,
+        raw: bool = False,
     ) -> Any:
-        """Call the service; returns its JSON (None for an empty body), or writes the body to
-        `save_to` and returns its size. Raises ServiceError on any failure."""
+        """Call the service; returns its JSON (None for an empty body), its bytes with `raw`,
+        or writes the body to `save_to` and returns its size. Raises ServiceError on any
+        failure."""
         if self.base_url is None:
             raise ServiceError(self._unconfigured, self._unconfigured)
         url = self.base_url + path
@@ -129,6 +131,8 @@ class ServiceClient:
             raise ServiceError(
                 f"could not reach the {self.name} at {url}: {reason}", reason
             ) from error
+        if raw:
+            return body
         if not body:
             return None
         try:

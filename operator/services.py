@@ -5,10 +5,8 @@ the best score; as the verifier, ask what to reproduce, fetch its artifact and r
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from collections.abc import Mapping
 from decimal import Decimal
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -179,10 +177,8 @@ class Services:
                 f"{limit:,} bytes: publish the code that trains the method, without weights or "
                 "data (the task bundle is mounted for it)"
             )
-        with tempfile.TemporaryDirectory(prefix="aar-artifact-") as scratch:
-            saved = Path(scratch) / "artifact"
-            await self._forum.request("GET", path, save_to=saved)
-            content = saved.read_bytes()
+        # In memory: the operator's root filesystem is read-only, and the size is bounded above.
+        content: bytes = await self._forum.request("GET", path, raw=True)
         # What is run is what the submission names, byte for byte.
         if f"sha256:{hashlib.sha256(content).hexdigest()}" != digest:
             raise ArtifactError(

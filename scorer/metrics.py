@@ -51,9 +51,9 @@ class Metrics:
             ["task", "outcome"],
             registry=registry,
         )
-        self.reproduction_gpu_hours = Counter(
-            "aar_scorer_reproduction_gpu_hours",
-            "GPU-hours the reproductions of submissions took, by target task",
+        self.reproduction_gpu_seconds = Counter(
+            "aar_scorer_reproduction_gpu_seconds",
+            "GPU time the reproductions of submissions took (GPU-hours x 3600), by target task",
             ["task"],
             registry=registry,
         )

@@ -283,7 +283,9 @@ class Scorer:
                 pass  # the same report, raced in: the first one stands
             else:
                 self.metrics.reproductions.labels(report.target, outcome).inc()
-                self.metrics.reproduction_gpu_hours.labels(report.target).inc(report.gpu_hours)
+                self.metrics.reproduction_gpu_seconds.labels(report.target).inc(
+                    report.gpu_hours * 3600
+                )
         return self.reviews.detail(submission, state.rule)
 
     async def request_reproduction(self, submission: int, by: str) -> dict[str, Any]:

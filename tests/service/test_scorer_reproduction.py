@@ -80,6 +80,7 @@ def with_accuracy(truth: list[int], accuracy: float, seed: int) -> list[int]:
 class Scorer:
     url: str
     http: aiohttp.ClientSession
+    metrics_url: str
 
     async def call(
         self, method: str, path: str, headers: dict[str, str], body: Any = None
@@ -138,7 +139,7 @@ async def register(scorer: Scorer, **fields: Any) -> tuple[int, Any]:
 async def scorer(start_scorer: StartScorer) -> AsyncIterator[Scorer]:
     served = await start_scorer(TASKS, key=KEY)
     async with aiohttp.ClientSession() as http:
-        service = Scorer(served.url, http)
+        service = Scorer(served.url, http, served.metrics_url)
         status, answer = await register(service, reproduce_top=2)
         assert status == 200, answer
         yield service
@@ -229,6 +230,12 @@ async def test_a_failed_or_timed_out_reproduction_flags_with_its_reason(scorer: 
         slow, "toy-fresh", None, outcome="timed_out", reason="deadline of 2h passed"
     )
     assert detail["reproduction"]["verdict"] == "reproduction timed_out: deadline of 2h passed"
+    # Prometheus has them by outcome, and their GPU time.
+    async with scorer.http.get(f"{scorer.metrics_url}/metrics") as response:
+        metrics = await response.text()
+    assert 'aar_scorer_reproductions_total{outcome="failed",task="toy-fresh"} 1.0' in metrics
+    assert 'aar_scorer_reproductions_total{outcome="timed_out",task="toy-fresh"} 1.0' in metrics
+    assert 'aar_scorer_reproduction_gpu_seconds_total{task="toy-fresh"} 1800.0' in metrics
     # Predictions that do not fit the target are invalid, whatever the Job said.
     short = await scorer.submit("a3", with_accuracy(TRUTH, 0.9, 10))
     _, detail = await scorer.report(short, "toy-fresh", [0] * 7)
