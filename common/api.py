@@ -137,7 +137,10 @@ class ReproductionReport(BaseModel):
 
     target: str = Field(min_length=1)
     outcome: ReproductionOutcome
-    predictions: list[StrictInt | StrictStr] | None = None
+    # One list of predictions per seed the command ran with (AAR_SEED 0, 1, ...), in that order.
+    predictions: list[list[StrictInt | StrictStr]] | None = Field(
+        default=None, min_length=1, max_length=10
+    )
     exit_code: int | None = None
     reason: str = Field(default="", max_length=2000)
     log: str = Field(default="", max_length=65_536, description="the end of the Job's log")

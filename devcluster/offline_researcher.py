@@ -443,11 +443,12 @@ exit "$status"
 
 def reproduce_command(method: Method) -> str:
     """What makes the submitted predictions again from the published `experiments` folder:
-    the baselines, then the submitted seed's student, its predictions where the scorer reads
-    them."""
-    seed = SEEDS[0]
-    student = ["bash", SCRIPT, "student", method.name, f"runs/{method.slug}", str(seed)]
-    made = f"$AAR_OUTPUT_DIR/runs/{method.slug}/seed-{seed}/predictions.json"
+    the baselines, then the student of the submitted seed (or of the reproduction's
+    `AAR_SEED`), its predictions where the reproduction reads them."""
+    # The seed the predictions were made with, unless a reproduction asks for another.
+    seed = f'"${{AAR_SEED:-{SEEDS[0]}}}"'
+    student = ["bash", SCRIPT, "student", method.name, f"runs/{method.slug}", seed]
+    made = f"$AAR_OUTPUT_DIR/runs/{method.slug}/seed-${{AAR_SEED:-{SEEDS[0]}}}/predictions.json"
     return (
         f"bash {SCRIPT} baselines && {' '.join([*student, *method.flags])} && "
         f'cp "{made}" "$AAR_OUTPUT_DIR/predictions.json"'

@@ -153,6 +153,13 @@ class Review(_Model):
     top: int = Field(
         default=3, ge=1, le=100, description="How many leading submissions are reproduced."
     )
+    seeds: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="How many times each reproduction runs the command, with AAR_SEED 0, 1, ...: "
+        "the figures are the mean over them, with their spread.",
+    )
     timeout: str = Field(
         default="2h",
         pattern=DURATION_PATTERN,

@@ -51,20 +51,25 @@ COMPONENT = "reproduction"
 REPORTED = "aar.dev/reported"
 GPU_HOURS = "aar.dev/gpu-hours"
 
-BEGIN = "<<<aar-predictions"
+BEGIN = "<<<aar-predictions seed="
 END = "aar-predictions>>>"
-# Runs the submission's command in the artifact's folder, then prints what it wrote between
-# markers, so that the operator reads the predictions from the log: nothing of the Job's is
-# written anywhere else. The command's own exit status is the container's.
+# Runs the submission's command in the artifact's folder once per seed (AAR_SEED, each with an
+# empty AAR_OUTPUT_DIR of its own), and after each prints what it wrote between markers, so that
+# the operator reads the predictions from the log: nothing of the Job's is written anywhere else.
+# A seed whose command fails ends the Job with its exit status.
 WRAPPER = f"""cd {ARTIFACT_DIR} || exit 125
-/bin/sh -c "$AAR_COMMAND"
-status=$?
-echo
-echo '{BEGIN}'
-cat "$AAR_OUTPUT_DIR/{PREDICTIONS_FILE}" 2>/dev/null
-echo
-echo '{END}'
-exit $status
+for seed in $AAR_SEEDS; do
+  out="{OUTPUT_DIR}/seed-$seed"
+  mkdir -p "$out" || exit 125
+  AAR_SEED="$seed" AAR_OUTPUT_DIR="$out" /bin/sh -c "$AAR_COMMAND"
+  status=$?
+  echo
+  echo "{BEGIN}$seed"
+  cat "$out/{PREDICTIONS_FILE}" 2>/dev/null
+  echo
+  echo '{END}'
+  if [ "$status" -ne 0 ]; then exit "$status"; fi
+done
 """
 
 
@@ -192,6 +197,7 @@ def job(
     }
     env = {
         "AAR_COMMAND": wanted.command,
+        "AAR_SEEDS": " ".join(str(seed) for seed in range(spec.review.seeds)),
         "AAR_TASK": target,
         "AAR_TASK_DIR": TASK_DIR,
         "AAR_OUTPUT_DIR": OUTPUT_DIR,
@@ -331,25 +337,25 @@ def gpu_hours(job: dict[str, Any], now: datetime) -> float:
     return round(gpus * max(0.0, (end - parse_time(started)).total_seconds()) / 3600, 6)
 
 
-_BLOCK = re.compile(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), re.DOTALL)
+_BLOCK = re.compile(re.escape(BEGIN) + r"(\d+)\n(.*?)\n" + re.escape(END), re.DOTALL)
 
 
-def predictions_from_log(log: str) -> tuple[list[Any] | None, str]:
-    """The JSON list of predictions the wrapper printed last (None when the command wrote none,
-    or not a JSON list), and the log without it."""
-    blocks = list(_BLOCK.finditer(log))
-    if not blocks:
-        return None, log
-    block = blocks[-1]
-    rest = log[: block.start()] + log[block.end() :]
-    text = block.group(1).strip()
-    if not text:
-        return None, rest
-    try:
-        predictions = json.loads(text)
-    except ValueError:
-        return None, rest
-    return (predictions if isinstance(predictions, list) else None), rest
+def predictions_from_log(log: str) -> tuple[dict[int, list[Any]], str]:
+    """Each seed's JSON list of predictions as the wrapper printed it last (a seed whose
+    command wrote none, or not a JSON list, is missing), and the log without them."""
+    found: dict[int, list[Any]] = {}
+    for block in _BLOCK.finditer(log):
+        text = block.group(2).strip()
+        try:
+            predictions = json.loads(text) if text else None
+        except ValueError:
+            predictions = None
+        seed = int(block.group(1))
+        if isinstance(predictions, list):
+            found[seed] = predictions
+        else:
+            found.pop(seed, None)
+    return found, _BLOCK.sub("", log)
 
 
 def exit_code(pod: dict[str, Any] | None) -> int | None:

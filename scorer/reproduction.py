@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,11 +113,18 @@ class ReproductionBook:
         return reproduced
 
     def pgr(self, row: sqlite3.Row) -> float | None:
-        """A reproduction's PGR on its target, with the target's own baselines."""
+        """A reproduction's PGR on its target, with the target's own baselines: the mean over
+        the seeds it ran with."""
         target = self.tasks.get(row["target"])
         if row["accuracy"] is None or target is None:
             return None
         return round(target.pgr(row["accuracy"]), 6)
+
+    def pgr_by_seed(self, row: sqlite3.Row) -> list[float]:
+        target = self.tasks.get(row["target"])
+        if row["accuracies"] is None or target is None:
+            return []
+        return [round(target.pgr(accuracy), 6) for accuracy in json.loads(row["accuracies"])]
 
     def holds(self, submission: sqlite3.Row, task: Task, rule: CountRule, done: Reproduced) -> bool:
         """Whether the submission's claim survived its fresh-split reproduction (always, in a
@@ -165,6 +173,9 @@ class ReproductionBook:
                     "kind": row["kind"],
                     "outcome": row["outcome"],
                     "pgr": self.pgr(row),
+                    # Each seed's PGR, and their spread (population standard deviation).
+                    "seeds": (by_seed := self.pgr_by_seed(row)),
+                    "spread": round(statistics.pstdev(by_seed), 6) if by_seed else None,
                     "exit_code": row["exit_code"],
                     "reason": row["reason"],
                     "log": row["log"],
@@ -223,26 +234,47 @@ class ReproductionBook:
                 )
         return wanted
 
-    def score(self, report: ReproductionReport) -> tuple[str, float | None, str]:
-        """The outcome, accuracy and reason to store for a report: predictions that do not
-        fit the target make it invalid, saying why."""
+    def score(self, report: ReproductionReport) -> Scored:
+        """The outcome, each seed's accuracy and the reason to store for a report: predictions
+        that do not fit the target make it invalid, saying which seed's and why."""
         target = self.tasks[report.target]
         if report.outcome is not ReproductionOutcome.SUCCEEDED:
-            return report.outcome.value, None, report.reason or report.outcome.value
+            return Scored(report.outcome.value, [], report.reason or report.outcome.value)
         if report.predictions is None:
-            return ReproductionOutcome.FAILED.value, None, "the command wrote no predictions"
-        if len(report.predictions) != target.size:
-            return (
-                ReproductionOutcome.INVALID.value,
-                None,
-                f"{len(report.predictions)} predictions for task {target.name}, which needs "
-                f"{target.size}",
-            )
-        try:
-            packed = Packer(target.spec.labels).pack(report.predictions)
-        except ValueError as error:
-            return ReproductionOutcome.INVALID.value, None, f"predictions: {error}"
-        return ReproductionOutcome.SUCCEEDED.value, target.accuracy(packed), report.reason
+            return Scored(ReproductionOutcome.FAILED.value, [], "the command wrote no predictions")
+        accuracies = []
+        for seed, predictions in enumerate(report.predictions):
+            if len(predictions) != target.size:
+                return Scored(
+                    ReproductionOutcome.INVALID.value,
+                    [],
+                    f"seed {seed}: {len(predictions)} predictions for task {target.name}, which "
+                    f"needs {target.size}",
+                )
+            try:
+                packed = Packer(target.spec.labels).pack(predictions)
+            except ValueError as error:
+                return Scored(ReproductionOutcome.INVALID.value, [], f"seed {seed}: {error}")
+            accuracies.append(target.accuracy(packed))
+        return Scored(ReproductionOutcome.SUCCEEDED.value, accuracies, report.reason)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A reproduction as it is stored: its outcome, each seed's accuracy on the target (none
+    unless it succeeded) and why."""
+
+    outcome: str
+    accuracies: list[float]
+    reason: str
+
+    @property
+    def accuracy(self) -> float | None:
+        return statistics.fmean(self.accuracies) if self.accuracies else None
+
+    @property
+    def accuracies_json(self) -> str | None:
+        return json.dumps(self.accuracies) if self.accuracies else None
 
 
 def transfer_json(transfer: tuple[str, ...]) -> str:

@@ -106,14 +106,23 @@ def _reproduction(summary: dict[str, Any]) -> list[str]:
         exit_code = "-" if result["exit_code"] is None else result["exit_code"]
         lines.append(
             f"  {result['target']} ({result['kind']}): {result['outcome']}, PGR "
-            f"{_score(result['pgr'])}, exit status {exit_code}, {result['gpu_hours']:.3f} "
-            f"GPU-hours, Job {result['job']}"
+            f"{_score(result['pgr'])}{_spread(result)}, exit status {exit_code}, "
+            f"{result['gpu_hours']:.3f} GPU-hours, Job {result['job']}"
         )
         if result["reason"]:
             lines.append(f"    {result['reason']}")
         log = result["log"].rstrip().splitlines()[-LOG_LINES:]
         lines += [f"    | {line}" for line in log]
     return lines
+
+
+def _spread(result: dict[str, Any]) -> str:
+    """` ± 0.021 over 3 seeds (0.61, 0.64, 0.66)`, or nothing for a single seed."""
+    seeds = result.get("seeds") or []
+    if len(seeds) < 2:
+        return ""
+    each = ", ".join(f"{pgr:.3f}" for pgr in seeds)
+    return f" ± {result['spread']:.3f} over {len(seeds)} seeds ({each})"
 
 
 def _reproduce(args: argparse.Namespace) -> int:

@@ -256,21 +256,22 @@ class Scorer:
                 f"are: {', '.join(aims) or 'none (its task has no reproduction section)'}",
             )
         if report.target not in detail["reproduction"]["reported"]:
-            outcome, accuracy, reason = self.reviews.reproductions.score(report)
+            scored = self.reviews.reproductions.score(report)
             try:
                 await self.store.write(
                     (
                         "INSERT INTO reproductions (submission, target, kind, outcome, accuracy, "
-                        "exit_code, reason, log, gpu_hours, job, reported_by, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "accuracies, exit_code, reason, log, gpu_hours, job, reported_by, "
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             submission,
                             report.target,
                             aims[report.target],
-                            outcome,
-                            accuracy,
+                            scored.outcome,
+                            scored.accuracy,
+                            scored.accuracies_json,
                             report.exit_code,
-                            reason,
+                            scored.reason,
                             report.log,
                             report.gpu_hours,
                             report.job,
@@ -282,7 +283,7 @@ class Scorer:
             except sqlite3.IntegrityError:
                 pass  # the same report, raced in: the first one stands
             else:
-                self.metrics.reproductions.labels(report.target, outcome).inc()
+                self.metrics.reproductions.labels(report.target, scored.outcome).inc()
                 self.metrics.reproduction_gpu_seconds.labels(report.target).inc(
                     report.gpu_hours * 3600
                 )

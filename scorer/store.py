@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS reproductions (
     kind TEXT NOT NULL CHECK (kind IN ('fresh', 'transfer')),
     outcome TEXT NOT NULL CHECK (outcome IN ('succeeded', 'failed', 'timed_out', 'invalid')),
     accuracy REAL,
+    accuracies TEXT,
     exit_code INTEGER,
     reason TEXT NOT NULL,
     log TEXT NOT NULL,

@@ -64,8 +64,9 @@ class ScorerSubmitInput(Input):
     command: str | None = Field(
         default=None,
         description="the shell command that produces the predictions again from that code, run "
-        "in the folder the artifact unpacks into, with the task bundle at $AAR_TASK_DIR; it "
-        "must write $AAR_OUTPUT_DIR/predictions.json (e.g. `aar-train w2s ... --task "
+        "in the folder the artifact unpacks into, with the task bundle at $AAR_TASK_DIR and a "
+        "seed in $AAR_SEED (it runs once per seed); it must write "
+        "$AAR_OUTPUT_DIR/predictions.json (e.g. `aar-train w2s ... --seeds $AAR_SEED --task "
         "$AAR_TASK_DIR --out $AAR_OUTPUT_DIR`)",
     )
 

@@ -198,16 +198,28 @@ async def _report_if_finished(context: Context, job: dict[str, Any]) -> None:
             )
         except (ApiError, aiohttp.ClientError) as error:
             log = f"(the log could not be read: {error})"
-    predictions, rest = reproductions.predictions_from_log(log)
+    by_seed, rest = reproductions.predictions_from_log(log)
     exit_code = reproductions.exit_code(pod)
     outcome, reason = ended.outcome, ended.reason
     if outcome is ReproductionOutcome.FAILED and exit_code is not None:
         reason = f"the command exited with status {exit_code}"
+    predictions = None
+    if outcome is ReproductionOutcome.SUCCEEDED:
+        seeds = _seeds(job)
+        missing = [seed for seed in seeds if seed not in by_seed]
+        if missing:
+            outcome = ReproductionOutcome.FAILED
+            reason = (
+                f"the command wrote no JSON list to $AAR_OUTPUT_DIR/predictions.json for seed "
+                f"{', '.join(map(str, missing))}"
+            )
+        else:
+            predictions = [by_seed[seed] for seed in seeds]
     hours = reproductions.gpu_hours(job, now_utc())
     report = ReproductionReport(
         target=metadata["labels"][reproductions.TARGET_LABEL],
         outcome=outcome,
-        predictions=predictions if outcome is ReproductionOutcome.SUCCEEDED else None,
+        predictions=predictions,
         exit_code=exit_code,
         reason=reason,
         log=rest[-reproductions.LOG_TAIL_CHARS :],
@@ -221,6 +233,13 @@ async def _report_if_finished(context: Context, job: dict[str, Any]) -> None:
         Ref("batch/v1", "Job", namespace, name),
         {"metadata": {"annotations": {REPORTED: outcome.value, GPU_HOURS: str(hours)}}},
     )
+
+
+def _seeds(job: dict[str, Any]) -> list[int]:
+    """The seeds a Job ran its command with (its AAR_SEEDS)."""
+    env = job["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    seeds = next((e.get("value", "") for e in env if e["name"] == "AAR_SEEDS"), "0")
+    return [int(seed) for seed in seeds.split()]
 
 
 # --- when runs go -----------------------------------------------------------------------------

@@ -241,6 +241,7 @@ def assert_locked_down(
     # No credential of any kind: only where things are and what to run.
     assert env == {
         "AAR_COMMAND": COMMAND,
+        "AAR_SEEDS": "0 1 2",
         "AAR_TASK": FRESH,
         "AAR_TASK_DIR": "/task",
         "AAR_OUTPUT_DIR": "/output",

@@ -257,7 +257,7 @@ def test_an_approved_submission_becomes_the_runs_best(
     best = eventually(
         lambda: installed.kubectl.json("get", "researchrun", RUN)["status"].get("best"),
         what="status.best after the approval and the reproduction",
-        timeout=900,
+        timeout=1200,
     )
     assert (str(best["submission"]), best["agent"]) == (chosen, agent)
     # Reproduced on the fresh split within the run's tolerance, and on the transfer task.
@@ -321,7 +321,7 @@ def test_reproductions_run_as_jobs_and_only_honest_code_counts(
     honest_script = (
         "set -e\n"
         'aar-train w2s --task "$AAR_TASK_DIR" --weak-model "$AAR_TASK_DIR/models/weak" '
-        '--strong-model "$AAR_TASK_DIR/models/strong" --method confident --seeds 0 '
+        '--strong-model "$AAR_TASK_DIR/models/strong" --method confident --seeds "${AAR_SEED:-0}" '
         '--no-ceiling --device cpu --threads 1 --quiet --out "$AAR_OUTPUT_DIR/w2s" '
         + " ".join(demo_w2s_flags())
         + "\n"
@@ -375,7 +375,7 @@ def test_reproductions_run_as_jobs_and_only_honest_code_counts(
             name: eventually(
                 lambda s=submission: _reproduced(installed, s),
                 what=f"the {name} submission's reproductions",
-                timeout=900,
+                timeout=1200,
             )
             for name, submission in (("honest", honest), ("leaked", leaked), ("outside", outside))
         }
@@ -385,6 +385,12 @@ def test_reproductions_run_as_jobs_and_only_honest_code_counts(
         process.kill()
         process.wait()
 
+    # The figures, for whoever reads the test's output.
+    for name, detail in details.items():
+        found = detail["reproduction"]
+        each = {r["target"]: (r["outcome"], r["pgr"], r["seeds"], r["exit_code"])
+                for r in found["results"]}  # fmt: skip
+        print(f"{name}: claimed {found['claimed']}, reproduced {found['reproduced']}, {each}")
     tolerance = run_manifest()["spec"]["review"]["tolerance"]
     fresh, transfer = (task.name for task in deploy.DEMO_TASKS[1:])
     found = details["honest"]["reproduction"]
@@ -394,6 +400,9 @@ def test_reproductions_run_as_jobs_and_only_honest_code_counts(
     }
     assert found["reproduced"] >= found["claimed"] - tolerance, found
     assert found["holds"] is True, found
+    # Each target ran the command once per seed of the run's spec.review.seeds, with its spread.
+    seeds = run_manifest()["spec"]["review"]["seeds"]
+    assert all(len(r["seeds"]) == seeds and r["spread"] is not None for r in found["results"])
 
     found = details["leaked"]["reproduction"]
     assert found["claimed"] > 1.0  # every answer right: above the ceiling

@@ -441,7 +441,7 @@ async def test_a_submission_page_shows_its_reproductions(
         )  # fmt: skip
         job = "aar-verify/repro-1-toy-fresh"
         await call("POST", f"/api/v1/submissions/{submitted['id']}/reproductions", verifier,
-                   {"target": "toy-fresh", "outcome": "succeeded", "predictions": truth,
+                   {"target": "toy-fresh", "outcome": "succeeded", "predictions": [truth],
                     "exit_code": 0, "log": "printed the answers it had", "job": job})  # fmt: skip
         await call("POST", f"/api/v1/submissions/{submitted['id']}/reproductions", verifier,
                    {"target": "toy-transfer", "outcome": "failed", "exit_code": 3,

@@ -13,12 +13,23 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_env import AGENT, ISSUER, NAMESPACE, RUN, Service, finish, start_agent, wait_for
+from agent_env import (
+    ADMIN,
+    AGENT,
+    ISSUER,
+    NAMESPACE,
+    RUN,
+    Service,
+    finish,
+    start_agent,
+    wait_for,
+)
 
 from aar_agent.config import settings_from_env
 from aar_agent.context import conversation_chars, trim
@@ -37,6 +48,13 @@ from aar_devcluster.offline_researcher import (
     profile_of,
     script_text,
     setup_of,
+)
+from aar_operator.reproductions import (
+    ARTIFACT_DIR,
+    OUTPUT_DIR,
+    WRAPPER,
+    artifact_files,
+    predictions_from_log,
 )
 
 BIN = Path(sys.executable).parent
@@ -423,11 +441,43 @@ def steps_taken(messages: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def reproduce(
+    forum: Service, digest: str, command: str, task_dir: Path, scratch: Path
+) -> dict[int, list[Any]]:
+    """A submission's code run as a reproduction Job runs it (its container's script, with its
+    folders moved here): the artifact unpacked read-only, seed 0, the task bundle; the
+    predictions it printed."""
+    request = urllib.request.Request(f"{forum.url}/api/v1/artifacts/{digest}", headers=ADMIN)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        files = artifact_files("artifact.tar.gz", response.read())
+    artifact, output = scratch / "artifact", scratch / "output"
+    for name, (content, mode) in files.items():
+        (artifact / name).parent.mkdir(parents=True, exist_ok=True)
+        (artifact / name).write_bytes(content)
+        (artifact / name).chmod(mode)
+    for folder in sorted(artifact.rglob("*"), reverse=True):
+        if folder.is_dir():
+            folder.chmod(0o555)
+    wrapper = WRAPPER.replace(ARTIFACT_DIR, str(artifact)).replace(OUTPUT_DIR, str(output))
+    environ = {
+        "AAR_COMMAND": command,
+        "AAR_SEEDS": "0",
+        "AAR_TASK_DIR": str(task_dir),
+        "HOME": str(scratch),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    done = subprocess.run(["/bin/sh", "-c", wrapper], env=environ, capture_output=True,
+                          text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return predictions_from_log(done.stdout)[0]
+
+
 async def test_the_real_agent_trains_posts_publishes_submits_and_ends(
     upstream_stub: tuple[AnthropicStub, str],
     gateway: Service,
     services: tuple[Service, Service],
     sandbox_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     upstream, _ = upstream_stub
     upstream.responder = researcher_reply
@@ -464,6 +514,14 @@ async def test_the_real_agent_trains_posts_publishes_submits_and_ends(
     scored = scorer.call("GET", f"/api/v1/submissions/{submission}")
     assert scored["agent"] == AGENT
     assert scored["status"] == "accepted"
+    # Its code makes the same predictions again, run as a reproduction Job runs it: from a
+    # read-only copy of the artifact, with nothing of the workspace.
+    command = scored["reproduction"]["command"]
+    assert command
+    reproduced = reproduce(forum, scored["artifact"], command, Path(env["AAR_TASK_DIR"]),
+                           tmp_path_factory.mktemp("reproduction"))  # fmt: skip
+    submitted = Path(env["AAR_WORKSPACE"]) / f"runs/{profile.first.slug}/seed-0/predictions.json"
+    assert reproduced == {0: json.loads(submitted.read_text())}
     # It read the leaderboard and the forum, and finished after its second method.
     steps = steps_taken(messages)
     assert {"look-around", "second-method", "compare", "finish"} <= set(steps)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -99,12 +100,19 @@ class Scorer:
         return int(answer["id"])
 
     async def report(
-        self, submission: int, target: str, predictions: list[int] | None, **fields: Any
+        self,
+        submission: int,
+        target: str,
+        predictions: list[int] | None,
+        *,
+        seeds: list[list[int]] | None = None,
+        **fields: Any,
     ) -> tuple[int, Any]:
+        """A report of one seed's `predictions`, or of several `seeds`'."""
         body = {
             "target": target,
             "outcome": "succeeded",
-            "predictions": predictions,
+            "predictions": seeds or (None if predictions is None else [predictions]),
             "exit_code": 0,
             "log": "trained 3 seeds",
             "gpu_hours": 0.25,
@@ -195,6 +203,29 @@ async def test_leaked_labels_reproduce_near_chance_and_never_count(scorer: Score
     assert status == 404
 
 
+async def test_the_figures_are_the_mean_over_seeds_with_their_spread(scorer: Scorer) -> None:
+    submission = await scorer.submit("a1", with_accuracy(TRUTH, 0.9, 30))
+    claimed = await scorer.claimed(submission)
+    seeds = [
+        await scorer.fresh_at(submission, pgr, 31 + n)
+        for n, pgr in enumerate((claimed - 0.2, claimed, claimed + 0.02))
+    ]
+    status, detail = await scorer.report(submission, "toy-fresh", None, seeds=seeds)
+    assert status == 200, detail
+    [result] = detail["reproduction"]["results"]
+    by_seed = [round(claimed - 0.2, 6), claimed, round(claimed + 0.02, 6)]
+    assert result["seeds"] == by_seed
+    assert result["pgr"] == pytest.approx(sum(by_seed) / 3, abs=1e-6)
+    assert result["spread"] == pytest.approx(statistics.pstdev(by_seed), abs=1e-6)
+    # The claim is judged on the mean: 0.06 below it, within the tolerance.
+    assert detail["reproduction"]["reproduced"] == result["pgr"]
+    assert detail["counted"] is True
+    # One seed whose predictions do not fit makes the whole reproduction invalid.
+    other = await scorer.submit("a2", with_accuracy(TRUTH, 0.9, 34))
+    _, detail = await scorer.report(other, "toy-fresh", None, seeds=[seeds[0], [1, 0]])
+    assert detail["reproduction"]["verdict"].startswith("reproduction invalid: seed 1: 2 ")
+
+
 async def test_the_tolerance_is_the_line(scorer: Scorer) -> None:
     # Exactly the tolerance below the claim counts; one fresh item fewer right does not.
     at_line = await scorer.submit("a1", with_accuracy(TRUTH, 0.9, 4))
@@ -240,7 +271,10 @@ async def test_a_failed_or_timed_out_reproduction_flags_with_its_reason(scorer: 
     short = await scorer.submit("a3", with_accuracy(TRUTH, 0.9, 10))
     _, detail = await scorer.report(short, "toy-fresh", [0] * 7)
     assert detail["reproduction"]["results"][0]["outcome"] == "invalid"
-    assert "7 predictions for task toy-fresh, which needs 200" in detail["reproduction"]["verdict"]
+    assert (
+        "seed 0: 7 predictions for task toy-fresh, which needs 200"
+        in (detail["reproduction"]["verdict"])
+    )
 
 
 async def test_the_leaders_with_code_are_wanted_once(scorer: Scorer) -> None:
@@ -275,7 +309,7 @@ async def test_the_leaders_with_code_are_wanted_once(scorer: Scorer) -> None:
 
 async def test_only_the_verifier_reports_and_it_can_do_nothing_else(scorer: Scorer) -> None:
     submission = await scorer.submit("a1", with_accuracy(TRUTH, 0.9, 15))
-    body = {"target": "toy-fresh", "outcome": "succeeded", "predictions": FRESH_TRUTH, "job": "j"}
+    body = {"target": "toy-fresh", "outcome": "succeeded", "predictions": [FRESH_TRUTH], "job": "j"}
     path = f"/api/v1/submissions/{submission}/reproductions"
     for who in (agent("a1"), ADMIN):
         status, answer = await scorer.call("POST", path, who, body)
@@ -365,9 +399,11 @@ async def test_a_reviewer_sees_the_three_figures_the_log_and_exit_status_and_ask
     assert trailing in [w["submission"] for w in wanted["wanted"]]
 
     claimed = await scorer.claimed(trailing)
-    await scorer.report(
-        trailing, "toy-fresh", await scorer.fresh_at(trailing, round(claimed - 0.05, 6), 23)
-    )
+    seeds = [
+        await scorer.fresh_at(trailing, round(claimed - 0.05 + offset, 6), 23)
+        for offset in (-0.01, 0.01)
+    ]
+    await scorer.report(trailing, "toy-fresh", None, seeds=seeds)
     await scorer.report(
         trailing,
         "toy-transfer",
@@ -385,3 +421,4 @@ async def test_a_reviewer_sees_the_three_figures_the_log_and_exit_status_and_ask
     assert "toy-transfer (transfer): failed, PGR -, exit status 2" in shown
     assert "    | OSError: /workspace: not found" in shown
     assert "toy-fresh (fresh): succeeded" in shown
+    assert " ± 0.010 over 2 seeds" in shown

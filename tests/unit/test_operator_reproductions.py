@@ -102,21 +102,23 @@ def test_the_job_runs_the_command_with_no_credential_and_no_retry() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert {e["name"] for e in container["env"]} == {
-        "AAR_COMMAND", "AAR_TASK", "AAR_TASK_DIR", "AAR_OUTPUT_DIR", "HOME",
+        "AAR_COMMAND", "AAR_SEEDS", "AAR_TASK", "AAR_TASK_DIR", "AAR_OUTPUT_DIR", "HOME",
     }  # fmt: skip
     assert pod["volumes"][0]["configMap"]["items"] == [
         {"key": "f0", "path": "m/train.py", "mode": 0o555}
     ]
 
 
-def test_predictions_are_the_last_block_the_wrapper_printed() -> None:
+def test_predictions_are_each_seeds_last_block_the_wrapper_printed() -> None:
     log = (
-        "epoch 1\n<<<aar-predictions\n[9, 9]\naar-predictions>>>\n"  # the method's own print
-        "epoch 2\n\n<<<aar-predictions\n[0, 1, 1]\n\naar-predictions>>>\n"
+        "epoch 1\n<<<aar-predictions seed=0\n[9, 9]\naar-predictions>>>\n"  # the method's own
+        "epoch 2\n\n<<<aar-predictions seed=0\n[0, 1, 1]\n\naar-predictions>>>\n"
+        "seed 1\n\n<<<aar-predictions seed=1\n[1, 1, 1]\naar-predictions>>>\n"
     )
     predictions, rest = reproductions.predictions_from_log(log)
-    assert predictions == [0, 1, 1]
+    assert predictions == {0: [0, 1, 1], 1: [1, 1, 1]}
     assert "epoch 2" in rest
+    assert "seed 1" in rest
     assert "[0, 1, 1]" not in rest
 
 
@@ -124,13 +126,13 @@ def test_predictions_are_the_last_block_the_wrapper_printed() -> None:
     "log",
     [
         "crashed before the wrapper printed anything",
-        "\n<<<aar-predictions\n\naar-predictions>>>\n",
-        "\n<<<aar-predictions\nnot json\naar-predictions>>>\n",
-        '\n<<<aar-predictions\n{"a": 1}\naar-predictions>>>\n',
+        "\n<<<aar-predictions seed=0\n\naar-predictions>>>\n",
+        "\n<<<aar-predictions seed=0\nnot json\naar-predictions>>>\n",
+        '\n<<<aar-predictions seed=0\n{"a": 1}\naar-predictions>>>\n',
     ],
 )
 def test_no_predictions_when_the_command_wrote_no_json_list(log: str) -> None:
-    assert reproductions.predictions_from_log(log)[0] is None
+    assert reproductions.predictions_from_log(log)[0] == {}
 
 
 def job_with(status: dict[str, object]) -> dict[str, object]:
