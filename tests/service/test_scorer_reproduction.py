@@ -63,8 +63,13 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-ADMIN = bearer(ISSUER.mint_admin("reviewer"))
-VERIFIER = bearer(ISSUER.mint_verifier("aar-operator", 300))
+def admin() -> dict[str, str]:
+    # Minted when used: a module-level credential would expire in a long test session.
+    return bearer(ISSUER.mint_admin("reviewer"))
+
+
+def verifier() -> dict[str, str]:
+    return bearer(ISSUER.mint_verifier("aar-operator", 300))
 
 
 def agent(name: str) -> dict[str, str]:
@@ -119,11 +124,11 @@ class Scorer:
             "job": f"aar-verify/repro-{submission}",
         } | fields
         return await self.call(
-            "POST", f"/api/v1/submissions/{submission}/reproductions", VERIFIER, body
+            "POST", f"/api/v1/submissions/{submission}/reproductions", verifier(), body
         )
 
     async def claimed(self, submission: int) -> float:
-        status, detail = await self.call("GET", f"/api/v1/submissions/{submission}", ADMIN)
+        status, detail = await self.call("GET", f"/api/v1/submissions/{submission}", admin())
         assert status == 200
         return float(detail["reproduction"]["claimed"])
 
@@ -132,15 +137,15 @@ class Scorer:
         return with_accuracy(FRESH_TRUTH, 0.5 + pgr / 2, seed)
 
     async def best(self) -> tuple[int, Any]:
-        return await self.call("GET", "/api/v1/runs/lab/run-a/best", ADMIN)
+        return await self.call("GET", "/api/v1/runs/lab/run-a/best", admin())
 
-    async def wanted(self, headers: dict[str, str] = VERIFIER) -> tuple[int, Any]:
-        return await self.call("GET", "/api/v1/runs/lab/run-a/reproductions", headers)
+    async def wanted(self, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        return await self.call("GET", "/api/v1/runs/lab/run-a/reproductions", headers or verifier())
 
 
 async def register(scorer: Scorer, **fields: Any) -> tuple[int, Any]:
     body = {"task": "toy", "review_required": False, "reproduce": True, "tolerance": 0.1} | fields
-    return await scorer.call("PUT", "/api/v1/runs/lab/run-a", ADMIN, body)
+    return await scorer.call("PUT", "/api/v1/runs/lab/run-a", admin(), body)
 
 
 @pytest.fixture
@@ -300,7 +305,7 @@ async def test_the_leaders_with_code_are_wanted_once(scorer: Scorer) -> None:
     assert wanted["wanted"][0]["targets"] == [{"task": "toy-transfer", "kind": "transfer"}]
 
     # A reviewer asks for the third one: it is wanted too.
-    status, detail = await scorer.call("POST", f"/api/v1/submissions/{third}/reproduce", ADMIN)
+    status, detail = await scorer.call("POST", f"/api/v1/submissions/{third}/reproduce", admin())
     assert status == 200, detail
     assert detail["reproduction"]["requested"] is True
     _, wanted = await scorer.wanted()
@@ -311,7 +316,7 @@ async def test_only_the_verifier_reports_and_it_can_do_nothing_else(scorer: Scor
     submission = await scorer.submit("a1", with_accuracy(TRUTH, 0.9, 15))
     body = {"target": "toy-fresh", "outcome": "succeeded", "predictions": [FRESH_TRUTH], "job": "j"}
     path = f"/api/v1/submissions/{submission}/reproductions"
-    for who in (agent("a1"), ADMIN):
+    for who in (agent("a1"), admin()):
         status, answer = await scorer.call("POST", path, who, body)
         assert status == 403, answer
     status, _ = await scorer.wanted(agent("a1"))
@@ -327,13 +332,13 @@ async def test_only_the_verifier_reports_and_it_can_do_nothing_else(scorer: Scor
         ("GET", "/api/v1/runs/lab/run-a/best"),
         ("GET", "/api/v1/tasks/toy"),
     ]:
-        status, answer = await scorer.call(method, other, VERIFIER)
+        status, answer = await scorer.call(method, other, verifier())
         assert status == 403, (other, answer)
         assert "verifier credential" in answer["error"]["message"]
     status, answer = await scorer.call(
         "POST",
         "/api/v1/submissions",
-        VERIFIER,
+        verifier(),
         {"task": "toy", "predictions": TRUTH, "method": "m"},
     )
     assert status == 403
@@ -344,7 +349,7 @@ async def test_verification_tasks_are_never_worked_on_or_described(scorer: Score
     assert status == 404
     assert "verification only" in answer["error"]["message"]
     status, answer = await scorer.call(
-        "PUT", "/api/v1/runs/lab/run-b", ADMIN, {"task": "toy-fresh"}
+        "PUT", "/api/v1/runs/lab/run-b", admin(), {"task": "toy-fresh"}
     )
     assert status == 400
     assert "verification only" in answer["error"]["message"]
@@ -385,7 +390,7 @@ async def test_a_reviewer_sees_the_three_figures_the_log_and_exit_status_and_ask
         await scorer.submit(f"lead{n}", with_accuracy(TRUTH, accuracy, 20 + n))
     trailing = await scorer.submit("a1", with_accuracy(TRUTH, 0.9, 22))
     monkeypatch.setenv("AAR_SCORER_URL", scorer.url)
-    monkeypatch.setenv("AAR_CREDENTIAL", ADMIN["Authorization"][7:])
+    monkeypatch.setenv("AAR_CREDENTIAL", admin()["Authorization"][7:])
 
     def cli(*args: str) -> str:
         assert aar(list(args)) == 0
