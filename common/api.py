@@ -68,6 +68,10 @@ class RunSpend(BaseModel):
 # --- scorer -----------------------------------------------------------------------------------
 
 
+# The most of an agent's notebook a submission carries for its reviewers (its newest entries).
+NOTEBOOK_EXCERPT_CHARS = 4000
+
+
 class RunRegistration(BaseModel):
     """`PUT /api/v1/runs/{namespace}/{run}`: the task a run is scored on."""
 

@@ -250,4 +250,6 @@ class ReviewBook:
                 (submission,),
             )
         ]
-        return {**self._entry(row, rule, done), "reviews": history}
+        # The agent's notebook as it stood when it submitted: on the submission's page, not in
+        # every row of a leaderboard.
+        return {**self._entry(row, rule, done), "notebook": row["notebook"], "reviews": history}

@@ -483,6 +483,7 @@ class Scorer:
             "method": body.method,
             "artifact": body.artifact,
             "command": body.command,
+            "notebook": body.notebook,
             "status": status.value,
             "probe_reason": verdict.reason.value if verdict.reason else None,
             "probe_nearest": verdict.nearest,

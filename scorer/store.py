@@ -118,6 +118,7 @@ _ADDED_COLUMNS = {
         # every scored answer there was open
         "feedback_open": "INTEGER NOT NULL DEFAULT 1",
         "command": "TEXT",
+        "notebook": "TEXT",
     },
     "runs": {
         "reproduce": "INTEGER NOT NULL DEFAULT 0",

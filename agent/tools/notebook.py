@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pydantic import Field
 
@@ -29,6 +30,31 @@ async def notebook_write(context: ToolContext, arguments: NotebookWriteInput, _:
     return f"added to {path}"
 
 
+def notebook_entries(workspace: Path) -> list[str]:
+    """The notebook's entries, oldest first, each with its `## <time>: <title>` line."""
+    path = workspace / NOTEBOOK_FILE
+    if not path.exists():
+        return []
+    entries = ["## " + e for e in path.read_text().split("\n## ") if e.strip()]
+    if entries:
+        entries[0] = entries[0].removeprefix("## ")
+    return entries
+
+
+def notebook_excerpt(workspace: Path, chars: int) -> str | None:
+    """The newest whole entries that fit in `chars` (the newest alone, cut, when it is longer);
+    None for an empty notebook."""
+    entries = [entry.strip() for entry in notebook_entries(workspace)]
+    kept: list[str] = []
+    for entry in reversed(entries):
+        if sum(len(e) + 2 for e in kept) + len(entry) > chars:
+            break
+        kept.insert(0, entry)
+    if kept:
+        return "\n\n".join(kept)
+    return entries[-1][: chars - 2] + " …" if entries else None
+
+
 class NotebookReadInput(Input):
     last: int = Field(default=10, ge=1, le=200, description="the newest N entries")
     query: str | None = Field(default=None, description="only entries containing this text")
@@ -37,11 +63,9 @@ class NotebookReadInput(Input):
 @toolset.tool(NotebookReadInput)
 async def notebook_read(context: ToolContext, arguments: NotebookReadInput, _: str) -> str:
     """Read the newest entries of your notebook."""
-    path = context.settings.workspace / NOTEBOOK_FILE
-    if not path.exists():
+    entries = notebook_entries(context.settings.workspace)
+    if not entries:
         return "the notebook is empty"
-    entries = ["## " + e for e in path.read_text().split("\n## ") if e.strip()]
-    entries[0] = entries[0].removeprefix("## ")
     if arguments.query:
         entries = [e for e in entries if arguments.query.lower() in e.lower()]
     return "\n".join(entries[-arguments.last :]) or f"no entry mentions {arguments.query!r}"

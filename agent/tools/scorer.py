@@ -8,7 +8,9 @@ from typing import Any
 
 from pydantic import Field
 
+from aar_agent.tools.notebook import notebook_excerpt
 from aar_agent.tools.registry import Input, NoInput, ToolContext, ToolError, ToolSet
+from aar_common.api import NOTEBOOK_EXCERPT_CHARS
 
 toolset = ToolSet()
 
@@ -76,7 +78,8 @@ async def scorer_submit(context: ToolContext, arguments: ScorerSubmitInput, _: s
     """Submit test-set predictions for scoring. Feedback is coarse and rate-limited, and
     near-duplicate submissions are refused and flagged. Give the artifact and command that
     produce them: leading results are run again from that code, with no network, on data you
-    never saw, and count only if they reproduce."""
+    never saw, and count only if they reproduce. The newest entries of your notebook go with
+    the submission, for the humans who review it."""
     predictions = read_predictions(context.path(arguments.predictions_path))
     answer = await context.scorer.request(
         "POST",
@@ -87,6 +90,7 @@ async def scorer_submit(context: ToolContext, arguments: ScorerSubmitInput, _: s
             "method": arguments.method,
             "artifact": arguments.artifact,
             "command": arguments.command,
+            "notebook": notebook_excerpt(context.settings.workspace, NOTEBOOK_EXCERPT_CHARS),
         },
     )
     return json.dumps(answer, indent=1)

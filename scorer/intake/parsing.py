@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from aar_common.api import NOTEBOOK_EXCERPT_CHARS
 from aar_common.validation import describe
 from aar_common.web import presented_token, too_large
 from aar_scorer.intake.protocol import BodyError, ParsedSubmission, Submission, TaskFacts
@@ -30,6 +31,11 @@ class SubmissionRequest(BaseModel):
         max_length=4000,
         description="the shell command that makes these predictions again from the artifact "
         "(run in its folder, with $AAR_TASK_DIR and $AAR_OUTPUT_DIR)",
+    )
+    notebook: str | None = Field(
+        default=None,
+        max_length=NOTEBOOK_EXCERPT_CHARS,
+        description="the newest entries of the agent's notebook when it submitted, for reviewers",
     )
 
 
@@ -59,7 +65,13 @@ class Parser:
                 except ValueError as error:
                     answer_error = f"predictions: {error}"
         return ParsedSubmission(
-            body.task, body.method, body.artifact, packed, answer_error, body.command
+            body.task,
+            body.method,
+            body.artifact,
+            packed,
+            answer_error,
+            body.command,
+            body.notebook,
         )
 
 

@@ -57,6 +57,8 @@ class ParsedSubmission:
     answer_error: str | None
     # How to produce the predictions again from the artifact (docs/scorer.md, Reproduction).
     command: str | None = None
+    # The newest entries of the agent's notebook when it submitted, shown to reviewers.
+    notebook: str | None = None
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,7 @@ def _encode_submission(submission: Submission) -> bytes:
         out.optional_integer(parsed.packed)
         out.optional_text(parsed.answer_error)
         out.optional_text(parsed.command)
+        out.optional_text(parsed.notebook)
     else:
         out.fixed(_U8, _BODY_ERROR)
         out.text(parsed.message)
@@ -354,6 +357,7 @@ def _decode_submission(source: _Reader) -> Submission:
             packed=source.optional_integer(),
             answer_error=source.optional_text(),
             command=source.optional_text(),
+            notebook=source.optional_text(),
         )
     else:
         parsed = BodyError(source.text(), source.fixed(_U16))

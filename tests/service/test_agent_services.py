@@ -206,6 +206,7 @@ async def test_the_scorers_refusals_reach_the_model_in_its_own_words(
         Reply.tool("write_file", {"path": "honest.json", "content": json.dumps(honest)}),
         Reply.tool("write_file", {"path": "probe.json", "content": json.dumps(probe)}),
         Reply.tool("write_file", {"path": "short.txt", "content": "A\nB\n"}),
+        Reply.tool("notebook_write", {"title": "baseline", "entry": "expect about 0.6"}),
         Reply.tool("scorer_submit", {"predictions_path": "honest.json", "method": "baseline"}),
         Reply.tool("scorer_submit", {"predictions_path": "probe.json", "method": "flip one"}),
         Reply.tool("scorer_submit", {"predictions_path": "short.txt", "method": "two answers"}),
@@ -217,8 +218,11 @@ async def test_the_scorers_refusals_reach_the_model_in_its_own_words(
         assert await agent.run() is Outcome.DONE
     finally:
         await agent.close()
-    first, second, third = (_results(r)[0] for r in stub.requests[4:7])
+    first, second, third = (_results(r)[0] for r in stub.requests[5:8])
     assert json.loads(first["content"])["status"] == "accepted"
+    # Its reviewers see the notebook as it stood when it submitted.
+    stored = scorer.call("GET", f"/api/v1/submissions/{json.loads(first['content'])['id']}")
+    assert stored["notebook"].endswith(": baseline\n\nexpect about 0.6")
     # A probe is the scorer's verdict, not a failed call: the model reads why it was refused.
     refused = json.loads(second["content"])
     assert refused["status"] == "refused"

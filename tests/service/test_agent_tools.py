@@ -21,6 +21,7 @@ from aar_agent.prompt import system_prompt
 from aar_agent.services import ServiceClient
 from aar_agent.state import RunState
 from aar_agent.tools import Toolbox, ToolError, read_predictions
+from aar_agent.tools.notebook import notebook_excerpt
 from aar_agent.tools.registry import Input, ToolContext, ToolSet
 
 # The `tools` list of every Messages API request, as the model reads it. Change it together with
@@ -178,6 +179,26 @@ async def test_the_notebook_keeps_entries_in_order_and_finds_them(settings: Sett
     text, _ = await tools.call("notebook_read", {"query": "SEED 0"}, "q")
     assert "entry 0" in text
     assert "entry 1" not in text
+
+
+def test_a_submission_carries_the_newest_notebook_entries_that_fit(settings: Settings) -> None:
+    assert notebook_excerpt(settings.workspace, 100) is None
+    path = settings.workspace / "notebook.md"
+    path.write_text("".join(f"## 2026-12-06 10:0{n} UTC: entry {n}\n\n{'x' * 30}\n\n"
+                            for n in range(4)))  # fmt: skip
+    excerpt = notebook_excerpt(settings.workspace, 130)
+    assert excerpt is not None
+    assert "entry 3" in excerpt
+    assert "entry 2" in excerpt
+    assert "entry 1" not in excerpt  # whole entries only, the newest first to go in
+    assert len(excerpt) <= 130
+    # One entry longer than the room: the newest alone, cut.
+    path.write_text(f"## 2026-12-06 11:00 UTC: long\n\n{'y' * 500}\n\n")
+    excerpt = notebook_excerpt(settings.workspace, 100)
+    assert excerpt is not None
+    assert excerpt.startswith("## 2026-12-06 11:00 UTC: long")
+    assert excerpt.endswith(" …")
+    assert len(excerpt) <= 100
 
 
 @pytest.mark.parametrize(

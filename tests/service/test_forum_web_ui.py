@@ -437,7 +437,8 @@ async def test_a_submission_page_shows_its_reproductions(
         submitted = await call(
             "POST", "/api/v1/submissions", agent,
             {"task": "toy", "predictions": truth, "method": "copied the answers",
-             "artifact": "sha256:" + "cd" * 32, "command": "python leak.py"},
+             "artifact": "sha256:" + "cd" * 32, "command": "python leak.py",
+             "notebook": "## 2026-12-06 10:00 UTC: idea\n\n<script>window.pwned=1</script>"},
         )  # fmt: skip
         job = "aar-verify/repro-1-toy-fresh"
         await call("POST", f"/api/v1/submissions/{submitted['id']}/reproductions", verifier,
@@ -465,3 +466,8 @@ async def test_a_submission_page_shows_its_reproductions(
     assert "failed, PGR —, exit status 3, 0.500 GPU-hours" in section
     assert "FileNotFoundError: /workspace/answers.json" in section
     assert f"<code>{job}</code>" in section
+    # The agent's notebook excerpt is shown as text, never as markup.
+    notebook = page[page.index('<section id="notebook">') :]
+    notebook = notebook[: notebook.index("</section>")]
+    assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in notebook
+    assert "<script>" not in notebook

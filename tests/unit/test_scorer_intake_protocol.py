@@ -37,6 +37,7 @@ PARSED = ParsedSubmission(
     packed=(1 << 5133) | 0b1011,
     answer_error=None,
     command="aar-train w2s --task $AAR_TASK_DIR --out $AAR_OUTPUT_DIR",
+    notebook="## 2026-12-06 10:00 UTC: plan\n\ntry the confidence loss ✓",
 )
 SUBMISSIONS = [
     Submission("eyJhbGciOi.token", PARSED, 12345.678),
