@@ -13,7 +13,13 @@ from typing import Any
 
 from aar_operator.budget import agent_budget
 from aar_operator.config import OperatorConfig
-from aar_operator.models import API_VERSION, AgentSandboxSpec, ResearchRunSpec, dump
+from aar_operator.models import (
+    API_VERSION,
+    AgentSandboxSpec,
+    ResearchRunSpec,
+    SandboxTemplate,
+    dump,
+)
 from aar_operator.naming import (
     agent_name,
     credential_secret_name,
@@ -235,18 +241,36 @@ def pod_security_context() -> dict[str, Any]:
     }
 
 
-def _agent_container(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
-    """The one container: nothing to escalate to, nothing to write outside its volumes."""
-    resources = sandbox.spec.sandbox.resources
+def container_resources(template: SandboxTemplate) -> dict[str, Any]:
+    """CPU and memory requested and limited alike; GPUs as a limit (an extended resource)."""
+    resources = template.resources
     amounts: dict[str, str] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
     limits = dict(amounts)
     if resources.gpu:
         limits[GPU_RESOURCE] = str(resources.gpu)
+    return {"requests": amounts, "limits": limits}
+
+
+def pod_placement(template: SandboxTemplate) -> dict[str, Any]:
+    """What a Pod of this template adds to its spec for where it runs: a toleration of GPU
+    nodes' taint when it asks for GPUs, and its RuntimeClass."""
+    placement: dict[str, Any] = {}
+    if template.resources.gpu:
+        placement["tolerations"] = [
+            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    if template.runtime_class_name:
+        placement["runtimeClassName"] = template.runtime_class_name
+    return placement
+
+
+def _agent_container(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
+    """The one container: nothing to escalate to, nothing to write outside its volumes."""
     return {
         "name": "agent",
         "image": sandbox.spec.sandbox.image,
         "env": sandbox_env(sandbox, config),
-        "resources": {"requests": amounts, "limits": limits},
+        "resources": container_resources(sandbox.spec.sandbox),
         "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "workspace", "mountPath": WORKSPACE_DIR},
@@ -287,11 +311,8 @@ def pod(sandbox: Sandbox, config: OperatorConfig) -> dict[str, Any]:
         "securityContext": pod_security_context(),
         "containers": [_agent_container(sandbox, config)],
         "volumes": _volumes(sandbox),
+        **pod_placement(template),
     }
-    if template.resources.gpu:
-        spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-    if template.runtime_class_name:
-        spec["runtimeClassName"] = template.runtime_class_name
     metadata = _metadata(sandbox, pod_name(sandbox.name), "agent")
     metadata["annotations"] = {SPEC_HASH: spec_hash(spec)}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}

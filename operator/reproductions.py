@@ -24,9 +24,13 @@ from aar_operator.builders import (
     GPU_RESOURCE,
     MANAGER,
     TASK_DIR,
-    Owner,
+    container_resources,
     container_security_context,
+    pod_placement,
     pod_security_context,
+)
+from aar_operator.builders import (
+    labels as component_labels,
 )
 from aar_operator.models import ResearchRunSpec, parse_duration, parse_time
 from aar_operator.naming import task_claim_name
@@ -99,11 +103,7 @@ class RunRef:
 
     def labels(self) -> dict[str, str]:
         return {
-            "app.kubernetes.io/name": "aar-agent",
-            "app.kubernetes.io/component": COMPONENT,
-            "app.kubernetes.io/managed-by": MANAGER,
-            "app.kubernetes.io/part-of": "aar",
-            RUN_LABEL: self.name,
+            **component_labels(self.name, None, COMPONENT),
             RUN_NAMESPACE_LABEL: self.namespace,
             RUN_UID_LABEL: self.uid,
         }
@@ -185,11 +185,6 @@ def job(
     """The Job that runs `wanted`'s command on `target`'s bundle: the run's image and resources,
     the sandbox's security context, no service-account token, no retries, a deadline."""
     name = job_name(wanted.submission, target)
-    resources = spec.sandbox.resources
-    amounts = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
-    limits = dict(amounts)
-    if resources.gpu:
-        limits[GPU_RESOURCE] = str(resources.gpu)
     labels = {
         **run.labels(),
         SUBMISSION_LABEL: str(wanted.submission),
@@ -215,7 +210,7 @@ def job(
                 "command": ["/bin/sh", "-c", WRAPPER],
                 "workingDir": ARTIFACT_DIR,
                 "env": [{"name": key, "value": value} for key, value in env.items()],
-                "resources": {"requests": amounts, "limits": limits},
+                "resources": container_resources(spec.sandbox),
                 "securityContext": container_security_context(),
                 "volumeMounts": [
                     {"name": "artifact", "mountPath": ARTIFACT_DIR, "readOnly": True},
@@ -244,13 +239,8 @@ def job(
             {"name": "output", "emptyDir": {"sizeLimit": "1Gi"}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
         ],
+        **pod_placement(spec.sandbox),
     }
-    if resources.gpu:
-        pod_spec["tolerations"] = [
-            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-        ]
-    if spec.sandbox.runtime_class_name:
-        pod_spec["runtimeClassName"] = spec.sandbox.runtime_class_name
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -281,12 +271,6 @@ def deny_all_policy(namespace: str) -> dict[str, Any]:
         },
         "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
     }
-
-
-def owned_by(manifest: dict[str, Any], owner: Owner) -> dict[str, Any]:
-    """`manifest` with `owner` as its controller, so that it goes with it."""
-    metadata = {**manifest["metadata"], "ownerReferences": [owner.reference()]}
-    return {**manifest, "metadata": metadata}
 
 
 # --- a finished Job ---------------------------------------------------------------------------

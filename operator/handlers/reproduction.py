@@ -64,7 +64,7 @@ async def reconcile_reproductions(
             for w in wanted
             for t in w.targets
         ):
-            await _ensure_deny_all(context, namespace)
+            await _create(context, reproductions.deny_all_policy(namespace))
         for one in wanted:
             for target in one.targets:
                 name = reproductions.job_name(one.submission, target.task)
@@ -105,16 +105,6 @@ def _kube_problem(error: ApiError, namespace: str) -> str:
             "operator Role there grants it)"
         )
     return str(error)
-
-
-async def _ensure_deny_all(context: Context, namespace: str) -> None:
-    policy = reproductions.deny_all_policy(namespace)
-    if await context.kube.get(Ref.of(policy)) is None:
-        try:
-            await context.kube.create(policy)
-        except ApiError as error:
-            if error.status != 409:
-                raise
 
 
 async def _start(

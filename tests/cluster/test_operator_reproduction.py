@@ -103,6 +103,19 @@ def run_manifest(timeout: str) -> dict[str, Any]:
     }
 
 
+def submit_with_code(services: Services, namespace: str, artifact: str, **body: Any) -> int:
+    """A submission of the run's agent with its artifact and COMMAND; its id."""
+    status, answer = call(
+        f"{services.scorer}/api/v1/submissions",
+        services.agent(namespace, "verified", "verified-0"),
+        {"task": "w2s-chat", "predictions": LABELS, "method": "confidence loss",
+         "artifact": artifact, "command": COMMAND, **body},
+        method="POST",
+    )  # fmt: skip
+    assert status == 200, answer
+    return int(answer["id"])
+
+
 def test_a_leading_submission_is_reproduced_by_one_locked_down_job_per_target(
     control_plane: ControlPlane,
     kubectl: Tool,
@@ -132,15 +145,7 @@ def test_a_leading_submission_is_reproduced_by_one_locked_down_job_per_target(
         registered(kubectl)
         agent = services.agent(namespace, "verified", "verified-0")
         artifact = publish(services.forum, agent, "method.tar.gz", tar_gz(METHOD))
-        status, answer = call(
-            f"{services.scorer}/api/v1/submissions",
-            agent,
-            {"task": "w2s-chat", "predictions": LABELS, "method": "confidence loss",
-             "artifact": artifact, "command": COMMAND},
-            method="POST",
-        )  # fmt: skip
-        assert status == 200, answer
-        submission = answer["id"]
+        submission = submit_with_code(services, namespace, artifact)
         jobs = eventually(
             lambda: len(found := in_verify.json("get", "jobs")["items"]) == 2 and found,
             what="two reproduction Jobs",
@@ -308,31 +313,17 @@ def test_a_run_deleted_while_the_operator_is_down_loses_its_jobs_when_it_is_back
         kubectl.apply(run_manifest("1h"))
         registered(kubectl)
         agent = services.agent(namespace, "verified", "verified-0")
-        artifact = publish(services.forum, agent, "method.tar.gz", tar_gz(METHOD))
-        status, answer = call(
-            f"{services.scorer}/api/v1/submissions",
-            agent,
-            {"task": "w2s-chat", "predictions": LABELS, "method": "m", "artifact": artifact,
-             "command": COMMAND},
-            method="POST",
-        )  # fmt: skip
-        assert status == 200, answer
+        submit_with_code(services, namespace, publish(services.forum, agent, "method.tar.gz",
+                                                      tar_gz(METHOD)))  # fmt: skip
         # An artifact whose stored bytes no longer match its digest is not run: what is
         # reproduced is what the submission named, byte for byte.
         damaged = publish(services.forum, agent, "other.tar.gz", tar_gz({"m/x.py": b"x = 1\n"}))
         blob = services.directory / "forum" / "artifacts" / "sha256" / damaged.split(":")[1]
         blob.write_bytes(tar_gz({"m/x.py": b"import os; os.system('curl ...')\n"}))
-        status, answer = call(
-            f"{services.scorer}/api/v1/submissions",
-            agent,
-            {"task": "w2s-chat", "predictions": LABELS[::-1], "method": "m2",
-             "artifact": damaged, "command": COMMAND},
-            method="POST",
-        )  # fmt: skip
-        assert status == 200, answer
+        damaged_one = submit_with_code(services, namespace, damaged, predictions=LABELS[::-1])
 
         def refused() -> list[str]:
-            _, found = call(f"{services.scorer}/api/v1/submissions/{answer['id']}",
+            _, found = call(f"{services.scorer}/api/v1/submissions/{damaged_one}",
                             services.admin())  # fmt: skip
             return [r["reason"] for r in found["reproduction"]["results"]]
 
