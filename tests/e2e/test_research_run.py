@@ -239,16 +239,35 @@ def test_an_approved_submission_becomes_the_runs_best(
             [aar, "review", "list", "--run", f"{NS}/{RUN}"],
             env=environment, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        top = listing.splitlines()[1].split()
-        chosen, agent = top[0], top[2]
+        pending = [line.split()[0] for line in listing.splitlines()[1:]]
+        # The run reproduces: a reviewer reads the reproductions before approving. Every
+        # pending submission is run again (whatever its rank), and one whose claim held is
+        # approved: the highest claims of tiny models are often luck that does not reproduce.
+        for submission in pending:
+            subprocess.run(
+                [aar, "review", "reproduce", submission],
+                env=environment, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+
+        def reproduced() -> list[dict[str, Any]] | None:
+            details = [
+                json.loads(subprocess.run(
+                    [aar, "review", "show", submission, "--json"],
+                    env=environment, capture_output=True, text=True, check=True,
+                ).stdout)
+                for submission in pending
+            ]  # fmt: skip
+            fresh = deploy.DEMO_TASKS[1].name
+            done = all(fresh in d["reproduction"]["reported"] for d in details)
+            return details if done else None
+
+        details = eventually(reproduced, what="the pending submissions' reproductions",
+                             timeout=1200)  # fmt: skip
+        held = [d for d in details if d["reproduction"]["holds"]]
+        assert held, [d["reproduction"]["verdict"] for d in details]
+        chosen, agent = str(held[0]["id"]), held[0]["agent"]
         subprocess.run(
             [aar, "review", "approve", chosen, "--comment", "read the method and the artifact"],
-            env=environment, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        # The run reproduces: the approved submission counts once its code ran again on the
-        # fresh split (asked for here, whatever its rank by public score).
-        subprocess.run(
-            [aar, "review", "reproduce", chosen],
             env=environment, capture_output=True, text=True, check=True,
         )  # fmt: skip
     finally:
@@ -256,8 +275,8 @@ def test_an_approved_submission_becomes_the_runs_best(
         process.wait()
     best = eventually(
         lambda: installed.kubectl.json("get", "researchrun", RUN)["status"].get("best"),
-        what="status.best after the approval and the reproduction",
-        timeout=1200,
+        what="status.best after the approval",
+        timeout=180,
     )
     assert (str(best["submission"]), best["agent"]) == (chosen, agent)
     # Reproduced on the fresh split within the run's tolerance, and on the transfer task.
